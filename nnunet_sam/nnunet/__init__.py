@@ -1,0 +1,1 @@
+"""nnU-Net's side: cases, datasets, preprocessing, prediction and pseudo labels."""

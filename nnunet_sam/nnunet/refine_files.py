@@ -1,0 +1,107 @@
+"""`nnsam_refine -i IMAGES -m MASKS -o OUT`: refine a folder of masks in nnU-Net raw naming."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.casefiles import CaseFiles, find_cases, load_case, write_mask_like
+from nnunet_sam.nnunet.report import case_report_path, summary_table, write_case_report, write_report
+from nnunet_sam.sam.prompts import dice
+from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.visualize import save_overlay
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FilesJob:
+    """What to refine and where to write it."""
+
+    images_dir: Path
+    masks_dir: Path
+    out_dir: Path
+    gt_dir: Path | None = None
+    channel: int = 0
+    resume: bool = False  # --continue: skip cases whose output and report exist
+    num_parts: int = 1
+    part_id: int = 0
+    overlays: bool = False
+
+
+def _check_job(job: FilesJob) -> None:
+    if job.num_parts < 1 or not 0 <= job.part_id < job.num_parts:
+        raise NnsamError(f"--part_id must be in 0..{job.num_parts - 1} for --num_parts {job.num_parts}")
+    out = job.out_dir.resolve()
+    for name, folder in (("images", job.images_dir), ("masks", job.masks_dir), ("ground-truth", job.gt_dir)):
+        if folder is not None and out == folder.resolve():
+            raise NnsamError(f"output folder {job.out_dir} is the {name} folder; choose another -o "
+                             f"(user files are never overwritten)")
+    if not out.parent.is_dir():
+        raise NnsamError(f"the parent of output folder {job.out_dir} does not exist; create {out.parent} first")
+
+
+def _case_done(job: FilesJob, case: CaseFiles, ending: str) -> bool:
+    return (job.out_dir / f"{case.case_id}{ending}").is_file() and case_report_path(job.out_dir, case.case_id).is_file()
+
+
+def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner) -> dict:
+    """Refine one case, write its mask, per-case report and overlay; return the case's report."""
+    started = time.perf_counter()
+    loaded = load_case(case, ending)
+    if not 0 <= job.channel < loaded.image.shape[0]:
+        raise NnsamError(f"--channel {job.channel} does not exist: {case.images[0]} has "
+                         f"{loaded.image.shape[0]} channel(s) (use 0..{loaded.image.shape[0] - 1})")
+    result = refiner.refine(loaded.image[job.channel], loaded.mask, loaded.properties["spacing"], progress=True)
+    output = job.out_dir / f"{case.case_id}{ending}"
+    job.out_dir.mkdir(exist_ok=True)
+    write_mask_like(result.mask, case.mask, output, ending, loaded.properties)
+    classes = {}
+    for label, stats in result.classes.items():
+        row = stats.to_dict()
+        if loaded.gt is not None:
+            row["dice_before"] = dice(loaded.gt == label, loaded.mask == label)
+            row["dice_after"] = dice(loaded.gt == label, result.mask == label)
+        classes[str(label)] = row
+    report = {"case": case.case_id, "images": [str(p) for p in case.images], "mask": str(case.mask),
+              "output": str(output), "axis": result.axis, "slices_encoded": result.slices_encoded,
+              "seconds": round(time.perf_counter() - started, 2), "classes": classes}
+    write_case_report(job.out_dir, case.case_id, report)
+    if job.overlays:
+        masks = {"initial": loaded.mask, "refined": result.mask}
+        if loaded.gt is not None:
+            masks["truth"] = loaded.gt
+        moved = {k: np.moveaxis(v, result.axis, 0) for k, v in masks.items()}
+        (job.out_dir / "overlays").mkdir(exist_ok=True)
+        save_overlay(job.out_dir / "overlays" / f"{case.case_id}.png",
+                     np.moveaxis(loaded.image[job.channel], result.axis, 0), moved, title=case.case_id)
+    return report
+
+
+def refine_folder(job: FilesJob, refiner: SamRefiner) -> dict:
+    """Refine every case of this part of the job; return the aggregated report (all parts so far)."""
+    _check_job(job)
+    cases, ending = find_cases(job.images_dir, job.masks_dir, job.gt_dir)
+    mine = cases[job.part_id::job.num_parts]
+    todo = [c for c in mine if not (job.resume and _case_done(job, c, ending))]
+    if len(todo) < len(mine):
+        logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))
+    for case in tqdm(todo, desc="cases", unit="case"):
+        report = refine_case(job, case, ending, refiner)
+        logger.info("%s: %d slices encoded in %.1f s", case.case_id, report["slices_encoded"], report["seconds"])
+    if not job.out_dir.is_dir():
+        job.out_dir.mkdir()
+    header = {"mode": "files", "images": str(job.images_dir), "masks": str(job.masks_dir),
+              "ground_truth": None if job.gt_dir is None else str(job.gt_dir), "channel": job.channel,
+              "sam": {"model": refiner.model.name, "checkpoint": refiner.model.checkpoint,
+                      "device": str(refiner.model.device)},
+              "settings": asdict(refiner.settings)}
+    report = write_report(job.out_dir, header)
+    logger.info("refinement summary (%d cases):\n%s", len(report["cases"]), summary_table(report["summary"]))
+    return report

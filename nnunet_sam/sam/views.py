@@ -1,0 +1,111 @@
+"""2D views of a 3D volume for SAM, and the geometry between a slice and the model input.
+
+A view is (H, W, 3) in [0, 1]: one slice copied to three channels, or (context "adjacent") the slices
+before, at and after the index as SAM's three channels (2.5D). Views are resized so that physical
+aspect ratio is kept (pixel spacing) and the longer side fills the model input, then padded at the
+bottom/right, as SAM's own preprocessing does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CONTEXTS = ("single", "adjacent")
+
+
+def slicing_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
+    """The axis to slice along: a singleton axis (2D images) if any, else the through-plane axis (the
+    largest spacing); ties go to the first axis (nnU-Net's z)."""
+    for axis, size in enumerate(shape):
+        if size == 1:
+            return axis
+    spacing = np.asarray(spacing, dtype=float)
+    return int(np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=1e-3))[0])
+
+
+def normalize_intensities(volume: np.ndarray, window: tuple[float, float] | None = None,
+                          percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Clip to a CT window (lower, upper) or to robust percentiles of the volume, scale to [0, 1]."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if window is not None:
+        lower, upper = float(window[0]), float(window[1])
+    else:
+        lower, upper = (float(v) for v in np.percentile(volume, percentiles))
+    if upper <= lower:
+        return np.zeros_like(volume)
+    return (np.clip(volume, lower, upper) - lower) / (upper - lower)
+
+
+def slice_view(volume: np.ndarray, index: int, context: str = "single") -> np.ndarray:
+    """The (H, W, 3) view of slice `index` of a normalised volume (slices along axis 0)."""
+    if context == "single":
+        return np.repeat(volume[index][..., None], 3, axis=-1)
+    if context == "adjacent":
+        last = volume.shape[0] - 1
+        neighbours = [max(index - 1, 0), index, min(index + 1, last)]
+        return np.stack([volume[i] for i in neighbours], axis=-1)
+    raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """How a slice of `slice_shape` maps onto the square model input of `input_size`."""
+
+    slice_shape: tuple[int, int]
+    resized_shape: tuple[int, int]
+    input_size: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(x, y) factors from slice pixels to model-input pixels."""
+        return (self.resized_shape[1] / self.slice_shape[1], self.resized_shape[0] / self.slice_shape[0])
+
+    def points_to_input(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) xy slice pixel centres -> model-input pixels."""
+        sx, sy = self.scale
+        points = np.asarray(points, dtype=float)
+        return np.stack([(points[..., 0] + 0.5) * sx - 0.5, (points[..., 1] + 0.5) * sy - 0.5], axis=-1)
+
+    def boxes_to_input(self, boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """(N, 4) xyxy slice boxes (inclusive pixels) -> model-input boxes grown by `margin` input
+        pixels and clipped to the resized (unpadded) image."""
+        boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+        sx, sy = self.scale
+        out = np.stack([boxes[:, 0] * sx, boxes[:, 1] * sy,
+                        (boxes[:, 2] + 1) * sx - 1, (boxes[:, 3] + 1) * sy - 1], axis=1)
+        out += np.array([-margin, -margin, margin, margin])
+        h, w = self.resized_shape
+        return np.clip(out, 0, [w - 1, h - 1, w - 1, h - 1])
+
+    def logits_to_slice(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """(N, 1, L, L) decoder logits over the whole input -> (N, H, W) logits on the slice grid."""
+        full = F.interpolate(low_res_logits, size=(self.input_size, self.input_size),
+                             mode="bilinear", align_corners=False)
+        full = full[..., : self.resized_shape[0], : self.resized_shape[1]]
+        return F.interpolate(full, size=self.slice_shape, mode="bilinear", align_corners=False)[:, 0]
+
+
+def view_geometry(slice_shape: Sequence[int], pixel_spacing: Sequence[float], input_size: int) -> ViewGeometry:
+    """Geometry that keeps the physical aspect ratio ((row, column) spacing) and fills `input_size`."""
+    h, w = int(slice_shape[0]), int(slice_shape[1])
+    physical_h, physical_w = h * float(pixel_spacing[0]), w * float(pixel_spacing[1])
+    factor = input_size / max(physical_h, physical_w)
+    resized = (max(1, min(input_size, int(round(physical_h * factor)))),
+               max(1, min(input_size, int(round(physical_w * factor)))))
+    return ViewGeometry(slice_shape=(h, w), resized_shape=resized, input_size=input_size)
+
+
+def resize_view(view: np.ndarray, geometry: ViewGeometry) -> np.ndarray:
+    """Resize an (H, W, 3) view to the geometry's resized shape and zero-pad it to the model input."""
+    x = torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32)).permute(2, 0, 1)[None]
+    shrinking = geometry.resized_shape[0] < view.shape[0] or geometry.resized_shape[1] < view.shape[1]
+    x = F.interpolate(x, size=geometry.resized_shape, mode="bilinear", align_corners=False,
+                      antialias=shrinking)
+    size = geometry.input_size
+    x = F.pad(x, (0, size - geometry.resized_shape[1], 0, size - geometry.resized_shape[0]))
+    return x[0].permute(1, 2, 0).clamp_(0, 1).numpy()

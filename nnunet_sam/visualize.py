@@ -1,0 +1,60 @@
+"""PNG overlays of an image slice with label contours: for a person to look at, not to parse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_sam.utils.atomic import atomic_path
+
+_COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
+
+
+def pick_slices(masks: list[np.ndarray], count: int = 3) -> list[int]:
+    """Up to `count` slice indices (axis 0) spread over the slices where any mask has foreground,
+    preferring the ones with the most foreground around each spread position."""
+    area = sum((m > 0).reshape(m.shape[0], -1).sum(axis=1) for m in masks)
+    occupied = np.flatnonzero(area)
+    if occupied.size == 0:
+        return [masks[0].shape[0] // 2]
+    chunks = np.array_split(occupied, min(count, occupied.size))
+    return [int(chunk[np.argmax(area[chunk])]) for chunk in chunks]
+
+
+def save_overlay(path: Path, image: np.ndarray, masks: dict[str, np.ndarray], title: str = "",
+                 count: int = 3) -> None:
+    """Save a grid: one column per picked slice, one row per mask (contours drawn on the image).
+
+    image and masks are (Z, Y, X) with slices along axis 0; image is drawn with a 1-99 percentile window.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slices = pick_slices(list(masks.values()), count)
+    lower, upper = np.percentile(image, (1, 99))
+    labels = sorted({int(v) for m in masks.values() for v in np.unique(m) if v > 0})
+    fig, axes = plt.subplots(len(masks), len(slices), figsize=(3.2 * len(slices), 3.2 * len(masks)),
+                             squeeze=False)
+    for row, (name, mask) in enumerate(masks.items()):
+        for col, index in enumerate(slices):
+            ax = axes[row, col]
+            ax.imshow(image[index], cmap="gray", vmin=lower, vmax=upper, interpolation="nearest")
+            for k, label in enumerate(labels):
+                if (mask[index] == label).any():
+                    ax.contour(mask[index] == label, levels=[0.5], colors=_COLOURS[k % len(_COLOURS)],
+                               linewidths=1.2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+            if row == 0:
+                ax.set_title(f"slice {index}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)

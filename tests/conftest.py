@@ -1,0 +1,80 @@
+"""Shared fixtures: a small CT-like phantom with two organs, and the real LiteMedSAM model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+os.environ.setdefault("nnUNet_n_proc_DA", "1")
+os.environ.setdefault("nnUNet_def_n_proc", "2")
+
+CT_WINDOW = (-200.0, 400.0)
+
+
+@dataclass
+class Phantom:
+    image: np.ndarray  # (Z, Y, X) float32
+    labels: np.ndarray  # (Z, Y, X) uint8
+    spacing: tuple[float, float, float]  # (z, y, x)
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def make_phantom(shape=(16, 48, 48), seed: int = 0, spacing=(3.0, 1.0, 1.0)) -> Phantom:
+    """Body of soft tissue in air with a bright and a dark organ; noise and blurred borders."""
+    rng = np.random.default_rng(seed)
+    z, y, x = shape
+    body = _ellipsoid(shape, (z / 2, y / 2, x / 2), (z * 2, y * 0.46, x * 0.46))
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[_ellipsoid(shape, (z / 2, y * 0.36, x * 0.34), (z * 0.35, y * 0.2, x * 0.17))] = 1
+    labels[_ellipsoid(shape, (z / 2 + 1, y * 0.64, x * 0.66), (z * 0.3, y * 0.16, x * 0.2))] = 2
+    image = np.where(body, 40.0, -1000.0)
+    image[labels == 1] = 220.0
+    image[labels == 2] = -110.0
+    image = ndimage.gaussian_filter(image, 0.7) + rng.normal(0, 12.0, shape)
+    return Phantom(image=image.astype(np.float32), labels=labels, spacing=spacing)
+
+
+def degrade(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A weak model's mask: class 1 over-segmented, class 2 under-segmented, a false-positive blob of
+    class 1, and one slice of class 2 missing."""
+    out = np.zeros_like(labels)
+    out[ndimage.binary_dilation(labels == 1, iterations=2, structure=np.ones((1, 3, 3)))] = 1
+    out[ndimage.binary_erosion(labels == 2, iterations=2, structure=np.ones((1, 3, 3)))] = 2
+    z = labels.shape[0]
+    out[2:4, 40:44, 4:8] = 1  # false positive far from the organ
+    slices2 = np.flatnonzero((labels == 2).any(axis=(1, 2)))
+    out[slices2[len(slices2) // 2]][out[slices2[len(slices2) // 2]] == 2] = 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom() -> Phantom:
+    return make_phantom()
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    from nnunet_sam.sam import load_sam
+
+    return load_sam("litemedsam", device="cpu")
+
+
+def write_nifti(array: np.ndarray, path: Path, spacing=(3.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                dtype=None) -> Path:
+    """Write a (Z, Y, X) array as NIfTI with spacing given in (z, y, x) order."""
+    image = sitk.GetImageFromArray(array if dtype is None else array.astype(dtype))
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    image.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+    return path

@@ -1,0 +1,128 @@
+"""The refinement engine with the real LiteMedSAM weights on a small CT-like phantom."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import degrade, make_phantom
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
+from nnunet_sam.sam.prompts import dice
+
+
+def _dices(truth, mask, labels=(1, 2)):
+    return {label: dice(truth == label, mask == label) for label in labels}
+
+
+@pytest.fixture(scope="module")
+def degraded_result(phantom, litemedsam):
+    mask = degrade(phantom.labels)
+    calls_before = litemedsam.encoder_calls
+    result = SamRefiner(litemedsam).refine(phantom.image, mask, phantom.spacing)
+    return mask, result, litemedsam.encoder_calls - calls_before
+
+
+def test_a_degraded_mask_gets_measurably_closer_to_the_truth(phantom, degraded_result):
+    mask, result, _ = degraded_result
+    before, after = _dices(phantom.labels, mask), _dices(phantom.labels, result.mask)
+    for label in (1, 2):
+        assert after[label] > before[label] + 0.05, (label, before, after)
+    assert not (result.mask[2:4, 40:44, 4:8] > 0).any(), "the false-positive blob must be removed"
+
+
+def test_each_slice_is_encoded_once_and_classes_share_it(phantom, degraded_result):
+    _, result, calls = degraded_result
+    # two classes share most slices; the false positive's own slices are cleaned away, the missing
+    # slice is filled: exactly the truth's foreground slices are encoded, each once
+    assert calls == result.slices_encoded
+    assert calls == int(((phantom.labels > 0).any(axis=(1, 2))).sum())
+
+
+def test_a_missing_slice_is_filled_from_interpolated_boxes(phantom, degraded_result):
+    mask, result, _ = degraded_result
+    slices = np.flatnonzero((phantom.labels == 2).any(axis=(1, 2)))
+    missing = slices[len(slices) // 2]
+    assert not (mask[missing] == 2).any()
+    assert result.classes[2].slices_filled == 1
+    assert dice(phantom.labels[missing] == 2, result.mask[missing] == 2) > 0.6
+
+
+def test_a_correct_mask_is_not_made_worse(phantom, litemedsam):
+    result = SamRefiner(litemedsam).refine(phantom.image, phantom.labels, phantom.spacing)
+    for label, value in _dices(phantom.labels, result.mask).items():
+        assert value >= 0.98, (label, value)
+
+
+def test_report_counts_add_up(phantom, degraded_result):
+    mask, result, _ = degraded_result
+    for label, stats in result.classes.items():
+        own_slices = int((mask == label).any(axis=(1, 2)).sum())
+        assert stats.voxels_before == int((mask == label).sum())
+        assert stats.voxels_after == int((result.mask == label).sum())
+        assert stats.slices_refined + stats.slices_kept <= own_slices
+        assert 0.0 < stats.mean_sam_iou <= 1.0
+
+
+def test_the_guard_keeps_the_initial_mask_where_sam_is_not_trusted(phantom, litemedsam):
+    mask = degrade(phantom.labels)
+    strict = SamRefiner(litemedsam, RefineSettings(min_sam_iou=0.999))
+    result = strict.refine(phantom.image, mask, phantom.spacing)
+    cleaned = mask.copy()
+    cleaned[2:4, 40:44, 4:8] = 0  # only the cleaning acts: every slice keeps its initial mask
+    assert np.array_equal(result.mask, cleaned)
+    assert all(s.slices_refined == 0 and s.slices_kept > 0 for s in result.classes.values())
+
+
+def test_output_keeps_dtype_shape_and_never_overlaps(phantom, litemedsam):
+    mask = degrade(phantom.labels).astype(np.int16)
+    result = SamRefiner(litemedsam, RefineSettings(prompts="box+points", context="adjacent")).refine(
+        phantom.image, mask, phantom.spacing)
+    assert result.mask.dtype == np.int16 and result.mask.shape == mask.shape
+    assert set(np.unique(result.mask)) <= {0, 1, 2}
+    assert dice(phantom.labels > 0, result.mask > 0) > 0.6
+
+
+def test_slicing_along_another_axis_gives_slices_of_that_axis(phantom, litemedsam):
+    transposed = SamRefiner(litemedsam).refine(np.moveaxis(phantom.image, 0, 2), np.moveaxis(phantom.labels, 0, 2),
+                                               (1.0, 1.0, 3.0))
+    assert transposed.axis == 2
+    assert dice(np.moveaxis(phantom.labels, 0, 2) > 0, transposed.mask > 0) >= 0.98
+
+
+def test_2d_images_work(litemedsam):
+    p = make_phantom(shape=(16, 64, 64))
+    image, labels = p.image[8:9], p.labels[8:9]
+    weak = degrade(labels)
+    result = SamRefiner(litemedsam).refine(image, weak, (999.0, 1.0, 1.0))
+    assert result.axis == 0 and result.slices_encoded == 1
+    assert dice(labels == 1, result.mask == 1) > dice(labels == 1, weak == 1)
+
+
+def test_probabilities_choose_the_component(phantom, litemedsam):
+    mask = np.zeros_like(phantom.labels)
+    mask[phantom.labels == 1] = 1
+    mask[2:5, 38:46, 2:10] = 1  # a bigger-than-speck second component with low probability
+    probs = np.zeros((3,) + mask.shape, dtype=np.float32)
+    probs[1] = np.where(phantom.labels == 1, 0.9, 0.0) + np.where(mask.astype(bool) & (phantom.labels != 1), 0.3, 0)
+    result = SamRefiner(litemedsam).refine(phantom.image, mask, phantom.spacing, probabilities=probs)
+    assert not result.mask[2:5, 38:46, 2:10].any()
+
+
+def test_load_sam_errors_name_the_file(tmp_path):
+    with pytest.raises(NnsamError, match="not found.*missing.pth"):
+        load_sam("vit_b", tmp_path / "missing.pth", device="cpu")
+    with pytest.raises(NnsamError, match="needs --checkpoint"):
+        load_sam("vit_b", None, device="cpu")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(NnsamError, match="cannot read SAM checkpoint .*corrupt.pth"):
+        load_sam("litemedsam", corrupt, device="cpu")
+    with pytest.raises(NnsamError, match="unknown SAM model type"):
+        load_sam("vit_x", device="cpu")
+
+
+def test_a_checkpoint_of_another_model_type_is_refused(tmp_path, litemedsam):
+    wrong = tmp_path / "lite.pth"
+    torch.save(litemedsam.module.state_dict(), wrong)
+    with pytest.raises(NnsamError, match="does not fit model type vit_b"):
+        load_sam("vit_b", wrong, device="cpu")
