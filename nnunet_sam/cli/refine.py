@@ -79,14 +79,15 @@ def settings_from_args(args: argparse.Namespace) -> RefineSettings:
 
 
 def _refine_files(args: argparse.Namespace) -> None:
-    from nnunet_sam.nnunet.refine_files import FilesJob, refine_folder
+    from nnunet_sam.nnunet.refine_files import FilesJob, plan_files_job, refine_folder
 
     job = FilesJob(images_dir=args.images, masks_dir=args.masks, out_dir=args.output, gt_dir=args.gt,
                    channel=args.channel, resume=args.resume, num_parts=args.num_parts,
                    part_id=args.part_id, overlays=args.overlays)
+    plan = plan_files_job(job)
     settings = settings_from_args(args)
     model = load_sam(args.sam, args.checkpoint, args.device, compile_encoder=args.compile)
-    refine_folder(job, SamRefiner(model, settings))
+    refine_folder(plan, SamRefiner(model, settings))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

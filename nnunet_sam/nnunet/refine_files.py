@@ -84,11 +84,26 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     return report
 
 
-def refine_folder(job: FilesJob, refiner: SamRefiner) -> dict:
-    """Refine every case of this part of the job; return the aggregated report (all parts so far)."""
+@dataclass
+class FilesPlan:
+    """A checked job with its cases found: made before the (slow) model is loaded."""
+
+    job: FilesJob
+    cases: list[CaseFiles]
+    ending: str
+
+
+def plan_files_job(job: FilesJob) -> FilesPlan:
+    """Check the job's folders and pair its files; bad input raises NnsamError before any work."""
     _check_job(job)
     cases, ending = find_cases(job.images_dir, job.masks_dir, job.gt_dir)
-    mine = cases[job.part_id::job.num_parts]
+    return FilesPlan(job=job, cases=cases, ending=ending)
+
+
+def refine_folder(plan: FilesPlan, refiner: SamRefiner) -> dict:
+    """Refine every case of this part of the job; return the aggregated report (all parts so far)."""
+    job, ending = plan.job, plan.ending
+    mine = plan.cases[job.part_id::job.num_parts]
     todo = [c for c in mine if not (job.resume and _case_done(job, c, ending))]
     if len(todo) < len(mine):
         logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))

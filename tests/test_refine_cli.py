@@ -1,0 +1,170 @@
+"""nnsam_refine in files mode: outputs, report, parts, --continue, and one-line errors on bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import degrade, make_phantom, write_nifti
+from nnunet_sam.cli.refine import main
+from nnunet_sam.utils.atomic import TEMP_PREFIX
+
+SPACING = (3.0, 0.8, 0.8)
+ORIGIN = (10.0, -20.0, 5.0)
+
+
+def _error_line(capsys) -> str:
+    """The one error line on stderr (progress bars may precede it); no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("nnsam_refine: error:")
+    return errors[0]
+
+
+def _make_folders(root: Path, cases: int = 2) -> dict[str, Path]:
+    folders = {name: root / name for name in ("images", "masks", "gt")}
+    for index in range(cases):
+        p = make_phantom(shape=(8, 48, 48), seed=index)
+        write_nifti(p.image, folders["images"] / f"case{index}_0000.nii.gz", SPACING, ORIGIN)
+        write_nifti(degrade(p.labels), folders["masks"] / f"case{index}.nii.gz", SPACING, ORIGIN, np.int16)
+        write_nifti(p.labels, folders["gt"] / f"case{index}.nii.gz", SPACING, ORIGIN)
+    return folders
+
+
+def _run(folders: dict[str, Path], out: Path, *extra: str) -> None:
+    main(["-i", str(folders["images"]), "-m", str(folders["masks"]), "-o", str(out), "-device", "cpu", *extra])
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_refines_a_folder_keeping_geometry_and_pixel_type(tmp_path):
+    folders = _make_folders(tmp_path)
+    out = tmp_path / "out"
+    _run(folders, out, "--gt", str(folders["gt"]), "--overlays")
+    for index in range(2):
+        written = sitk.ReadImage(str(out / f"case{index}.nii.gz"))
+        original = sitk.ReadImage(str(folders["masks"] / f"case{index}.nii.gz"))
+        assert written.GetPixelID() == original.GetPixelID() == sitk.sitkInt16
+        assert written.GetSpacing() == original.GetSpacing()
+        assert written.GetOrigin() == original.GetOrigin()
+        assert written.GetDirection() == original.GetDirection()
+        assert (out / "overlays" / f"case{index}.png").stat().st_size > 1000
+    report = json.loads((out / "refine_report.json").read_text())
+    assert [c["case"] for c in report["cases"]] == ["case0", "case1"]
+    assert report["sam"]["model"] == "litemedsam"
+    for case in report["cases"]:
+        for label in ("1", "2"):
+            row = case["classes"][label]
+            assert row["dice_after"] > row["dice_before"], (case["case"], label, row)
+    assert report["summary"]["1"]["cases"] == 2
+    assert not [p for p in _files_under(out) if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_parts_split_the_cases_and_continue_skips_finished_ones(tmp_path):
+    folders = _make_folders(tmp_path)
+    out = tmp_path / "out"
+    _run(folders, out, "--num_parts", "2", "--part_id", "1")
+    assert not (out / "case0.nii.gz").exists() and (out / "case1.nii.gz").exists()
+    _run(folders, out, "--num_parts", "2", "--part_id", "0")
+    report = json.loads((out / "refine_report.json").read_text())
+    assert sorted(c["case"] for c in report["cases"]) == ["case0", "case1"]
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")}
+    _run(folders, out, "--continue")
+    assert {p: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")} == stamps
+    (out / "case0.nii.gz").unlink()  # an interrupted case is redone
+    _run(folders, out, "--continue")
+    assert (out / "case0.nii.gz").exists()
+    assert (out / "case1.nii.gz").stat().st_mtime_ns == stamps[out / "case1.nii.gz"]
+
+
+def _break_extra_image(f):
+    write_nifti(np.zeros((8, 48, 48)), f["images"] / "lonely_0000.nii.gz", SPACING, ORIGIN)
+    return "lonely_0000.nii.gz"
+
+
+def _break_missing_image(f):
+    (f["images"] / "case1_0000.nii.gz").unlink()
+    return "case1.nii.gz"
+
+
+def _break_shape(f):
+    write_nifti(np.zeros((8, 40, 48), dtype=np.int16), f["masks"] / "case0.nii.gz", SPACING, ORIGIN)
+    return "case0.nii.gz"
+
+
+def _break_spacing(f):
+    write_nifti(np.zeros((8, 48, 48), dtype=np.int16), f["masks"] / "case0.nii.gz", (2.0, 0.8, 0.8), ORIGIN)
+    return "case0.nii.gz"
+
+
+def _break_origin(f):
+    write_nifti(np.zeros((8, 48, 48), dtype=np.int16), f["masks"] / "case0.nii.gz", SPACING, (0.0, 0.0, 0.0))
+    return "case0.nii.gz"
+
+
+def _break_unreadable(f):
+    (f["images"] / "case0_0000.nii.gz").write_bytes(b"not an image at all")
+    return "case0_0000.nii.gz"
+
+
+def _break_labels(f):
+    mask = np.zeros((8, 48, 48), dtype=np.float32)
+    mask[2:5, 10:20, 10:20] = 0.5
+    write_nifti(mask, f["masks"] / "case0.nii.gz", SPACING, ORIGIN)
+    return "case0.nii.gz"
+
+
+def _break_negative_labels(f):
+    mask = np.zeros((8, 48, 48), dtype=np.int16)
+    mask[2:5, 10:20, 10:20] = -1
+    write_nifti(mask, f["masks"] / "case0.nii.gz", SPACING, ORIGIN)
+    return "case0.nii.gz"
+
+
+@pytest.mark.parametrize("breaker", [_break_extra_image, _break_missing_image, _break_shape, _break_spacing,
+                                     _break_origin, _break_unreadable, _break_labels, _break_negative_labels])
+def test_bad_input_is_one_clear_line_and_leaves_no_files(tmp_path, capsys, breaker):
+    folders = _make_folders(tmp_path, cases=2)
+    named = breaker(folders)
+    before = {p: p.read_bytes() for p in _files_under(tmp_path)}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        _run(folders, out, "--num_parts", "2", "--part_id", "0")  # case0 only: errors come before work
+    assert exit_info.value.code == 2
+    assert named in _error_line(capsys)
+    assert _files_under(out) == []
+    assert {p: p.read_bytes() for p in _files_under(tmp_path) if out not in p.parents} == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--channel", "2"], "--channel 2 does not exist"),
+    (["--sam", "vit_b"], "needs --checkpoint"),
+    (["--sam", "vit_b", "--checkpoint", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
+    (["--num_parts", "2", "--part_id", "2"], "--part_id"),
+])
+def test_bad_options_are_one_clear_line(tmp_path, capsys, args, expected):
+    folders = _make_folders(tmp_path, cases=1)
+    with pytest.raises(SystemExit) as exit_info:
+        _run(folders, tmp_path / "out", *args)
+    assert exit_info.value.code == 2
+    assert expected in _error_line(capsys)
+    assert _files_under(tmp_path / "out") == []
+
+
+def test_output_folder_must_not_be_a_user_folder_and_needs_a_parent(tmp_path, capsys):
+    folders = _make_folders(tmp_path, cases=1)
+    before = (folders["masks"] / "case0.nii.gz").read_bytes()
+    with pytest.raises(SystemExit):
+        _run(folders, folders["masks"])
+    assert "is the masks folder" in _error_line(capsys)
+    assert (folders["masks"] / "case0.nii.gz").read_bytes() == before
+    with pytest.raises(SystemExit):
+        _run(folders, tmp_path / "no" / "such" / "out")
+    assert "does not exist" in _error_line(capsys)
