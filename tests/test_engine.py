@@ -126,3 +126,23 @@ def test_a_checkpoint_of_another_model_type_is_refused(tmp_path, litemedsam):
     torch.save(litemedsam.module.state_dict(), wrong)
     with pytest.raises(NnsamError, match="does not fit model type vit_b"):
         load_sam("vit_b", wrong, device="cpu")
+
+
+def test_segment_anything_checkpoints_load_and_refine(tmp_path):
+    """Meta's vit_b path end to end (1024 input, pixel normalisation, decoder broadcasting), with random
+    weights saved as a checkpoint: only shapes and plumbing can be checked without the real file."""
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "sam_vit_b_random.pth"
+    torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), checkpoint)
+    model = load_sam("vit_b", checkpoint, device="cpu")
+    assert model.input_size == 1024 and model.pixel_mean is not None
+    p = make_phantom(shape=(16, 48, 48))
+    refiner = SamRefiner(model, RefineSettings(prompts="box+points", min_sam_iou=-1e9, min_agreement=0.0,
+                                               evidence=False))
+    result = refiner.refine(p.image[8:9], p.labels[8:9], (999.0, 1.0, 1.0))
+    assert result.mask.shape == (1, 48, 48) and model.encoder_calls == 1
+    assert {int(k) for k in result.classes} == {1, 2}
+    medsam = load_sam("medsam", checkpoint, device="cpu")
+    assert medsam.pixel_mean is None and medsam.input_size == 1024

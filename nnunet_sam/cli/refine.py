@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="guard: keep the initial slice mask where SAM's IoU estimate is lower")
     ref.add_argument("--min-agreement", type=float, default=defaults.min_agreement,
                      help="guard: keep the initial slice mask where Dice(initial, SAM) is lower")
-    ref.add_argument("--max-agreement", type=float, default=defaults.max_agreement,
-                     help="keep a class's initial mask when SAM's result agrees with it at least this well "
-                          "(SAM could only redraw its border); >1 disables")
+    ref.add_argument("--no-evidence", dest="evidence", action="store_false",
+                     help="guard: accept SAM's slice mask even where its border fits the image worse "
+                          "(lower inside/outside contrast) than the initial mask's")
     run_group = p.add_argument_group("running")
     run_group.add_argument("--continue", dest="resume", action="store_true",
                            help="skip cases whose refined mask and report already exist")
@@ -75,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> RefineSettings:
                           ct_window=tuple(args.ct_window) if args.ct_window else None,
                           box_margin=args.box_margin, keep=args.keep, max_gap=args.max_gap,
                           min_sam_iou=args.min_iou, min_agreement=args.min_agreement,
-                          max_agreement=args.max_agreement)
+                          evidence=args.evidence)
 
 
 def _refine_files(args: argparse.Namespace) -> None:

@@ -19,6 +19,8 @@ from nnunet_sam.visualize import save_overlay
 
 logger = logging.getLogger(__name__)
 
+CHANGE_WARNING_DICE = 0.7  # warn when the refined mask's Dice with the initial one is below this
+
 
 @dataclass
 class FilesJob:
@@ -65,6 +67,9 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     classes = {}
     for label, stats in result.classes.items():
         row = stats.to_dict()
+        if stats.dice_initial_refined is not None and stats.dice_initial_refined < CHANGE_WARNING_DICE:
+            logger.warning("%s label %d: SAM changed the mask a lot (Dice %.2f with the initial mask); "
+                           "look at it before training on it", case.case_id, label, stats.dice_initial_refined)
         if loaded.gt is not None:
             row["dice_before"] = dice(loaded.gt == label, loaded.mask == label)
             row["dice_after"] = dice(loaded.gt == label, result.mask == label)

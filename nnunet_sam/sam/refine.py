@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import (SlicePrompt, background_points, bounding_box, clean_mask, dice,
                                     drop_small_components, interior_point, interpolate_boxes)
@@ -42,8 +43,7 @@ class RefineSettings:
     background_points: int = 1  # negative points inside the box (box+points only)
     min_sam_iou: float = 0.5  # guard: keep the initial slice mask if SAM's IoU estimate is lower
     min_agreement: float = 0.5  # guard: ... or if Dice(initial, SAM) on the slice is lower
-    max_agreement: float = 0.9  # class level: if Dice(initial, refined) reaches this, the initial mask
-    # already agrees with SAM within SAM's own boundary accuracy and is kept as it was
+    evidence: bool = True  # guard: keep the initial slice mask where its border fits the image better
     batch_size: int | None = None  # slices per encoder call; None: 8 on GPU, 1 on CPU
 
     def __post_init__(self) -> None:
@@ -61,9 +61,8 @@ class ClassStats:
     voxels_before: int = 0
     voxels_after: int = 0
     slices_refined: int = 0  # slices where SAM's mask was accepted
-    slices_kept: int = 0  # slices where the guard kept the initial mask (SAM unsure or disagreeing)
-    agreed: bool = False  # SAM agreed with the initial mask (Dice >= max_agreement): initial kept on
-    # all its slices (counted as kept)
+    slices_kept: int = 0  # slices where the guard kept the initial mask (SAM unsure, disagreeing, or
+    # its border fitting the image worse than the initial one's)
     slices_filled: int = 0  # slices missing in the initial mask, recovered from interpolated boxes
     mean_sam_iou: float | None = None  # SAM's own IoU estimate, averaged over decoded prompts
     dice_initial_refined: float | None = None  # Dice between the initial and the refined mask
@@ -145,14 +144,10 @@ class SamRefiner:
             encoded += len(batch)
             for j, index in enumerate(batch):
                 prompts = by_slice[index]
-                decisions = self._decode_slice(embeddings[j:j + 1], prompts, geometry,
+                decisions = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
                                                [cleaned[p.label][index] for p in prompts], stats)
                 refined[index] = _assemble(prompts, decisions, refined[index])
 
-        for label in labels:
-            own_slices = [i for i, prompts in by_slice.items()
-                          if any(p.label == label and not p.interpolated for p in prompts)]
-            self._keep_if_agreeing(refined, cleaned[label], own_slices, stats[label])
         for label, stat in stats.items():
             stat.voxels_after = int((refined == label).sum())
             stat.dice_initial_refined = dice(initial == label, refined == label)
@@ -179,26 +174,8 @@ class SamRefiner:
             prompts[index] = SlicePrompt(label=label, box=box, interpolated=True)
         return cleaned, prompts
 
-    def _keep_if_agreeing(self, refined: np.ndarray, cleaned: np.ndarray, own_slices: list[int],
-                          stat: ClassStats) -> None:
-        """Restore the (cleaned) initial mask of a class on its own slices where SAM's result agrees
-        with it within `max_agreement`: SAM cannot tell such a mask is wrong, only redraw its border."""
-        if not own_slices or stat.slices_refined == 0:
-            return
-        label = stat.label
-        agreement = dice(cleaned[own_slices], refined[own_slices] == label)
-        if agreement < self.settings.max_agreement:
-            return
-        section = refined[own_slices]
-        section[section == label] = 0
-        section[cleaned[own_slices]] = label
-        refined[own_slices] = section
-        stat.agreed = True
-        stat.slices_kept += stat.slices_refined
-        stat.slices_refined = 0
-
     def _decode_slice(self, embedding: torch.Tensor, prompts: list[SlicePrompt], geometry: ViewGeometry,
-                      initial_masks: list[np.ndarray], stats: dict[int, ClassStats]) -> list[_SliceDecision]:
+                      image: np.ndarray, initial_masks: list[np.ndarray], stats: dict[int, ClassStats]) -> list[_SliceDecision]:
         s = self.settings
         boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), s.box_margin)
         decoded = self.model.decode(embedding, boxes)
@@ -217,6 +194,8 @@ class SamRefiner:
                 stat.slices_filled += int(accepted)
             else:
                 accepted = bool(confident and dice(initial, sam_mask) >= s.min_agreement)
+                if accepted and s.evidence:
+                    accepted = region_contrast(image, sam_mask) >= region_contrast(image, initial)
                 stat.slices_refined += int(accepted)
                 stat.slices_kept += int(not accepted)
             if accepted:
