@@ -216,16 +216,15 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 def run_table(runs: list[Run], summary: Summary | None = None) -> str:
     """Markdown table of runs; with `summary` a closing mean row."""
     header = ["case", "seed", "Dice before", "Dice cleaned (no SAM)", "Dice after", "gain",
-              "volume after / truth", "refined", "kept", "filled", "agreed", "mean SAM IoU",
+              "volume after / truth", "refined", "kept", "filled", "mean SAM IoU",
               "slices encoded", "seconds"]
     rows = [[r.case, "truth" if r.seed is None else str(r.seed), f"{r.dice_before:.3f}",
              f"{r.dice_cleaned:.3f}", f"{r.dice_after:.3f}", f"{r.gain:+.3f}", f"{r.volume_ratio:.2f}",
              str(r.stats.slices_refined), str(r.stats.slices_kept), str(r.stats.slices_filled),
-             "yes" if r.stats.agreed else "no",
              _iou(r.stats.mean_sam_iou), str(r.slices_encoded), f"{r.seconds:.1f}"] for r in runs]
     if summary is not None:
         rows.append(["**mean**", "", f"{summary.mean_before:.3f}", f"{summary.mean_cleaned:.3f}",
-                     f"{summary.mean_after:.3f}", f"**{summary.mean_gain:+.3f}**"] + [""] * 7
+                     f"{summary.mean_after:.3f}", f"**{summary.mean_gain:+.3f}**"] + [""] * 6
                     + [f"{sum(r.seconds for r in runs):.0f} (total)"])
     return _markdown(header, rows)
 
@@ -311,7 +310,7 @@ def section(args: argparse.Namespace, device: torch.device, version: str, cases:
         f"Refinement: `SamRefiner(load_sam('litemedsam'), RefineSettings())`, the defaults "
         f"({settings_text(RefineSettings())}), {window}. \"Dice cleaned\" is the engine's cleaning step "
         f"alone (largest object, gaps of up to `max_gap` slices bridged, holes filled; no SAM). refined / "
-        f"kept / filled / agreed / mean SAM IoU are `result.classes[1]`; \"volume after / truth\" > 1 "
+        f"kept / filled / mean SAM IoU are `result.classes[1]`; \"volume after / truth\" > 1 "
         f"means over-segmentation.", "",
         "### Degraded initial masks", "",
         run_table(runs, summary), "",

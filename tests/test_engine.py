@@ -146,3 +146,13 @@ def test_segment_anything_checkpoints_load_and_refine(tmp_path):
     assert {int(k) for k in result.classes} == {1, 2}
     medsam = load_sam("medsam", checkpoint, device="cpu")
     assert medsam.pixel_mean is None and medsam.input_size == 1024
+
+
+def test_compiled_encoder_gives_the_same_embeddings():
+    model = load_sam("litemedsam", device="cpu")
+    views = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
+    eager = model.encode(views)
+    model.compile_encoder()
+    compiled = model.encode(views)
+    assert model.encoder_calls == 2
+    assert torch.allclose(eager, compiled, atol=1e-3), (eager - compiled).abs().max()

@@ -83,7 +83,7 @@ class SamModel:
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """Image embeddings (B, C, E, E) of images (B, S, S, 3) scaled to [0, 1] and padded to S."""
         x = self._pixels_to_tensor(images)
-        encoder = self._encoder or self.module.image_encoder
+        encoder = self._encoder if self._encoder is not None else self.module.image_encoder
         with self._autocast():
             embeddings = encoder(x)
         self.encoder_calls += images.shape[0]

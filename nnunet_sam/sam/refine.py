@@ -82,12 +82,6 @@ class RefineResult:
     slices_encoded: int
 
 
-@dataclass
-class _SliceDecision:
-    accepted: bool
-    score: torch.Tensor  # (H, W) logits (accepted) or +-_KEEP_SCORE (kept)
-
-
 class SamRefiner:
     """Refine label maps with a SAM model. Like `SamPredictor`: construct once, call `refine` per case."""
 
@@ -144,9 +138,9 @@ class SamRefiner:
             encoded += len(batch)
             for j, index in enumerate(batch):
                 prompts = by_slice[index]
-                decisions = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
-                                               [cleaned[p.label][index] for p in prompts], stats)
-                refined[index] = _assemble(prompts, decisions, refined[index])
+                scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
+                                            [cleaned[p.label][index] for p in prompts], stats)
+                refined[index] = _assemble(prompts, scores, refined.dtype)
 
         for label, stat in stats.items():
             stat.voxels_after = int((refined == label).sum())
@@ -175,7 +169,10 @@ class SamRefiner:
         return cleaned, prompts
 
     def _decode_slice(self, embedding: torch.Tensor, prompts: list[SlicePrompt], geometry: ViewGeometry,
-                      image: np.ndarray, initial_masks: list[np.ndarray], stats: dict[int, ClassStats]) -> list[_SliceDecision]:
+                      image: np.ndarray, initial_masks: list[np.ndarray],
+                      stats: dict[int, ClassStats]) -> list[torch.Tensor]:
+        """Decode all prompts of one slice and apply the guard: per prompt, SAM's logits where accepted,
+        else +-_KEEP_SCORE on the initial mask. Updates the classes' statistics."""
         s = self.settings
         boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), s.box_margin)
         decoded = self.model.decode(embedding, boxes)
@@ -183,7 +180,7 @@ class SamRefiner:
             points, point_labels = _point_arrays(prompts, geometry)
             decoded = self.model.decode(embedding, boxes, points, point_labels, decoded.low_res_logits)
         logits = geometry.logits_to_slice(decoded.low_res_logits)
-        decisions = []
+        scores = []
         for prompt, initial, slice_logits, iou in zip(prompts, initial_masks, logits, decoded.iou):
             stat = stats[prompt.label]
             stat._iou_values.append(float(iou))
@@ -203,17 +200,16 @@ class SamRefiner:
             else:
                 score = torch.full(slice_logits.shape, -_KEEP_SCORE, device=slice_logits.device)
                 score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
-            decisions.append(_SliceDecision(accepted=accepted, score=score))
-        return decisions
+            scores.append(score)
+        return scores
 
 
-def _assemble(prompts: list[SlicePrompt], decisions: list[_SliceDecision], out: np.ndarray) -> np.ndarray:
+def _assemble(prompts: list[SlicePrompt], scores: list[torch.Tensor], dtype: np.dtype) -> np.ndarray:
     """One label per pixel: the class with the highest positive score wins, else background."""
-    scores = torch.stack([d.score for d in decisions])
-    best, winner = scores.max(dim=0)
-    labels = torch.tensor([p.label for p in prompts], device=scores.device)[winner]
+    best, winner = torch.stack(scores).max(dim=0)
+    labels = torch.tensor([p.label for p in prompts], device=best.device)[winner]
     labels = torch.where(best > 0, labels, torch.zeros_like(labels))
-    return labels.cpu().numpy().astype(out.dtype)
+    return labels.cpu().numpy().astype(dtype)
 
 
 def _add_other_classes_as_negatives(by_slice: dict[int, list[SlicePrompt]]) -> None:
