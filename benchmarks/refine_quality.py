@@ -35,7 +35,7 @@ from nnunet_sam.sam.refine import ClassStats
 from nnunet_sam.sam.views import slicing_axis
 
 sys.dont_write_bytecode = True  # write nothing but the cache and RESULTS.md (no benchmarks/__pycache__)
-from results import RESULTS, machine_description, update_results_section  # noqa: E402 benchmarks/results.py
+from results import RESULTS, machine_description, markdown_table, update_results_section  # noqa: E402 benchmarks/results.py
 
 logger = logging.getLogger("refine_quality")
 
@@ -207,12 +207,6 @@ def _iou(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def run_table(runs: list[Run], summary: Summary | None = None) -> str:
     """Markdown table of runs; with `summary` a closing mean row."""
     header = ["case", "seed", "Dice before", "Dice cleaned (no SAM)", "Dice after", "gain",
@@ -226,7 +220,7 @@ def run_table(runs: list[Run], summary: Summary | None = None) -> str:
         rows.append(["**mean**", "", f"{summary.mean_before:.3f}", f"{summary.mean_cleaned:.3f}",
                      f"{summary.mean_after:.3f}", f"**{summary.mean_gain:+.3f}**"] + [""] * 6
                     + [f"{sum(r.seconds for r in runs):.0f} (total)"])
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def case_table(summary: Summary, runs: list[Run]) -> str:
@@ -236,7 +230,7 @@ def case_table(summary: Summary, runs: list[Run]) -> str:
         group = [r for r in runs if r.case == name]
         rows.append([name, str(len(group)), f"{np.mean([r.dice_before for r in group]):.3f}",
                      f"{np.mean([r.dice_after for r in group]):.3f}", f"{gain:+.3f}"])
-    return _markdown(["case", "seeds", "mean Dice before", "mean Dice after", "mean gain"], rows)
+    return markdown_table(["case", "seeds", "mean Dice before", "mean Dice after", "mean gain"], rows)
 
 
 def control_verdict(control: list[Run]) -> tuple[str, bool]:

@@ -22,7 +22,7 @@ from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import bounding_box
 from nnunet_sam.sam.views import normalize_intensities, resize_view, slice_view, view_geometry
 
-from results import machine_description, update_results_section  # benchmarks/results.py
+from results import machine_description, markdown_table, update_results_section  # benchmarks/results.py
 
 logger = logging.getLogger("refine_speed")
 SECTION = "Refinement speed (benchmarks/refine_speed.py)"
@@ -73,24 +73,22 @@ def run(device: str, compile_encoder: bool, shape: tuple[int, int, int]) -> tupl
     middle = slice(shape[0] // 2 - 1, shape[0] // 2 + 2)  # three slices with foreground, for warm-ups
     SamRefiner(model).refine(case.image[middle], mask[middle], case.spacing)  # first-call allocations
 
-    model.encoder_calls = 0
-    seconds, slices = timed(lambda: naive_loop(model, case.image, mask, case.spacing))
-    rows.append({"method": "naive loop (LiteMedSAM 3D script)", "seconds": seconds, "slices": slices,
-                 "encoder_calls": model.encoder_calls})
+    def measure(method: str, work) -> None:
+        """Time `work` (returns the number of slices it covered) and count its encoder calls."""
+        model.encoder_calls = 0
+        seconds, slices = timed(work)
+        rows.append({"method": method, "seconds": seconds, "slices": slices, "encoder_calls": model.encoder_calls})
 
-    model.encoder_calls = 0
-    seconds, result = timed(lambda: SamRefiner(model).refine(case.image, mask, case.spacing))
-    rows.append({"method": "engine", "seconds": seconds, "slices": result.slices_encoded,
-                 "encoder_calls": model.encoder_calls})
+    def engine() -> int:
+        return SamRefiner(model).refine(case.image, mask, case.spacing).slices_encoded
 
+    measure("naive loop (LiteMedSAM 3D script)", lambda: naive_loop(model, case.image, mask, case.spacing))
+    measure("engine", engine)
     compile_seconds = None
     if compile_encoder:
         model.compile_encoder()
         compile_seconds, _ = timed(lambda: SamRefiner(model).refine(case.image[middle], mask[middle], case.spacing))
-        model.encoder_calls = 0
-        seconds, result = timed(lambda: SamRefiner(model).refine(case.image, mask, case.spacing))
-        rows.append({"method": "engine, --compile", "seconds": seconds, "slices": result.slices_encoded,
-                     "encoder_calls": model.encoder_calls})
+        measure("engine, --compile", engine)
     foreground_slices = int((mask > 0).any(axis=(1, 2)).sum())
     prompts = int(sum(len([v for v in np.unique(s) if v > 0]) for s in mask))
     info = {"shape": shape, "classes": 3, "foreground_slices": foreground_slices, "boxes": prompts,
@@ -100,12 +98,10 @@ def run(device: str, compile_encoder: bool, shape: tuple[int, int, int]) -> tupl
 
 def table(rows: list[dict]) -> str:
     naive = rows[0]["seconds"]
-    lines = ["| method | seconds | slices | encoder calls | s per slice | speed-up vs naive |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['slices']} | {r['encoder_calls']} | "
-                     f"{r['seconds'] / r['slices']:.2f} | {naive / r['seconds']:.2f}x |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["method", "seconds", "slices", "encoder calls", "s per slice", "speed-up vs naive"],
+        [[r["method"], f"{r['seconds']:.1f}", str(r["slices"]), str(r["encoder_calls"]),
+          f"{r['seconds'] / r['slices']:.2f}", f"{naive / r['seconds']:.2f}x"] for r in rows])
 
 
 def main() -> None:

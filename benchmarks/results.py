@@ -30,6 +30,13 @@ def machine_description(device: str) -> str:
     return text
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with one header row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def update_results_section(title: str, body: str) -> None:
     """Write `## title` with `body` into RESULTS.md, replacing that section if present."""
     text = RESULTS.read_text() if RESULTS.exists() else _HEADER
