@@ -58,3 +58,11 @@ def save_overlay(path: Path, image: np.ndarray, masks: dict[str, np.ndarray], ti
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
+
+
+def save_case_overlay(path: Path, image: np.ndarray, masks: dict[str, np.ndarray | None], axis: int,
+                      title: str | None = None) -> None:
+    """`save_overlay` for a (Z, Y, X) case sliced along `axis`; masks that are None are left out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    moved = {name: np.moveaxis(mask, axis, 0) for name, mask in masks.items() if mask is not None}
+    save_overlay(path, np.moveaxis(image, axis, 0), moved, title=title or path.stem)

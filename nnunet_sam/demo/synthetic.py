@@ -24,21 +24,47 @@ def _smooth_blob(grid: list[np.ndarray], centre: np.ndarray, radii: np.ndarray,
     return distance + roughness * wobble < 1.0
 
 
+def _organ_sites(size: np.ndarray, n_organs: int, anatomy_seed: int, rng: np.random.Generator
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per organ a centre and radii: the same anatomy (from `anatomy_seed`) with per-case variation."""
+    anatomy = np.random.default_rng(anatomy_seed)
+    offset = anatomy.uniform(0, 2 * np.pi)
+    sites = []
+    for organ in range(n_organs):
+        angle = offset + 2 * np.pi * organ / n_organs
+        nominal = size * np.array([0.5, 0.5 + 0.2 * np.sin(angle), 0.5 + 0.2 * np.cos(angle)])
+        radii = size * anatomy.uniform([0.2, 0.09, 0.09], [0.3, 0.13, 0.13])
+        sites.append((nominal + rng.normal(0, 0.03, 3) * size, radii * rng.uniform(0.85, 1.15, 3)))
+    return sites
+
+
 def synthetic_ct_case(shape: tuple[int, int, int] = (32, 96, 96), n_organs: int = 3, seed: int = 0,
-                      spacing: tuple[float, float, float] = (3.0, 1.0, 1.0), noise: float = 20.0) -> SyntheticCase:
+                      spacing: tuple[float, float, float] = (3.0, 1.0, 1.0), noise: float = 20.0,
+                      anatomy_seed: int | None = None) -> SyntheticCase:
     """A body-like ellipse of soft tissue with `n_organs` non-overlapping organs of distinct contrast,
-    noise, a smooth bias field and partial-volume (blurred) borders."""
+    noise, a smooth bias field and partial-volume (blurred) borders.
+
+    anatomy_seed: None gives every case its own organ contrasts and places; a number gives all cases
+    of that seed the same anatomy (each organ's contrast and rough place), as in a real dataset."""
     rng = np.random.default_rng(seed)
     grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
     size = np.array(shape, dtype=np.float32)
     body = _smooth_blob(grid, size / 2, size * np.array([0.7, 0.45, 0.45]), rng, 0.1)
     image = np.where(body, 40.0, -1000.0).astype(np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
-    intensities = rng.permutation(np.array([-120.0, 180.0, 320.0, 250.0, -60.0, 140.0]))
+    contrasts = np.array([-120.0, 180.0, 320.0, 250.0, -60.0, 140.0])
+    if anatomy_seed is None:
+        intensities = rng.permutation(contrasts)
+    else:
+        intensities = np.random.default_rng(anatomy_seed).permutation(contrasts)
+        sites = _organ_sites(size, n_organs, anatomy_seed, rng)
     for organ in range(1, n_organs + 1):
-        for _attempt in range(50):
-            centre = size * rng.uniform([0.35, 0.3, 0.3], [0.65, 0.7, 0.7])
-            radii = size * rng.uniform([0.15, 0.08, 0.08], [0.3, 0.16, 0.16])
+        for attempt in range(50):
+            if anatomy_seed is None:
+                centre = size * rng.uniform([0.35, 0.3, 0.3], [0.65, 0.7, 0.7])
+                radii = size * rng.uniform([0.15, 0.08, 0.08], [0.3, 0.16, 0.16])
+            else:
+                centre, radii = sites[organ - 1][0], sites[organ - 1][1] * 0.95 ** attempt
             blob = _smooth_blob(grid, centre, radii, rng, 0.3) & body
             if blob.sum() > 50 and not (labels[blob] > 0).any():
                 break

@@ -7,20 +7,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.casefiles import CaseFiles, find_cases, load_case, write_mask_like
-from nnunet_sam.nnunet.report import case_report_path, summary_table, write_case_report, write_report
-from nnunet_sam.sam.prompts import dice
+from nnunet_sam.nnunet.report import (case_report_path, class_rows, summary_table, write_case_report,
+                                      write_report)
 from nnunet_sam.sam.refine import SamRefiner
-from nnunet_sam.visualize import save_overlay
+from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
-
-CHANGE_WARNING_DICE = 0.7  # warn when the refined mask's Dice with the initial one is below this
-
 
 @dataclass
 class FilesJob:
@@ -64,28 +60,14 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     output = job.out_dir / f"{case.case_id}{ending}"
     job.out_dir.mkdir(exist_ok=True)
     write_mask_like(result.mask, case.mask, output, ending, loaded.properties)
-    classes = {}
-    for label, stats in result.classes.items():
-        row = stats.to_dict()
-        if stats.dice_initial_refined is not None and stats.dice_initial_refined < CHANGE_WARNING_DICE:
-            logger.warning("%s label %d: SAM changed the mask a lot (Dice %.2f with the initial mask); "
-                           "look at it before training on it", case.case_id, label, stats.dice_initial_refined)
-        if loaded.gt is not None:
-            row["dice_before"] = dice(loaded.gt == label, loaded.mask == label)
-            row["dice_after"] = dice(loaded.gt == label, result.mask == label)
-        classes[str(label)] = row
+    classes = class_rows(case.case_id, result, loaded.mask, loaded.gt)
     report = {"case": case.case_id, "images": [str(p) for p in case.images], "mask": str(case.mask),
               "output": str(output), "axis": result.axis, "slices_encoded": result.slices_encoded,
               "seconds": round(time.perf_counter() - started, 2), "classes": classes}
     write_case_report(job.out_dir, case.case_id, report)
     if job.overlays:
-        masks = {"initial": loaded.mask, "refined": result.mask}
-        if loaded.gt is not None:
-            masks["truth"] = loaded.gt
-        moved = {k: np.moveaxis(v, result.axis, 0) for k, v in masks.items()}
-        (job.out_dir / "overlays").mkdir(exist_ok=True)
-        save_overlay(job.out_dir / "overlays" / f"{case.case_id}.png",
-                     np.moveaxis(loaded.image[job.channel], result.axis, 0), moved, title=case.case_id)
+        save_case_overlay(job.out_dir / "overlays" / f"{case.case_id}.png", loaded.image[job.channel],
+                          {"initial": loaded.mask, "refined": result.mask, "truth": loaded.gt}, result.axis)
     return report
 
 

@@ -4,14 +4,20 @@ resumed runs never clash) and `refine_report.json` aggregating them, plus a summ
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_sam.sam.prompts import dice
+from nnunet_sam.sam.refine import RefineResult
 from nnunet_sam.utils.atomic import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 REPORT_NAME = "refine_report.json"
 CASES_FOLDER = "refine_report_cases"
+CHANGE_WARNING_DICE = 0.7  # warn when the refined mask's Dice with the initial one is below this
 
 
 def case_report_path(out_dir: Path, case_id: str) -> Path:
@@ -22,6 +28,22 @@ def write_case_report(out_dir: Path, case_id: str, data: dict) -> None:
     path = case_report_path(out_dir, case_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(data, path)
+
+
+def class_rows(case_id: str, result: RefineResult, initial: np.ndarray, truth: np.ndarray | None = None) -> dict:
+    """Per class of one case: the engine's statistics, plus Dice before/after against `truth` if
+    given. Warns when SAM changed a class a lot, so a person looks before training on it."""
+    rows = {}
+    for label, stats in result.classes.items():
+        row = stats.to_dict()
+        if stats.dice_initial_refined is not None and stats.dice_initial_refined < CHANGE_WARNING_DICE:
+            logger.warning("%s label %d: SAM changed the mask a lot (Dice %.2f with the initial mask); "
+                           "look at it before training on it", case_id, label, stats.dice_initial_refined)
+        if truth is not None:
+            row["dice_before"] = dice(truth == label, initial == label)
+            row["dice_after"] = dice(truth == label, result.mask == label)
+        rows[str(label)] = row
+    return rows
 
 
 def _mean(values: list) -> float | None:

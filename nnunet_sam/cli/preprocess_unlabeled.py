@@ -1,0 +1,46 @@
+"""nnsam_preprocess_unlabeled: preprocess imagesUnlabeled/ with a dataset's nnU-Net plans."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from nnunet_sam.cli.common import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnsam_preprocess_unlabeled",
+        description="Preprocess the unlabelled scans in nnUNet_raw/DatasetXXX/imagesUnlabeled/ with the "
+                    "dataset's plans (nnU-Net's own preprocessor) into nnUNet_preprocessed/DatasetXXX/"
+                    "<data_identifier>_unlabeled/. Cases already done are skipped. With fewer than 5 "
+                    "labelled cases and no splits_final.json, also writes a leave-one-out split.")
+    parser.add_argument("-d", required=True, help="dataset name or id, as for nnUNetv2_train")
+    parser.add_argument("-c", nargs="+", default=["3d_fullres"],
+                        help="configuration(s) whose plans to use (default: 3d_fullres)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-np", type=int, default=1, help="number of processes (default: 1)")
+    parser.add_argument("--overwrite", action="store_true", help="preprocess cases that are already done again")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _body(args: argparse.Namespace) -> None:
+    from nnunet_sam.nnunet.datasets import dataset_folders
+    from nnunet_sam.nnunet.splits import ensure_few_label_splits
+    from nnunet_sam.nnunet.unlabeled import preprocess_unlabeled
+
+    if args.np < 1:
+        raise SystemExit("nnsam_preprocess_unlabeled: error: -np must be at least 1")
+    for configuration in args.c:
+        folders = dataset_folders(args.d, configuration, args.p)
+        preprocess_unlabeled(folders, num_processes=args.np, overwrite=args.overwrite)
+    ensure_few_label_splits(folders)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(build_parser(), _body, argv)
+
+
+if __name__ == "__main__":
+    main()

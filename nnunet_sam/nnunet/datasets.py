@@ -1,0 +1,176 @@
+"""Where a dataset's files live, the nnU-Net way, and the dataset classes for unlabelled and
+pseudo-labelled cases.
+
+Layout (beside nnU-Net's own folders; `<data_identifier>` is the configuration's, e.g.
+`nnUNetPlans_3d_fullres`):
+
+    nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/CASE_0000.nii.gz       unlabelled scans (user files)
+    nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/  CASE.b2nd, CASE_seg.b2nd
+                                                                      (placeholder: 0 inside, -1 outside
+                                                                      the nonzero mask), CASE.pkl
+    nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_pseudolabels/
+                                                                      CASE_seg.b2nd, CASE.pkl (with the
+                                                                      pseudo labels' class_locations),
+                                                                      refine_report.json
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+from nnunet_sam.errors import NnsamError
+
+UNLABELED_IMAGES = "imagesUnlabeled"
+UNLABELED_SUFFIX = "_unlabeled"
+PSEUDO_SUFFIX = "_pseudolabels"
+
+
+def unlabeled_folder(preprocessed_data_folder: str | os.PathLike) -> Path:
+    """The preprocessed unlabelled cases of a configuration, beside its labelled ones.
+
+    `preprocessed_data_folder` is nnU-Net's `nnUNet_preprocessed/DatasetXXX/<data_identifier>`
+    (a trainer's `self.preprocessed_dataset_folder`)."""
+    folder = Path(preprocessed_data_folder)
+    return folder.parent / (folder.name + UNLABELED_SUFFIX)
+
+
+def pseudo_label_folder(preprocessed_data_folder: str | os.PathLike) -> Path:
+    """The pseudo labels of a configuration's unlabelled cases (written by `nnsam_refine -d`)."""
+    folder = Path(preprocessed_data_folder)
+    return folder.parent / (folder.name + PSEUDO_SUFFIX)
+
+
+def finished_cases(folder: Path) -> list[str]:
+    """Case ids whose `.pkl` exists: it is written last, so it marks a finished case."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".pkl") and not p.name.startswith("."))
+
+
+@dataclass
+class DatasetFolders:
+    """A dataset's nnU-Net folders and one configuration's preprocessed data folder."""
+
+    name: str  # DatasetXXX_Name
+    raw: Path
+    preprocessed: Path  # nnUNet_preprocessed/DatasetXXX_Name
+    plans_identifier: str
+    configuration: str
+    data_identifier: str
+
+    @property
+    def plans_file(self) -> Path:
+        return self.preprocessed / f"{self.plans_identifier}.json"
+
+    @property
+    def data_folder(self) -> Path:
+        return self.preprocessed / self.data_identifier
+
+    @property
+    def unlabeled_images(self) -> Path:
+        return self.raw / UNLABELED_IMAGES
+
+    @property
+    def unlabeled_data(self) -> Path:
+        return unlabeled_folder(self.data_folder)
+
+    @property
+    def pseudo_labels(self) -> Path:
+        return pseudo_label_folder(self.data_folder)
+
+    def dataset_json(self) -> dict:
+        return load_json(str(self.preprocessed / "dataset.json"))
+
+    def plans(self) -> dict:
+        return load_json(str(self.plans_file))
+
+
+def _env_folder(variable: str) -> Path:
+    value = os.environ.get(variable)
+    if not value:
+        raise NnsamError(f"environment variable {variable} is not set; export it as for nnU-Net "
+                         f"(see nnU-Net's documentation/set_environment_variables.md)")
+    return Path(value)
+
+
+def dataset_folders(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans") -> DatasetFolders:
+    """Resolve `-d/-c/-p` to folders; errors say which nnU-Net command is missing."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    raw_root = _env_folder("nnUNet_raw")
+    preprocessed_root = _env_folder("nnUNet_preprocessed")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:
+        raise NnsamError(f"dataset {dataset} not found in nnUNet_raw={raw_root} or nnUNet_preprocessed="
+                         f"{preprocessed_root}; check -d and the environment variables") from None
+    preprocessed = preprocessed_root / name
+    plans_file = preprocessed / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise NnsamError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset} first "
+                         f"(or check -p)")
+    plans = load_json(str(plans_file))
+    configurations = plans.get("configurations", {})
+    if configuration not in configurations:
+        raise NnsamError(f"configuration {configuration!r} is not in {plans_file}; available: "
+                         f"{', '.join(sorted(configurations))}")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    return DatasetFolders(name=name, raw=raw_root / name, preprocessed=preprocessed,
+                          plans_identifier=plans_identifier, configuration=configuration,
+                          data_identifier=data_identifier)
+
+
+class PseudoLabelDataset(nnUNetDatasetBlosc2):
+    """Unlabelled cases with their pseudo labels, read like nnU-Net's own training cases.
+
+    Images come from the `_unlabeled` folder, labels and properties (with the pseudo labels'
+    `class_locations`, used for foreground oversampling) from the `_pseudolabels` folder."""
+
+    def __init__(self, images_folder: str | os.PathLike, labels_folder: str | os.PathLike,
+                 identifiers: list[str] | None = None) -> None:
+        self.labels_folder = str(labels_folder)
+        if identifiers is None:
+            identifiers = finished_cases(Path(labels_folder))
+        super().__init__(str(images_folder), identifiers)
+
+    def load_case(self, identifier: str):
+        data, _, seg_prev, _ = super().load_case(identifier)
+        seg = _open_b2nd(os.path.join(self.labels_folder, identifier + "_seg.b2nd"), self.mmap_kwargs)
+        properties = load_pickle(os.path.join(self.labels_folder, identifier + ".pkl"))
+        return data, seg, seg_prev, properties
+
+
+def _open_b2nd(path: str, mmap_kwargs: dict):
+    import blosc2
+
+    return blosc2.open(urlpath=path, mode="r", dparams={"nthreads": 1}, **mmap_kwargs)
+
+
+def open_unlabeled_dataset(preprocessed_data_folder: str | os.PathLike, command_hint: str) -> nnUNetDatasetBlosc2:
+    """The preprocessed unlabelled cases; a clear error naming `command_hint` when there are none."""
+    folder = unlabeled_folder(preprocessed_data_folder)
+    cases = finished_cases(folder)
+    if not cases:
+        raise NnsamError(f"no preprocessed unlabelled cases in {folder}; run {command_hint}")
+    return nnUNetDatasetBlosc2(str(folder), cases)
+
+
+def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, command_hint: str) -> PseudoLabelDataset:
+    """The pseudo-labelled cases; a clear error naming `command_hint` when there are none."""
+    labels = pseudo_label_folder(preprocessed_data_folder)
+    images = unlabeled_folder(preprocessed_data_folder)
+    cases = finished_cases(labels)
+    if not cases:
+        raise NnsamError(f"no pseudo labels in {labels}; run {command_hint}")
+    missing = [c for c in cases if not (images / f"{c}.b2nd").is_file()]
+    if missing:
+        raise NnsamError(f"pseudo label {missing[0]} in {labels} has no preprocessed image in {images}; "
+                         f"rerun nnsam_preprocess_unlabeled and then nnsam_refine -d")
+    return PseudoLabelDataset(images, labels, cases)

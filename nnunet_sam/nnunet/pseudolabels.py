@@ -1,0 +1,54 @@
+"""Pseudo labels where the trainers read them (preprocessed space, nnU-Net's formats), and their
+export to the raw images' geometry with nnU-Net's own export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import write_pickle
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_sam.utils.atomic import TEMP_PREFIX
+
+OUTSIDE = -1  # nnU-Net's label for voxels outside the nonzero mask
+
+
+def as_training_seg(labels: np.ndarray, placeholder_seg: np.ndarray) -> np.ndarray:
+    """(1, Z, Y, X) int16 labels, -1 where the preprocessed case's placeholder marks 'outside the
+    nonzero mask' and no label was given, exactly as nnU-Net writes labelled cases."""
+    seg = labels[None].astype(np.int16)
+    seg[(seg == 0) & (np.asarray(placeholder_seg) == OUTSIDE)] = OUTSIDE
+    return seg
+
+
+def write_pseudo_label(folder: Path, case_id: str, seg: np.ndarray, properties: dict,
+                       foreground_labels: list[int], patch_size: list[int]) -> None:
+    """Write CASE_seg.b2nd and CASE.pkl (with class_locations for foreground oversampling), each
+    atomically, the .pkl last so a case counts as finished only when complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    properties = dict(properties)
+    properties["class_locations"] = DefaultPreprocessor._sample_foreground_locations(seg, foreground_labels)
+    blocks, chunks = comp_blosc2_params(seg.shape, tuple(patch_size), seg.itemsize)
+    temp = folder / f"{TEMP_PREFIX}{case_id}_seg"
+    nnUNetDatasetBlosc2.save_seg(seg, str(temp), chunks_seg=chunks, blocks_seg=blocks)
+    os.replace(f"{temp}.b2nd", folder / f"{case_id}_seg.b2nd")
+    write_pickle(properties, str(folder / f"{TEMP_PREFIX}{case_id}.pkl"))
+    os.replace(folder / f"{TEMP_PREFIX}{case_id}.pkl", folder / f"{case_id}.pkl")
+
+
+def export_to_raw(labels: np.ndarray, properties: dict, plans_manager: PlansManager,
+                  configuration_manager: ConfigurationManager, dataset_json: dict, target: Path) -> None:
+    """Write a preprocessed-space label map in the raw image's geometry (resampling, uncropping and
+    transposing back with nnU-Net's export), atomically. `target` includes the file ending."""
+    n_classes = len(plans_manager.get_label_manager(dataset_json).all_labels)
+    one_hot = (np.arange(n_classes)[:, None, None, None] == np.maximum(labels, 0)[None]).astype(np.float32)
+    ending = dataset_json["file_ending"]
+    temp = target.parent / f"{TEMP_PREFIX}{target.name[: -len(ending)]}"
+    export_prediction_from_logits(one_hot, properties, configuration_manager, plans_manager, dataset_json,
+                                  str(temp), save_probabilities=False)
+    os.replace(f"{temp}{ending}", target)

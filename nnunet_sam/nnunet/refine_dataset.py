@@ -1,0 +1,182 @@
+"""`nnsam_refine -d XXX -c CONFIG -f FOLDS`: pseudo labels for a dataset's unlabelled cases.
+
+Everything happens in preprocessed space: the trained nnU-Net predicts each preprocessed unlabelled
+case (softmax kept for component selection), the engine refines the prediction on the preprocessed
+image, and the pseudo label is written where the trainers read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from tqdm import tqdm
+
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.datasets import DatasetFolders, dataset_folders, finished_cases
+from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
+from nnunet_sam.nnunet.pseudolabels import as_training_seg, export_to_raw, write_pseudo_label
+from nnunet_sam.nnunet.report import case_report_path, class_rows, summary_table, write_case_report, write_report
+from nnunet_sam.nnunet.unlabeled import find_unlabeled_cases, preprocess_unlabeled, remove_stale_temporaries
+from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.visualize import save_case_overlay
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetJob:
+    """What `nnsam_refine -d` was asked to do."""
+
+    dataset: str
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    model: ModelChoice = field(default_factory=ModelChoice)
+    channel: int = 0
+    export_dir: Path | None = None  # --export: pseudo labels also in raw geometry
+    gt_dir: Path | None = None  # --gt: true labels of the unlabelled cases (raw), for Dice before/after
+    overlays: bool = False
+    resume: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    num_processes: int = 1  # for preprocessing unlabelled cases that are not done yet
+
+
+@dataclass
+class DatasetPlan:
+    """A checked job: folders, model and cases resolved before anything slow is loaded."""
+
+    job: DatasetJob
+    folders: DatasetFolders
+    model_folder: Path
+    model: ModelChoice
+    cases: list[str]
+
+
+def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
+    """Resolve and check everything; preprocess unlabelled cases that are not done yet."""
+    if job.num_parts < 1 or not 0 <= job.part_id < job.num_parts:
+        raise NnsamError(f"--part_id must be in 0..{job.num_parts - 1} for --num_parts {job.num_parts}")
+    folders = dataset_folders(job.dataset, job.configuration, job.plans)
+    model_folder, model = resolve_model(folders, job.model)
+    n_channels = len(folders.dataset_json()["channel_names"])
+    if not 0 <= job.channel < n_channels:
+        raise NnsamError(f"--channel {job.channel} does not exist: {folders.name} has {n_channels} channel(s)")
+    cases = [c.case_id for c in find_unlabeled_cases(folders)]
+    if job.gt_dir is not None:
+        ending = folders.dataset_json()["file_ending"]
+        missing = [c for c in cases if not (job.gt_dir / f"{c}{ending}").is_file()]
+        if missing:
+            raise NnsamError(f"--gt {job.gt_dir} has no {missing[0]}{ending}; it needs one label file per "
+                             f"unlabelled case")
+    if job.export_dir is not None and not job.export_dir.resolve().parent.is_dir():
+        raise NnsamError(f"the parent of --export {job.export_dir} does not exist; create it first")
+    if set(finished_cases(folders.unlabeled_data)) < set(cases):
+        preprocess_unlabeled(folders, num_processes=job.num_processes)
+    return DatasetPlan(job=job, folders=folders, model_folder=model_folder, model=model, cases=cases)
+
+
+def ct_window_in_preprocessed_units(window: tuple[float, float], plans_manager: PlansManager,
+                                    configuration: str, channel: int) -> tuple[float, float]:
+    """A CT window in HU, expressed in the units of nnU-Net's CT normalisation ((HU - mean) / std)."""
+    scheme = plans_manager.get_configuration(configuration).normalization_schemes[channel]
+    if scheme != "CTNormalization":
+        raise NnsamError(f"--ct-window is in HU, but channel {channel} uses {scheme}; leave --ct-window out "
+                         f"(robust percentiles are used)")
+    properties = plans_manager.foreground_intensity_properties_per_channel[str(channel)]
+    return tuple((v - properties["mean"]) / properties["std"] for v in window)
+
+
+class _CaseRefiner:
+    """Refines one preprocessed unlabelled case after another; holds the models and managers."""
+
+    def __init__(self, plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> None:
+        self.plan, self.refiner, self.initial = plan, refiner, initial
+        folders = plan.folders
+        self.dataset_json = folders.dataset_json()
+        self.plans_manager = PlansManager(folders.plans())
+        self.configuration_manager = self.plans_manager.get_configuration(folders.configuration)
+        self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        self.images = nnUNetDatasetBlosc2(str(folders.unlabeled_data), list(plan.cases))
+
+    def spacing(self, properties: dict) -> list[float]:
+        spacing = list(self.configuration_manager.spacing)
+        if len(spacing) == 2:  # 2d configurations keep the original slice distance
+            spacing = [properties["spacing"][self.plans_manager.transpose_forward[0]], *spacing]
+        return spacing
+
+    def truth(self, case_id: str) -> np.ndarray:
+        """The case's true labels, preprocessed like the case itself (nnU-Net's preprocessor)."""
+        job, folders = self.plan.job, self.plan.folders
+        image_files = [str(p) for p in next(c.images for c in find_unlabeled_cases(folders) if c.case_id == case_id)]
+        label_file = str(job.gt_dir / f"{case_id}{self.dataset_json['file_ending']}")
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        _, seg, _ = preprocessor.run_case(image_files, label_file, self.plans_manager, self.configuration_manager,
+                                          self.dataset_json)
+        return np.maximum(seg[0], 0)
+
+    def __call__(self, case_id: str) -> dict:
+        started = time.perf_counter()
+        job, folders = self.plan.job, self.plan.folders
+        data, placeholder, _, properties = self.images.load_case(case_id)
+        data = np.asarray(data[:])
+        initial, probabilities = self.initial.predict(data)
+        result = self.refiner.refine(data[job.channel], initial, self.spacing(properties), probabilities=probabilities,
+                                     labels=self.label_manager.foreground_labels, progress=True)
+        seg = as_training_seg(result.mask, placeholder[:])
+        write_pseudo_label(folders.pseudo_labels, case_id, seg, properties, self.label_manager.foreground_labels,
+                           self.configuration_manager.patch_size)
+        truth = self.truth(case_id) if job.gt_dir is not None else None
+        report = {"case": case_id, "axis": result.axis, "slices_encoded": result.slices_encoded,
+                  "classes": class_rows(case_id, result, initial, truth)}
+        if job.export_dir is not None:
+            job.export_dir.mkdir(exist_ok=True)
+            target = job.export_dir / f"{case_id}{self.dataset_json['file_ending']}"
+            export_to_raw(result.mask, properties, self.plans_manager, self.configuration_manager,
+                          self.dataset_json, target)
+            report["export"] = str(target)
+        if job.overlays:
+            save_case_overlay(folders.pseudo_labels / "overlays" / f"{case_id}.png", data[job.channel],
+                              {"initial": initial, "refined": result.mask, "truth": truth}, result.axis)
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        write_case_report(folders.pseudo_labels, case_id, report)
+        return report
+
+
+def _case_done(folders: DatasetFolders, case_id: str) -> bool:
+    return (folders.pseudo_labels / f"{case_id}.pkl").is_file() and \
+        case_report_path(folders.pseudo_labels, case_id).is_file()
+
+
+def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> dict:
+    """Pseudo-label this part's unlabelled cases; return the aggregated report (all parts so far)."""
+    job, folders = plan.job, plan.folders
+    if job.model.tta and refiner.model.device.type == "cpu":
+        logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
+                    "--disable_tta skips it")
+    folders.pseudo_labels.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folders.pseudo_labels)
+    mine = plan.cases[job.part_id::job.num_parts]
+    todo = [c for c in mine if not (job.resume and _case_done(folders, c))]
+    if len(todo) < len(mine):
+        logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))
+    refine_case = _CaseRefiner(plan, refiner, initial)
+    for case_id in tqdm(todo, desc="unlabelled cases", unit="case"):
+        report = refine_case(case_id)
+        logger.info("%s: %d slices encoded in %.1f s", case_id, report["slices_encoded"], report["seconds"])
+    header = {"mode": "dataset", "dataset": folders.name, "configuration": folders.configuration,
+              "plans": folders.plans_identifier, "channel": job.channel,
+              "initial_model": plan.model.to_dict(plan.model_folder),
+              "ground_truth": None if job.gt_dir is None else str(job.gt_dir),
+              "sam": {"model": refiner.model.name, "checkpoint": refiner.model.checkpoint,
+                      "device": str(refiner.model.device)},
+              "settings": asdict(refiner.settings)}
+    report = write_report(folders.pseudo_labels, header)
+    logger.info("pseudo labels in %s (%d cases):\n%s", folders.pseudo_labels, len(report["cases"]),
+                summary_table(report["summary"]))
+    return report

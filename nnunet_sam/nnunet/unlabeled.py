@@ -1,0 +1,118 @@
+"""Preprocess `imagesUnlabeled/` with a dataset's plans, using nnU-Net's own preprocessor.
+
+Each case is written under a temporary name and renamed when complete, its `.pkl` last, so an
+interrupted run leaves no case that looks finished; finished cases are skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from tqdm import tqdm
+
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.casefiles import file_ending_of
+from nnunet_sam.nnunet.datasets import DatasetFolders, finished_cases
+from nnunet_sam.utils.atomic import TEMP_PREFIX
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_PREPROCESSED_PARTS = (".b2nd", "_seg.b2nd", ".pkl")  # the .pkl last: it marks a finished case
+
+
+@dataclass
+class UnlabeledCase:
+    case_id: str
+    images: list[Path]  # one file per channel, in channel order
+
+
+def find_unlabeled_cases(folders: DatasetFolders) -> list[UnlabeledCase]:
+    """The cases of `imagesUnlabeled/`, checked against dataset.json (channels, file ending) and
+    against `imagesTr/` (a case id must not be both labelled and unlabelled)."""
+    folder = folders.unlabeled_images
+    if not folder.is_dir():
+        raise NnsamError(f"{folder} does not exist; put the unlabelled scans there, named like imagesTr "
+                         f"(CASE_0000{folders.dataset_json()['file_ending']})")
+    dataset_json = folders.dataset_json()
+    ending = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
+    by_case: dict[str, dict[int, Path]] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if not path.name.endswith(ending):
+            found = file_ending_of(path) or path.suffix or "no ending"
+            raise NnsamError(f"{path}: file ending {found} differs from the dataset's {ending}; convert it "
+                             f"or move it out of {folder.name}")
+        match = _CHANNEL.match(path.name[: -len(ending)])
+        if match is None:
+            raise NnsamError(f"{path}: name must be CASE_XXXX{ending} (XXXX = 4-digit channel index)")
+        by_case.setdefault(match["case"], {})[int(match["channel"])] = path
+    if not by_case:
+        raise NnsamError(f"{folder} holds no images ending in {ending}")
+    labelled = set(get_filenames_of_train_images_and_targets(str(folders.raw), dataset_json))
+    cases = []
+    for case_id, channels in sorted(by_case.items()):
+        if case_id in labelled:
+            raise NnsamError(f"case {case_id} is in both imagesTr and {folder.name}; rename the unlabelled one")
+        expected = list(range(n_channels))
+        if sorted(channels) != expected:
+            missing = [f"{case_id}_{c:04d}{ending}" for c in expected if c not in channels]
+            extra = [channels[c].name for c in channels if c not in expected]
+            what = f"is missing {', '.join(missing)}" if missing else f"has extra channel files {', '.join(extra)}"
+            raise NnsamError(f"case {case_id} in {folder} {what}; dataset.json lists {n_channels} channel(s)")
+        cases.append(UnlabeledCase(case_id, [channels[c] for c in expected]))
+    return cases
+
+
+def _preprocess_one(args: tuple) -> str:
+    case, out_dir, plans, configuration, dataset_json = args
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    temp = out_dir / (TEMP_PREFIX + case.case_id)
+    preprocessor.run_case_save(str(temp), [str(p) for p in case.images], None, plans_manager,
+                               configuration_manager, dataset_json)
+    properties = load_pickle(str(temp) + ".pkl")
+    properties["class_locations"] = {}  # nnU-Net's data loader reads it; unlabelled: nothing to oversample
+    write_pickle(properties, str(temp) + ".pkl")
+    for part in _PREPROCESSED_PARTS:
+        os.replace(str(temp) + part, out_dir / (case.case_id + part))
+    return case.case_id
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what an interrupted run left under temporary names."""
+    if folder.is_dir():
+        for path in folder.glob(TEMP_PREFIX + "*"):
+            path.unlink()
+
+
+def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,
+                         progress: bool = True) -> list[str]:
+    """Preprocess every unlabelled case not yet done (all with `overwrite`); return the ids processed."""
+    cases = find_unlabeled_cases(folders)
+    if not folders.data_folder.is_dir():
+        raise NnsamError(f"{folders.data_folder} not found: the labelled cases are not preprocessed for "
+                         f"{folders.configuration}; run nnUNetv2_preprocess -d {folders.name} -c "
+                         f"{folders.configuration} -plans_name {folders.plans_identifier}")
+    out_dir = folders.unlabeled_data
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    done = set() if overwrite else set(finished_cases(out_dir))
+    todo = [c for c in cases if c.case_id not in done]
+    logger.info("%d unlabelled case(s) in %s: %d to preprocess, %d already done -> %s", len(cases),
+                folders.unlabeled_images, len(todo), len(cases) - len(todo), out_dir)
+    jobs = [(c, out_dir, folders.plans(), folders.configuration, folders.dataset_json()) for c in todo]
+    bar = dict(total=len(jobs), desc="preprocess unlabelled", unit="case", disable=not progress)
+    if num_processes <= 1 or len(jobs) <= 1:
+        return [_preprocess_one(job) for job in tqdm(jobs, **bar)]
+    with get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+        return list(tqdm(pool.imap_unordered(_preprocess_one, jobs), **bar))
