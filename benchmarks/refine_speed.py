@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 
 from nnunet_sam.demo.synthetic import synthetic_ct_case
-from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
+from nnunet_sam.sam import SamRefiner, load_sam
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import bounding_box
 from nnunet_sam.sam.views import normalize_intensities, resize_view, slice_view, view_geometry

@@ -50,7 +50,6 @@ def degrade(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     out = np.zeros_like(labels)
     out[ndimage.binary_dilation(labels == 1, iterations=2, structure=np.ones((1, 3, 3)))] = 1
     out[ndimage.binary_erosion(labels == 2, iterations=2, structure=np.ones((1, 3, 3)))] = 2
-    z = labels.shape[0]
     out[2:4, 40:44, 4:8] = 1  # false positive far from the organ
     slices2 = np.flatnonzero((labels == 2).any(axis=(1, 2)))
     out[slices2[len(slices2) // 2]][out[slices2[len(slices2) // 2]] == 2] = 0
@@ -78,3 +77,39 @@ def write_nifti(array: np.ndarray, path: Path, spacing=(3.0, 1.0, 1.0), origin=(
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path), True)
     return path
+
+
+# --- a planned and preprocessed nnU-Net dataset, shared by the nnU-Net integration tests ------------
+
+@dataclass
+class PlannedDataset:
+    dataset_id: int
+    name: str
+    raw: Path  # nnUNet_raw/DatasetXXX_Name
+    preprocessed: Path  # nnUNet_preprocessed/DatasetXXX_Name
+    results: Path  # nnUNet_results
+    env: dict  # environment variables a subprocess needs (nnU-Net paths, extTrainer, DA processes)
+
+
+@pytest.fixture(scope="session")
+def planned_dataset(tmp_path_factory) -> PlannedDataset:
+    """A synthetic dataset (2 labelled, 2 unlabelled, 1 test case, 32x48x48, 2 organs) planned and
+    preprocessed for 3d_fullres with nnU-Net's Python API; nnU-Net's environment variables point at
+    it for the rest of the session, and nnUNet_extTrainer at short trainer variants + our trainers."""
+    from nnunet_sam.cli.trainer_dir import trainer_dir
+    from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
+    from nnunet_sam.demo.nnunet_setup import plan_and_preprocess, write_short_trainers
+
+    root = tmp_path_factory.mktemp("nnunet")
+    ext = root / "ext_trainers"
+    write_short_trainers(ext, epochs=2, iterations=2)
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "2",
+           "nnUNet_extTrainer": os.pathsep.join([str(ext), str(trainer_dir())])}
+    os.environ.update(env)
+    spec = SyntheticDatasetSpec(dataset_id=991, name="PipelineTest", labelled=2, unlabelled=2, test=1, organs=2)
+    raw = write_synthetic_dataset(root / "raw", spec)
+    plan_and_preprocess(spec.dataset_id)
+    return PlannedDataset(dataset_id=spec.dataset_id, name=spec.folder_name, raw=raw,
+                          preprocessed=root / "preprocessed" / spec.folder_name, results=root / "results",
+                          env={**os.environ, **env})

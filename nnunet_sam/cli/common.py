@@ -13,6 +13,7 @@ from nnunet_sam.errors import NnsamError
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # its thread-count notice is noise here
 
 
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],

@@ -76,8 +76,9 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
                              f"unlabelled case")
     if job.export_dir is not None and not job.export_dir.resolve().parent.is_dir():
         raise NnsamError(f"the parent of --export {job.export_dir} does not exist; create it first")
-    if set(finished_cases(folders.unlabeled_data)) < set(cases):
-        preprocess_unlabeled(folders, num_processes=job.num_processes)
+    mine = cases[job.part_id::job.num_parts]
+    if not set(mine) <= set(finished_cases(folders.unlabeled_data)):
+        preprocess_unlabeled(folders, num_processes=job.num_processes, case_ids=mine)
     return DatasetPlan(job=job, folders=folders, model_folder=model_folder, model=model, cases=cases)
 
 
@@ -160,8 +161,8 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")
     folders.pseudo_labels.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folders.pseudo_labels)
     mine = plan.cases[job.part_id::job.num_parts]
+    remove_stale_temporaries(folders.pseudo_labels, mine)
     todo = [c for c in mine if not (job.resume and _case_done(folders, c))]
     if len(todo) < len(mine):
         logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))

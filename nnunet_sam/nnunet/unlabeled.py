@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
@@ -72,6 +73,15 @@ def find_unlabeled_cases(folders: DatasetFolders) -> list[UnlabeledCase]:
     return cases
 
 
+def _no_class_locations(plans_manager: PlansManager, dataset_json: dict) -> dict:
+    """nnU-Net's data loader reads `class_locations`: unlabelled cases have nothing to oversample. With an
+    ignore label it also looks up the 'annotated' key, which must exist (empty: a random crop)."""
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    if not label_manager.has_ignore_label:
+        return {}
+    return {tuple([-1] + label_manager.all_labels): np.zeros((0, 4), dtype=np.int64)}
+
+
 def _preprocess_one(args: tuple) -> str:
     case, out_dir, plans, configuration, dataset_json = args
     plans_manager = PlansManager(plans)
@@ -81,31 +91,36 @@ def _preprocess_one(args: tuple) -> str:
     preprocessor.run_case_save(str(temp), [str(p) for p in case.images], None, plans_manager,
                                configuration_manager, dataset_json)
     properties = load_pickle(str(temp) + ".pkl")
-    properties["class_locations"] = {}  # nnU-Net's data loader reads it; unlabelled: nothing to oversample
+    properties["class_locations"] = _no_class_locations(plans_manager, dataset_json)
     write_pickle(properties, str(temp) + ".pkl")
     for part in _PREPROCESSED_PARTS:
         os.replace(str(temp) + part, out_dir / (case.case_id + part))
     return case.case_id
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete what an interrupted run left under temporary names."""
-    if folder.is_dir():
-        for path in folder.glob(TEMP_PREFIX + "*"):
-            path.unlink()
+def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
+    """Delete what an interrupted run left under temporary names for these cases (only these: other
+    processes of a split run may be writing theirs)."""
+    for case_id in case_ids:
+        for pattern in (f"{TEMP_PREFIX}{case_id}.*", f"{TEMP_PREFIX}{case_id}_seg.*"):
+            for path in folder.glob(pattern):
+                path.unlink(missing_ok=True)
 
 
 def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,
-                         progress: bool = True) -> list[str]:
-    """Preprocess every unlabelled case not yet done (all with `overwrite`); return the ids processed."""
+                         progress: bool = True, case_ids: list[str] | None = None) -> list[str]:
+    """Preprocess every unlabelled case (or those of `case_ids`) not yet done (all with `overwrite`);
+    return the ids processed."""
     cases = find_unlabeled_cases(folders)
+    if case_ids is not None:
+        cases = [c for c in cases if c.case_id in set(case_ids)]
     if not folders.data_folder.is_dir():
         raise NnsamError(f"{folders.data_folder} not found: the labelled cases are not preprocessed for "
                          f"{folders.configuration}; run nnUNetv2_preprocess -d {folders.name} -c "
                          f"{folders.configuration} -plans_name {folders.plans_identifier}")
     out_dir = folders.unlabeled_data
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
+    remove_stale_temporaries(out_dir, [c.case_id for c in cases])
     done = set() if overwrite else set(finished_cases(out_dir))
     todo = [c for c in cases if c.case_id not in done]
     logger.info("%d unlabelled case(s) in %s: %d to preprocess, %d already done -> %s", len(cases),

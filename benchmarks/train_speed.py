@@ -1,0 +1,182 @@
+"""Seconds per training iteration and peak memory of nnunet-sam's trainers against nnUNetTrainer, on the
+same data, in one run.
+
+    .venv/bin/python benchmarks/train_speed.py [--device cpu|cuda] [--iterations 20] [--warmup 2]
+
+Data: the synthetic dataset of tests/test_trainers.py (2 labelled cases, planned and preprocessed by
+nnU-Net for 3d_fullres, fold `all`) plus 2 fake unlabelled / pseudo-labelled cases (copies of the
+labelled ones, in the folders our trainers read).
+
+Each trainer lives in its own process (its own peak memory) and the iterations are interleaved: one
+iteration of each trainer in turn, so that all of them run under the same load on a shared machine.
+An iteration is what nnU-Net's training loop does: fetch the labelled batch, `train_step` (ours also
+fetch the extra batch, run the teacher and update the EMA). Start-up and validation are not timed.
+Peak memory: the process's peak resident set size (VmHWM; data-augmentation workers are separate
+processes, not counted) and on CUDA `torch.cuda.max_memory_allocated`.
+
+Prints a table and writes it into benchmarks/RESULTS.md (section "Trainer speed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from results import machine_description, markdown_table, update_results_section  # benchmarks/results.py
+
+logger = logging.getLogger("train_speed")
+SECTION = "Trainer speed (benchmarks/train_speed.py)"
+REPO = Path(__file__).resolve().parent.parent
+TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSAMPseudo", "nnUNetTrainerMeanTeacher", "nnUNetTrainerSAMPseudoMeanTeacher")
+TARGETS = {"nnUNetTrainerSAMPseudo": 1.1, "nnUNetTrainerMeanTeacher": 2.2}  # max. time ratio to nnUNetTrainer
+DATASET = "Dataset990_SyntheticCT"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM: unlike getrusage's maxrss, not inherited at exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def trainer_process(name: str, device: str, connection: Connection) -> None:
+    """Set up trainer `name`, then run one timed iteration per 'step' message; 'stop' returns memory."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(DATASET, "3d_fullres", "all", name, device=torch.device(device))
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    connection.send({"batch_size": trainer.batch_size})
+    while connection.recv() == "step":
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_step(next(trainer.dataloader_train))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        connection.send(time.perf_counter() - start)
+    connection.send({"peak_rss_mib": peak_rss_mib(),
+                     "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None})
+    trainer.on_train_end()
+
+
+def measure(device: str, warmup: int, iterations: int) -> list[dict]:
+    """Interleaved iterations of every trainer, each in its own process; medians and peak memory."""
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for name in TRAINERS:
+        parent, child = context.Pipe()
+        process = context.Process(target=trainer_process, args=(name, device, child), daemon=False)
+        process.start()
+        workers.append((name, parent, process))
+    rows = [{"trainer": name, **parent.recv(), "seconds": []} for name, parent, _ in workers]
+    for iteration in range(warmup + iterations):
+        for row, (_, parent, _) in zip(rows, workers):
+            parent.send("step")
+            row["seconds"].append(parent.recv())
+        logger.info("iteration %d%s: %s", iteration, " (warm-up)" if iteration < warmup else "",
+                    ", ".join(f"{r['trainer']} {r['seconds'][-1]:.2f} s" for r in rows))
+    for row, (_, parent, process) in zip(rows, workers):
+        parent.send("stop")
+        row.update(parent.recv())
+        row["seconds"] = row["seconds"][warmup:]
+        process.join()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]
+    cuda = base["peak_cuda_mib"] is not None
+    header = ["trainer", "s / iteration (median)", "min", "max", "vs nnUNetTrainer", "peak RSS MiB", "vs nnUNetTrainer"]
+    header += ["peak CUDA MiB", "vs nnUNetTrainer"] if cuda else []
+    lines = []
+    for r in rows:
+        median = statistics.median(r["seconds"])
+        line = [r["trainer"], f"{median:.2f}", f"{min(r['seconds']):.2f}", f"{max(r['seconds']):.2f}",
+                f"{median / statistics.median(base['seconds']):.2f}x",
+                f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x"]
+        if cuda:
+            line += [f"{r['peak_cuda_mib']:.0f}", f"{r['peak_cuda_mib'] / base['peak_cuda_mib']:.2f}x"]
+        lines.append(line)
+    return markdown_table(header, lines)
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    base = statistics.median(rows[0]["seconds"])
+    lines = []
+    for r in rows:
+        if r["trainer"] in TARGETS:
+            ratio, limit = statistics.median(r["seconds"]) / base, TARGETS[r["trainer"]]
+            lines.append(f"- {r['trainer']} <= {limit}x nnUNetTrainer: {ratio:.2f}x -> "
+                         f"{'PASS' if ratio <= limit else 'FAIL'}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--iterations", type=int, default=20, help="measured iterations per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="iterations not measured")
+    parser.add_argument("--shape", type=int, nargs=3, default=(32, 48, 48), metavar=("Z", "Y", "X"),
+                        help="synthetic volume shape (nnU-Net plans the patch size from it)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.device == "cpu":  # nnU-Net's defaults start more workers than 2 cores can feed
+        os.environ.setdefault("nnUNet_n_proc_DA", "1")
+        os.environ.setdefault("nnUNet_def_n_proc", "2")
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_trainers import prepare_dataset  # the tests' data set-up: synthetic dataset, fake extra cases
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="nnsam-train-speed-") as tmp:
+        root = Path(tmp)
+        prepare_dataset(root, root / "ext_trainers", shape=tuple(args.shape))
+        rows = measure(args.device, args.warmup, args.iterations)
+    text = table(rows)
+    targets = target_lines(rows)
+    print(text)
+    print("\n".join(targets))
+    body = "\n".join([
+        f"Machine: {machine_description(args.device)}. Load average (1 min) before/after: {load_before:.1f}/"
+        f"{os.getloadavg()[0]:.1f}: the CPU is shared with other work, so seconds are indicative; the ratios "
+        f"are taken under the same load (interleaved iterations). Total runtime: "
+        f"{(time.perf_counter() - started) / 60:.1f} min.",
+        "",
+        f"Command: `.venv/bin/python benchmarks/train_speed.py --device {args.device} --iterations "
+        f"{args.iterations} --warmup {args.warmup} --shape {' '.join(map(str, args.shape))}` "
+        f"(nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', 'unset')}).",
+        "",
+        f"Data: synthetic CT-like dataset, volumes {tuple(args.shape)}, 2 labelled cases (fold `all`), planned "
+        f"by nnU-Net (3d_fullres, batch size {rows[0]['batch_size']}), plus 2 unlabelled / pseudo-labelled "
+        "cases. Our trainers split the planned batch into labelled + extra samples (1 + 1 at batch size 2): "
+        "every trainer trains on the same number of samples per iteration; the Mean Teachers add a teacher "
+        "forward pass on the extra samples and an EMA update.",
+        "",
+        f"Timed: {args.iterations} iterations per trainer after {args.warmup} warm-up iterations, interleaved "
+        "across the four trainer processes; an iteration = fetch the labelled batch + `train_step`. Peak RSS: "
+        "the training process (VmHWM), without its data-augmentation workers.",
+        "",
+        text,
+        "",
+        *targets,
+    ])
+    update_results_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Semi-supervised nnU-Net training: a second data stream, a weighted loss and a Mean Teacher.
+
+`SemiSupervisedTrainer` is an `nnUNetTrainer` whose batches are nnU-Net's own labelled batch plus a
+batch from a second stream, built with nnU-Net's own data loader and training augmentation:
+
+- ``extra_stream = "pseudo"``: pseudo-labelled cases (`nnsam_refine -d`), supervised with
+  ``pseudo_loss_weight``;
+- ``extra_stream = "unlabeled"``: preprocessed unlabelled cases (`nnsam_preprocess_unlabeled`),
+  used only by the Mean Teacher consistency.
+
+With ``consistency_weight > 0`` an EMA teacher sees the extra cases (plus clamped Gaussian noise) and
+the student's probabilities are pulled towards the teacher's (MSE, sigmoid ramp-up). The teacher is
+what validation uses and what the checkpoint's ``network_weights`` holds (what `nnUNetv2_predict`
+loads); the student is saved as ``student_weights`` so ``--c`` resumes exactly.
+
+The trainers in `nnunet_sam/trainers/` are tiny subclasses that set the class attributes. This module
+lives outside that folder because nnU-Net imports every module there as a top-level module.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from torch import nn
+
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.datasets import open_pseudo_label_dataset, open_unlabeled_dataset
+from nnunet_sam.utils.atomic import atomic_path
+
+Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
+EXTRA_STREAMS = ("pseudo", "unlabeled")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------
+
+def split_batch_size(batch_size: int, labelled_fraction: float) -> tuple[int, int]:
+    """(labelled, extra) samples per batch: at least `labelled_fraction` labelled and at least one of each.
+
+    The total stays `batch_size` except for a batch size of 1, which becomes 1 + 1."""
+    n_labelled = max(1, math.ceil(labelled_fraction * batch_size))
+    return n_labelled, max(1, batch_size - n_labelled)
+
+
+def rampup_weight(weight: float, epoch_progress: float, rampup_epochs: float) -> float:
+    """`weight`·exp(-5(1-t)²) with t = epoch_progress / rampup_epochs clipped to [0, 1] (Laine & Aila)."""
+    if rampup_epochs <= 0:
+        return weight
+    t = min(max(epoch_progress / rampup_epochs, 0.0), 1.0)
+    return weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def ema_alpha(global_step: int, decay: float) -> float:
+    """EMA decay of step `global_step` (0-based): min(1 - 1/(step+1), decay); step 0 copies the student."""
+    return min(1.0 - 1.0 / (global_step + 1), decay)
+
+
+@torch.no_grad()
+def update_ema(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """teacher ← alpha·teacher + (1-alpha)·student for parameters; buffers are copied."""
+    teacher_params = [p for p in teacher.parameters()]
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def teacher_noise(data: torch.Tensor, std: float, clip: float) -> torch.Tensor:
+    """`data` plus Gaussian noise N(0, std) clamped to ±clip."""
+    if std <= 0:
+        return data
+    return data + torch.clamp(torch.randn_like(data) * std, -clip, clip)
+
+
+def slice_outputs(outputs: Outputs, part: slice) -> Outputs:
+    """The samples `part` of a batch tensor, or of every tensor of a deep-supervision list."""
+    if isinstance(outputs, (list, tuple)):
+        return [o[part] for o in outputs]
+    return outputs[part]
+
+
+def concat_outputs(first: Outputs, second: Outputs) -> Outputs:
+    """Two batches (tensors or deep-supervision lists of the same length) joined along the batch axis."""
+    if isinstance(first, (list, tuple)):
+        return [torch.cat((a, b)) for a, b in zip(first, second)]
+    return torch.cat((first, second))
+
+
+def concat_batches(labelled: dict, extra: dict) -> dict:
+    """One nnU-Net batch (`data`, `target`, `keys`): the labelled samples first, then the extra ones."""
+    return {"data": torch.cat((labelled["data"], extra["data"])),
+            "target": concat_outputs(labelled["target"], extra["target"]),
+            "keys": [*labelled["keys"], *extra["keys"]]}
+
+
+def highest_resolution(outputs: Outputs) -> torch.Tensor:
+    """The full-resolution output: the first of a deep-supervision list."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def probabilities_fn(has_regions: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits (B, C, ...) -> probabilities: sigmoid for regions, softmax over classes otherwise.
+
+    (nnU-Net's `LabelManager.apply_inference_nonlin` cannot be used: it runs under no_grad and takes
+    unbatched (C, ...) logits.)"""
+    return torch.sigmoid if has_regions else (lambda logits: torch.softmax(logits, 1))
+
+
+def unwrap_model(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP (`.module`) and torch.compile (`._orig_mod`)."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the (unwrapped) student in eval mode."""
+    teacher = copy.deepcopy(student)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepContext:
+    """What the loss needs to know about the merged batch of one training step."""
+
+    n_labelled: int
+    teacher_probabilities: torch.Tensor | None = None
+    consistency_weight: float = 0.0
+
+
+class SemiSupervisedLoss(nn.Module):
+    """nnU-Net's loss on the labelled part + `extra_weight`·loss on the extra part + the weighted MSE
+    between the student's probabilities on the extra part and the teacher's.
+
+    Without a step context (validation) it is nnU-Net's plain loss."""
+
+    def __init__(self, supervised: Callable, probabilities: Callable[[torch.Tensor], torch.Tensor],
+                 extra_weight: float) -> None:
+        super().__init__()
+        self.supervised = supervised
+        self.probabilities = probabilities
+        self.extra_weight = extra_weight
+        self.step: StepContext | None = None
+
+    def forward(self, output: Outputs, target: Outputs) -> torch.Tensor:
+        if self.step is None:
+            return self.supervised(output, target)
+        labelled, extra = slice(0, self.step.n_labelled), slice(self.step.n_labelled, None)
+        loss = self.supervised(slice_outputs(output, labelled), slice_outputs(target, labelled))
+        if self.extra_weight > 0:
+            loss = loss + self.extra_weight * self.supervised(slice_outputs(output, extra),
+                                                              slice_outputs(target, extra))
+        if self.step.teacher_probabilities is not None and self.step.consistency_weight > 0:
+            student = self.probabilities(highest_resolution(output)[extra].float())
+            loss = loss + self.step.consistency_weight * F.mse_loss(student, self.step.teacher_probabilities)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------
+
+class SemiSupervisedTrainer(nnUNetTrainer):
+    """nnU-Net training on labelled cases plus a second stream of pseudo-labelled or unlabelled cases,
+    optionally with a Mean Teacher. Subclasses set the class attributes below."""
+
+    extra_stream: str = "pseudo"  # "pseudo" (nnsam_refine -d) or "unlabeled" (nnsam_preprocess_unlabeled)
+    labelled_fraction: float = 0.5  # minimum share of labelled samples per batch
+    pseudo_loss_weight: float = 0.5  # weight of the supervised loss on pseudo labels
+    consistency_weight: float = 0.0  # Mean Teacher consistency weight; 0: no teacher
+    ema_decay: float = 0.99
+    consistency_rampup_fraction: float = 0.4  # of num_epochs
+    teacher_noise_std: float = 0.1
+    teacher_noise_clip: float = 0.2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if self.extra_stream not in EXTRA_STREAMS:
+            raise ValueError(f"{type(self).__name__}.extra_stream must be one of {EXTRA_STREAMS}, "
+                             f"not {self.extra_stream!r}")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.probabilistic_oversampling = True  # a labelled sub-batch of 1 still gets foreground patches
+        self.teacher: nn.Module | None = None
+        self.extra_dataset = None
+        self.dataloader_extra = None
+        self._iteration = 0  # within the epoch
+        self._student_backup: dict[str, torch.Tensor] | None = None
+
+    # --- set-up ------------------------------------------------------------------------------------
+
+    @property
+    def extra_loss_weight(self) -> float:
+        """Weight of the supervised loss on the extra samples: unlabelled cases are never supervised."""
+        return self.pseudo_loss_weight if self.extra_stream == "pseudo" else 0.0
+
+    def initialize(self) -> None:
+        super().initialize()
+        self.loss = SemiSupervisedLoss(self.loss, probabilities_fn(self.label_manager.has_regions),
+                                       self.extra_loss_weight)
+        if self.consistency_weight > 0:
+            self.teacher = make_teacher(unwrap_model(self.network))
+
+    def open_extra_dataset(self):
+        """The extra stream's cases; NnsamError naming the command that makes them when there are none."""
+        dataset, configuration = self.plans_manager.dataset_name, self.configuration_name
+        if self.extra_stream == "pseudo":
+            return open_pseudo_label_dataset(self.preprocessed_dataset_folder,
+                                             f"nnsam_refine -d {dataset} -c {configuration} -f FOLD")
+        return open_unlabeled_dataset(self.preprocessed_dataset_folder,
+                                      f"nnsam_preprocess_unlabeled -d {dataset} -c {configuration}")
+
+    def on_train_start(self) -> None:
+        if self.is_cascaded:  # the extra cases have no previous-stage segmentations
+            raise NnsamError(f"{type(self).__name__} does not support cascade configurations "
+                             f"({self.configuration_name}); use 3d_fullres, 3d_lowres or 2d")
+        self.extra_dataset = self.open_extra_dataset()  # fail before any data loader or training starts
+        super().on_train_start()
+        if self.teacher is not None and self.current_epoch == 0:
+            # a fresh start (possibly from -pretrained_weights): the teacher starts as the student
+            self.teacher.load_state_dict(unwrap_model(self.network).state_dict())
+        n_labelled, n_extra = split_batch_size(self.batch_size, self.labelled_fraction)
+        self.print_to_log_file(f"{len(self.extra_dataset.identifiers)} {self.extra_stream} cases; per batch "
+                               f"{n_labelled} labelled + {n_extra} {self.extra_stream}; loss weight of the "
+                               f"{self.extra_stream} samples {self.extra_loss_weight}; consistency weight "
+                               f"{self.consistency_weight}")
+
+    def get_dataloaders(self):
+        """nnU-Net's labelled streams with the labelled share of the batch, plus the extra stream."""
+        n_labelled, n_extra = split_batch_size(self.batch_size, self.labelled_fraction)
+        planned = self.batch_size
+        self.batch_size = n_labelled
+        try:
+            dataloader_train, dataloader_val = super().get_dataloaders()
+        finally:
+            self.batch_size = planned
+        self.dataloader_extra = self._extra_dataloader(dataloader_train, n_extra)
+        return dataloader_train, dataloader_val
+
+    def _extra_dataloader(self, dataloader_train, batch_size: int):
+        """The extra cases through nnU-Net's data loader with the labelled stream's training transforms,
+        in the same kind of augmenter."""
+        if self.extra_dataset is None:
+            self.extra_dataset = self.open_extra_dataset()
+        labelled = dataloader_train.generator if hasattr(dataloader_train, "generator") else dataloader_train.data_loader
+        oversample = self.oversample_foreground_percent if self.extra_stream == "pseudo" else 0.0
+        loader = nnUNetDataLoader(self.extra_dataset, batch_size,
+                                  self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2],
+                                  self.configuration_manager.patch_size, self.label_manager,
+                                  oversample_foreground_percent=oversample, probabilistic_oversampling=True,
+                                  transforms=labelled.transforms)
+        if isinstance(dataloader_train, SingleThreadedAugmenter):
+            return SingleThreadedAugmenter(loader, None)
+        # workers in proportion to the share of the batch this stream carries
+        processes = max(1, round(get_allowed_n_proc_DA() * batch_size / (batch_size + labelled.batch_size)))
+        return NonDetMultiThreadedAugmenter(loader, None, num_processes=processes, num_cached=max(6, processes // 2),
+                                            seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if isinstance(self.dataloader_extra, NonDetMultiThreadedAugmenter):
+            self.dataloader_extra._finish()
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        self._iteration = 0
+        super().on_train_epoch_start()
+
+    def global_step(self) -> int:
+        return self.current_epoch * self.num_iterations_per_epoch + self._iteration
+
+    def current_consistency_weight(self) -> float:
+        progress = self.current_epoch + self._iteration / self.num_iterations_per_epoch
+        return rampup_weight(self.consistency_weight, progress, self.consistency_rampup_fraction * self.num_epochs)
+
+    @torch.no_grad()
+    def teacher_probabilities(self, data: torch.Tensor) -> torch.Tensor:
+        """The teacher's probabilities (full resolution, float32) on `data` plus clamped noise."""
+        noisy = teacher_noise(data, self.teacher_noise_std, self.teacher_noise_clip)
+        with torch.autocast(self.device.type) if self.device.type == "cuda" else nullcontext():
+            logits = highest_resolution(self.teacher(noisy))
+        return probabilities_fn(self.label_manager.has_regions)(logits.float())
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's train step on labelled + extra samples, then the EMA update of the teacher."""
+        extra = next(self.dataloader_extra)
+        n_labelled = batch["data"].shape[0]
+        merged = concat_batches(batch, extra)
+        merged["data"] = merged["data"].to(self.device, non_blocking=True)
+        context = StepContext(n_labelled)
+        if self.teacher is not None:
+            context.teacher_probabilities = self.teacher_probabilities(merged["data"][n_labelled:])
+            context.consistency_weight = self.current_consistency_weight()
+        self.loss.step = context
+        try:
+            result = super().train_step(merged)
+        finally:
+            self.loss.step = None
+        if self.teacher is not None:
+            update_ema(self.teacher, unwrap_model(self.network), ema_alpha(self.global_step(), self.ema_decay))
+        self._iteration += 1
+        return result
+
+    # --- validation with the teacher -----------------------------------------------------------------
+
+    def use_teacher_weights(self) -> None:
+        """Put the teacher's weights into the student module (validation uses `self.network`)."""
+        if self.teacher is not None and self._student_backup is None:
+            student = unwrap_model(self.network)
+            self._student_backup = clone_state(student)
+            student.load_state_dict(self.teacher.state_dict())
+
+    def restore_student_weights(self) -> None:
+        """Undo `use_teacher_weights`."""
+        if self._student_backup is not None:
+            unwrap_model(self.network).load_state_dict(self._student_backup)
+            self._student_backup = None
+
+    def on_validation_epoch_start(self) -> None:
+        self.use_teacher_weights()
+        super().on_validation_epoch_start()
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        try:
+            super().on_validation_epoch_end(val_outputs)
+        finally:
+            self.restore_student_weights()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        self.use_teacher_weights()
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.restore_student_weights()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically; with a teacher, `network_weights` is the teacher and
+        `student_weights` the student."""
+        buffer = io.BytesIO()
+        super().save_checkpoint(buffer)  # nnU-Net builds its checkpoint dict and torch.saves it here
+        if buffer.tell() == 0:  # not rank 0, or checkpointing disabled
+            return
+        with atomic_path(filename) as tmp:
+            if self.teacher is None:
+                tmp.write_bytes(buffer.getvalue())
+            else:
+                torch.save(self._with_teacher_weights(buffer), tmp)
+
+    def _with_teacher_weights(self, buffer: io.BytesIO) -> dict:
+        """The checkpoint saved in `buffer` with the teacher as `network_weights` plus `student_weights`."""
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, map_location="cpu", weights_only=False)
+        checkpoint["student_weights"] = checkpoint["network_weights"]
+        checkpoint["network_weights"] = self.teacher.state_dict()
+        return checkpoint
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        """nnU-Net's loading (pass a path: dict loading is broken in nnU-Net 2.8.1); with a teacher, the
+        teacher gets `network_weights` and the student `student_weights`."""
+        super().load_checkpoint(filename_or_checkpoint)
+        if self.teacher is None:
+            return
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, (str, os.PathLike)):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        self.teacher.load_state_dict(checkpoint["network_weights"])
+        if "student_weights" in checkpoint:
+            unwrap_model(self.network).load_state_dict(checkpoint["student_weights"])

@@ -1,0 +1,181 @@
+"""End to end on CPU with the stock nnU-Net commands: plan and preprocess, nnsam_preprocess_unlabeled,
+a baseline, nnsam_refine -d, each of our trainers, and nnUNetv2_predict on what they trained."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_sam.cli import preprocess_unlabeled as preprocess_cli
+from nnunet_sam.cli import refine as refine_cli
+
+CONFIG = "3d_fullres"
+DATA_ID = "nnUNetPlans_3d_fullres"
+
+
+def _error_of(main, argv: list[str], capsys) -> str:
+    """Run a console script's main, expect the one-line error exit, return the message."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _train(dataset, trainer: str, fold: str = "0") -> Path:
+    from nnunetv2.run.run_training import run_training
+
+    run_training(str(dataset.dataset_id), CONFIG, fold, trainer, device=torch.device("cpu"))
+    return dataset.results / dataset.name / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{fold}"
+
+
+@pytest.fixture(scope="module")
+def unlabeled(planned_dataset):
+    preprocess_cli.main(["-d", str(planned_dataset.dataset_id)])
+    return planned_dataset.preprocessed / f"{DATA_ID}_unlabeled"
+
+
+@pytest.fixture(scope="module")
+def baseline(planned_dataset, unlabeled):
+    return _train(planned_dataset, "nnUNetTrainerShort")
+
+
+@pytest.fixture(scope="module")
+def pseudo_labels(planned_dataset, baseline, tmp_path_factory):
+    export = tmp_path_factory.mktemp("export")
+    refine_cli.main(["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
+                     "--disable_tta", "-device", "cpu", "--gt", str(planned_dataset.raw / "labelsUnlabeledTruth"),
+                     "--export", str(export)])
+    return planned_dataset.preprocessed / f"{DATA_ID}_pseudolabels", export
+
+
+def test_preprocess_unlabeled_writes_cases_once_and_a_few_label_split(planned_dataset, unlabeled):
+    cases = sorted(p.name[:-4] for p in unlabeled.glob("*.pkl"))
+    assert cases == ["pipelinetestUn_000", "pipelinetestUn_001"]
+    for case in cases:
+        assert (unlabeled / f"{case}.b2nd").is_file() and (unlabeled / f"{case}_seg.b2nd").is_file()
+        properties = pickle.loads((unlabeled / f"{case}.pkl").read_bytes())
+        assert properties["class_locations"] == {}
+        data = blosc2.open(str(unlabeled / f"{case}.b2nd"))[:]
+        assert data.shape[0] == 1 and np.isfinite(data).all() and abs(float(data.mean())) < 5
+    splits = json.loads((planned_dataset.preprocessed / "splits_final.json").read_text())
+    assert len(splits) == 2 and all(len(s["train"]) == 1 and len(s["val"]) == 1 for s in splits)
+    assert not any(k.startswith("pipelinetestUn") for s in splits for k in s["train"] + s["val"])
+
+    stamp = (unlabeled / f"{cases[0]}.b2nd").stat().st_mtime_ns
+    preprocess_cli.main(["-d", str(planned_dataset.dataset_id)])  # idempotent: nothing redone
+    assert (unlabeled / f"{cases[0]}.b2nd").stat().st_mtime_ns == stamp
+    preprocess_cli.main(["-d", str(planned_dataset.dataset_id), "--overwrite"])
+    assert (unlabeled / f"{cases[0]}.b2nd").stat().st_mtime_ns != stamp
+    assert not list(unlabeled.glob(".nnsam-tmp-*"))
+
+
+def _raw_copy(planned_dataset, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the raw dataset (user files stay untouched), with nnUNet_raw pointing at it."""
+    copy = tmp_path / "raw" / planned_dataset.name
+    shutil.copytree(planned_dataset.raw, copy)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    return copy / "imagesUnlabeled"
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (lambda d: (d / "pipelinetestUn_000_0000.nii.gz").rename(d / "pipelinetestUn_000_0001.nii.gz"),
+     "is missing pipelinetestUn_000_0000.nii.gz"),
+    (lambda d: (d / "scan_0000.nrrd").write_bytes(b"x"), "file ending .nrrd differs from the dataset's .nii.gz"),
+    (lambda d: shutil.copy(d.parent / "imagesTr" / "pipelinetestTr_000_0000.nii.gz", d),
+     "pipelinetestTr_000 is in both imagesTr and imagesUnlabeled"),
+    (lambda d: shutil.rmtree(d), "imagesUnlabeled does not exist"),
+])
+def test_preprocess_unlabeled_bad_input_is_one_clear_line(planned_dataset, tmp_path, monkeypatch, capsys,
+                                                          break_it, expected):
+    folder = _raw_copy(planned_dataset, tmp_path, monkeypatch)
+    break_it(folder)
+    before = sorted(p.name for p in folder.parent.rglob("*"))
+    message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id)], capsys)
+    assert expected in message
+    assert sorted(p.name for p in folder.parent.rglob("*")) == before
+
+
+def test_preprocess_unlabeled_needs_preprocessed_plans(planned_dataset, capsys):
+    message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-c", "2d"], capsys)
+    assert "nnUNetv2_preprocess" in message and "2d" in message
+    message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-p", "NoSuchPlans"], capsys)
+    assert "NoSuchPlans.json not found" in message and "nnUNetv2_plan_and_preprocess" in message
+
+
+def test_refine_dataset_writes_pseudo_labels_where_trainers_read_them(planned_dataset, pseudo_labels):
+    folder, export = pseudo_labels
+    report = json.loads((folder / "refine_report.json").read_text())
+    assert report["mode"] == "dataset" and report["initial_model"]["trainer"] == "nnUNetTrainerShort"
+    assert report["initial_model"]["folds"] == ["0"] and report["sam"]["model"] == "litemedsam"
+    assert [c["case"] for c in report["cases"]] == ["pipelinetestUn_000", "pipelinetestUn_001"]
+    for case in report["cases"]:
+        case_id = case["case"]
+        seg = blosc2.open(str(folder / f"{case_id}_seg.b2nd"))[:]
+        image = blosc2.open(str(folder.parent / f"{DATA_ID}_unlabeled" / f"{case_id}.b2nd"))
+        assert seg.shape == image.shape and seg.dtype == np.int16
+        assert set(np.unique(seg)) <= {-1, 0, 1, 2}
+        properties = pickle.loads((folder / f"{case_id}.pkl").read_bytes())
+        for label, locations in properties["class_locations"].items():
+            assert len(locations) == 0 or (seg[tuple(np.asarray(locations)[:5].T)] == label).all()
+        for row in case["classes"].values():
+            assert 0.0 <= row["dice_before"] <= 1.0 and 0.0 <= row["dice_after"] <= 1.0
+        raw = sitk.ReadImage(str(planned_dataset.raw / "imagesUnlabeled" / f"{case_id}_0000.nii.gz"))
+        exported = sitk.ReadImage(str(export / f"{case_id}.nii.gz"))
+        assert exported.GetSize() == raw.GetSize() and exported.GetSpacing() == raw.GetSpacing()
+        assert exported.GetOrigin() == raw.GetOrigin()
+    assert not list(folder.glob(".nnsam-tmp-*"))
+
+
+def test_refine_dataset_continue_skips_finished_cases(planned_dataset, pseudo_labels):
+    folder, _ = pseudo_labels
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*_seg.b2nd")}
+    refine_cli.main(["-d", str(planned_dataset.dataset_id), "-f", "0", "-tr", "nnUNetTrainerShort",
+                     "--disable_tta", "-device", "cpu", "--continue"])
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*_seg.b2nd")} == stamps
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-tr", "nnUNetTrainerNeverTrained"], "nnUNetv2_train"),
+    (["-tr", "nnUNetTrainerShort", "-f", "1"], "fold_1"),
+    (["-tr", "nnUNetTrainerShort", "-i", "x"], "either -d"),
+])
+def test_refine_dataset_errors_name_the_fix(planned_dataset, baseline, capsys, argv, expected):
+    message = _error_of(refine_cli.main, ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *argv], capsys)
+    assert expected in message
+
+
+def _predict_with_stock_command(planned_dataset, trainer: str, out: Path) -> Path:
+    """nnUNetv2_predict, the console script users run, on the test case."""
+    command = ["nnUNetv2_predict", "-i", str(planned_dataset.raw / "imagesTs"), "-o", str(out),
+               "-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", trainer,
+               "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
+    bin_dir = Path(__import__("sys").executable).parent
+    subprocess.run([str(bin_dir / command[0]), *command[1:]], check=True, env=planned_dataset.env,
+                   capture_output=True, text=True)
+    return out / "pipelinetestTs_000.nii.gz"
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSAMPseudoShort", "nnUNetTrainerMeanTeacherShort",
+                                     "nnUNetTrainerSAMPseudoMeanTeacherShort"])
+def test_our_trainers_train_on_pseudo_labels_and_predict(planned_dataset, pseudo_labels, tmp_path, trainer):
+    fold_dir = _train(planned_dataset, trainer)
+    checkpoint = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == trainer and checkpoint["current_epoch"] == 2
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    assert "pipelinetestTr" in json.dumps(summary) and "pipelinetestUn" not in json.dumps(summary)
+    prediction = _predict_with_stock_command(planned_dataset, trainer, tmp_path / "predicted")
+    image = sitk.ReadImage(str(planned_dataset.raw / "imagesTs" / "pipelinetestTs_000_0000.nii.gz"))
+    predicted = sitk.ReadImage(str(prediction))
+    assert predicted.GetSize() == image.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2}

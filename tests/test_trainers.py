@@ -1,0 +1,404 @@
+"""The semi-supervised trainers: pure helpers, and real nnU-Net trainings on a tiny synthetic dataset.
+
+The integration fixture plans and preprocesses a 2-labelled-case dataset with nnU-Net's own Python entry
+points, fakes the `_unlabeled` and `_pseudolabels` folders by copying preprocessed labelled cases under
+unlabelled case ids, and writes very short subclasses of our trainers into a temporary folder that
+`nnUNet_extTrainer` points to, next to our trainers folder: exactly what a user does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nnunet_sam.demo.nnunet_setup import plan_and_preprocess, spawn_pools_in_threads, write_short_trainers
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.semi_supervised import (SemiSupervisedLoss, StepContext, concat_batches, ema_alpha,
+                                               probabilities_fn, rampup_weight, slice_outputs, split_batch_size,
+                                               teacher_noise, unwrap_model, update_ema)
+
+DATASET = "Dataset990_SyntheticCT"
+CONFIGURATION = "3d_fullres"
+SHORT = {"nnUNetTrainerSAMPseudo": "nnUNetTrainerSAMPseudoShort",
+         "nnUNetTrainerMeanTeacher": "nnUNetTrainerMeanTeacherShort",
+         "nnUNetTrainerSAMPseudoMeanTeacher": "nnUNetTrainerSAMPseudoMeanTeacherShort"}
+EPOCHS, ITERATIONS = 1, 2  # per short training: the teacher differs from the student from step 2 on
+FOLD = {"nnUNetTrainerSAMPseudoShort": "all", "nnUNetTrainerMeanTeacherShort": 0,
+        "nnUNetTrainerSAMPseudoMeanTeacherShort": 0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_size, fraction, expected", [(2, 0.5, (1, 1)), (1, 0.5, (1, 1)), (5, 0.5, (3, 2)),
+                                                            (4, 0.75, (3, 1)), (4, 1.0, (4, 1)), (8, 0.3, (3, 5))])
+def test_split_batch_size(batch_size, fraction, expected):
+    assert split_batch_size(batch_size, fraction) == expected
+
+
+def test_rampup_weight():
+    assert rampup_weight(0.1, 0, 10) == pytest.approx(0.1 * math.exp(-5))
+    assert rampup_weight(0.1, 5, 10) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert rampup_weight(0.1, 10, 10) == pytest.approx(0.1)
+    assert rampup_weight(0.1, 25, 10) == pytest.approx(0.1)
+    assert rampup_weight(0.1, 3, 0) == pytest.approx(0.1)
+    values = [rampup_weight(1.0, e, 10) for e in range(11)]
+    assert values == sorted(values)
+
+
+def test_ema_alpha():
+    assert ema_alpha(0, 0.99) == 0.0
+    assert ema_alpha(1, 0.99) == pytest.approx(0.5)
+    assert ema_alpha(9, 0.99) == pytest.approx(0.9)
+    assert ema_alpha(10_000, 0.99) == pytest.approx(0.99)
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
+
+
+def test_update_ema_blends_parameters_and_copies_buffers():
+    torch.manual_seed(0)
+    teacher, student = _small_net(), _small_net()
+    student[1].running_mean.fill_(3.0)
+    before_t = [p.detach().clone() for p in teacher.parameters()]
+    before_s = [p.detach().clone() for p in student.parameters()]
+    update_ema(teacher, student, 0.9)
+    for t, t0, s0 in zip(teacher.parameters(), before_t, before_s):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s0)
+    torch.testing.assert_close(teacher[1].running_mean, torch.full((2,), 3.0))
+    update_ema(teacher, student, ema_alpha(0, 0.99))  # the first step copies the student
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(t, s)
+
+
+def test_teacher_noise_is_clamped():
+    torch.manual_seed(0)
+    data = torch.zeros(4, 1, 8, 8, 8)
+    noisy = teacher_noise(data, 1.0, 0.2)
+    assert noisy.abs().max() <= 0.2 + 1e-6 and noisy.std() > 0.1
+    assert teacher_noise(data, 0.0, 0.2) is data
+
+
+def test_slicing_and_concatenating_deep_supervision_batches():
+    a = {"data": torch.zeros(1, 1, 4, 4, 4), "target": [torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 2, 2, 2)],
+         "keys": ["lab"]}
+    b = {"data": torch.ones(2, 1, 4, 4, 4), "target": [torch.ones(2, 1, 4, 4, 4), torch.ones(2, 1, 2, 2, 2)],
+         "keys": ["x", "y"]}
+    merged = concat_batches(a, b)
+    assert merged["keys"] == ["lab", "x", "y"] and merged["data"].shape[0] == 3
+    assert [t.shape[0] for t in merged["target"]] == [3, 3]
+    extra = slice_outputs(merged["target"], slice(1, None))
+    assert [t.shape for t in extra] == [(2, 1, 4, 4, 4), (2, 1, 2, 2, 2)] and all(t.min() == 1 for t in extra)
+    assert slice_outputs(merged["data"], slice(0, 1)).max() == 0
+
+
+class _RecordingLoss:
+    """A supervised loss that returns the mean of the target's first element and records batch sizes."""
+
+    def __init__(self):
+        self.batch_sizes = []
+
+    def __call__(self, output, target):
+        self.batch_sizes.append(output[0].shape[0])
+        return target[0].float().mean() + 0.0 * output[0].sum()
+
+
+def _outputs(batch: int) -> list[torch.Tensor]:
+    return [torch.randn(batch, 3, 4, 4, 4, requires_grad=True), torch.randn(batch, 3, 2, 2, 2)]
+
+
+def test_loss_without_step_is_the_plain_loss():
+    supervised = _RecordingLoss()
+    loss = SemiSupervisedLoss(supervised, probabilities_fn(False), extra_weight=0.5)
+    target = [torch.full((3, 1, 4, 4, 4), 2.0), torch.full((3, 1, 2, 2, 2), 2.0)]
+    assert loss(_outputs(3), target).item() == pytest.approx(2.0)
+    assert supervised.batch_sizes == [3]
+
+
+def test_loss_weights_labelled_pseudo_and_consistency_parts():
+    supervised = _RecordingLoss()
+    loss = SemiSupervisedLoss(supervised, probabilities_fn(False), extra_weight=0.5)
+    target = [torch.cat((torch.full((1, 1, 4, 4, 4), 1.0), torch.full((2, 1, 4, 4, 4), 3.0))),
+              torch.zeros(3, 1, 2, 2, 2)]
+    output = _outputs(3)
+    teacher = torch.softmax(torch.randn(2, 3, 4, 4, 4), 1)
+    loss.step = StepContext(n_labelled=1, teacher_probabilities=teacher, consistency_weight=0.1)
+    value = loss(output, target)
+    consistency = torch.mean((torch.softmax(output[0][1:], 1) - teacher) ** 2)
+    assert value.item() == pytest.approx(1.0 + 0.5 * 3.0 + 0.1 * consistency.item(), rel=1e-5)
+    assert supervised.batch_sizes == [1, 2]
+    value.backward()  # the consistency term trains the student on the extra samples only
+    assert output[0].grad[1:].abs().sum() > 0 and output[0].grad[:1].abs().sum() == 0
+
+
+def test_loss_never_supervises_unlabelled_cases():
+    supervised = _RecordingLoss()
+    loss = SemiSupervisedLoss(supervised, probabilities_fn(False), extra_weight=0.0)
+    loss.step = StepContext(n_labelled=2, teacher_probabilities=torch.full((1, 3, 4, 4, 4), 1 / 3),
+                            consistency_weight=0.1)
+    loss(_outputs(3), [torch.zeros(3, 1, 4, 4, 4), torch.zeros(3, 1, 2, 2, 2)])
+    assert supervised.batch_sizes == [2]
+
+
+def test_probabilities_are_per_sample():
+    logits = torch.randn(2, 3, 4, 4, 4)
+    torch.testing.assert_close(probabilities_fn(False)(logits).sum(1), torch.ones(2, 4, 4, 4))
+    torch.testing.assert_close(probabilities_fn(True)(logits), torch.sigmoid(logits))
+
+
+def test_unwrap_compiled_model():
+    net = _small_net()
+    assert unwrap_model(torch.compile(net)) is net and unwrap_model(net) is net
+
+
+@pytest.mark.parametrize("name", SHORT)
+def test_nnunet_finds_our_trainers(name, monkeypatch, capsys):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_sam.cli.trainer_dir import main
+    from nnunet_sam.nnunet.semi_supervised import SemiSupervisedTrainer
+
+    main()  # nnsam_trainer_dir
+    folder = capsys.readouterr().out.strip()
+    assert Path(folder).is_absolute() and (Path(folder) / f"{name}.py").is_file()
+    monkeypatch.setenv("nnUNet_extTrainer", folder)
+    trainer_class = recursive_find_trainer_class_by_name(name)
+    assert trainer_class.__name__ == name and issubclass(trainer_class, SemiSupervisedTrainer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Integration: real nnU-Net planning, preprocessing and trainings
+# ---------------------------------------------------------------------------------------------------
+
+def fake_extra_cases(data_folder: Path, case_ids: dict[str, str]) -> None:
+    """Copy preprocessed labelled cases (`case_ids`: labelled id -> new id) into the `_unlabeled` folder
+    (placeholder labels, no class locations) and the `_pseudolabels` folder (their labels as pseudo
+    labels): the layout of nnsam_preprocess_unlabeled and nnsam_refine -d."""
+    import blosc2
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
+
+    from nnunet_sam.nnunet.datasets import pseudo_label_folder, unlabeled_folder
+
+    unlabeled, pseudo = unlabeled_folder(data_folder), pseudo_label_folder(data_folder)
+    unlabeled.mkdir(exist_ok=True)
+    pseudo.mkdir(exist_ok=True)
+    for source, target in case_ids.items():
+        shutil.copy(data_folder / f"{source}.b2nd", unlabeled / f"{target}.b2nd")
+        seg = blosc2.open(str(data_folder / f"{source}_seg.b2nd"), mode="r")[:]
+        blosc2.asarray(np.where(seg < 0, -1, 0).astype(np.int16), urlpath=str(unlabeled / f"{target}_seg.b2nd"),
+                       mode="w")
+        properties = load_pickle(str(data_folder / f"{source}.pkl"))
+        write_pickle({**properties, "class_locations": {}}, str(unlabeled / f"{target}.pkl"))
+        shutil.copy(data_folder / f"{source}_seg.b2nd", pseudo / f"{target}_seg.b2nd")
+        shutil.copy(data_folder / f"{source}.pkl", pseudo / f"{target}.pkl")
+
+
+def prepare_dataset(root: Path, trainer_folder: Path, epochs: int = 2, iterations: int = 2,
+                    shape: tuple[int, int, int] = (32, 48, 48)) -> dict[str, str]:
+    """The whole set-up under `root` (also used by benchmarks/train_speed.py); returns the environment
+    variables it needs, which it also sets."""
+    from nnunet_sam.cli.trainer_dir import trainer_dir
+    from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results"),
+           "nnUNet_extTrainer": os.pathsep.join((str(trainer_folder), str(trainer_dir())))}
+    os.environ.update(env)
+    spec = SyntheticDatasetSpec(labelled=2, unlabelled=2, test=0, shape=shape)
+    write_synthetic_dataset(root / "raw", spec)
+    plan_and_preprocess(spec.dataset_id)
+    preprocessed = root / "preprocessed" / DATASET
+    labelled = ["syntheticctTr_000", "syntheticctTr_001"]
+    save_json([{"train": [labelled[0]], "val": [labelled[1]]}, {"train": [labelled[1]], "val": [labelled[0]]}],
+              str(preprocessed / "splits_final.json"))
+    fake_extra_cases(preprocessed / "nnUNetPlans_3d_fullres",
+                     {labelled[0]: "syntheticctUn_000", labelled[1]: "syntheticctUn_001"})
+    write_short_trainers(trainer_folder, epochs, iterations)
+    return env
+
+
+def make_trainer(name: str, fold, continue_training: bool = False):
+    """What nnUNetv2_train does before training: find the trainer class through nnUNet_extTrainer."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    return get_trainer_from_args(DATASET, CONFIGURATION, fold, name, continue_training=continue_training,
+                                 device=torch.device("cpu"))
+
+
+@contextmanager
+def environment(variables: dict[str, str]):
+    """Set environment variables for the duration of the block; the whole environment is restored."""
+    saved = dict(os.environ)
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def nnunet_data(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The prepared dataset's root and nnU-Net environment variables (set only while they are needed:
+    other test modules have nnU-Net datasets of their own)."""
+    root = tmp_path_factory.mktemp("nnunet_trainers")
+    start = time.perf_counter()
+    with environment({}):
+        env = prepare_dataset(root, root / "ext_trainers", EPOCHS, ITERATIONS)
+    print(f"\nsynthetic dataset, planning and preprocessing: {time.perf_counter() - start:.1f} s")
+    return root, env
+
+
+@pytest.fixture
+def nnunet_env(nnunet_data, monkeypatch) -> Path:
+    """nnU-Net's environment variables point at the prepared dataset during the test."""
+    root, env = nnunet_data
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(nnunet_data):
+    """Each short trainer trained once, as nnUNetv2_train does."""
+    trainers = {}
+    with environment(nnunet_data[1]):
+        for name in SHORT.values():
+            trainer = make_trainer(name, FOLD[name])
+            trainer.run_training()
+            trainers[name] = trainer
+    return trainers
+
+
+def _checkpoint(trainer, name="checkpoint_final.pth") -> dict:
+    return torch.load(os.path.join(trainer.output_folder, name), map_location="cpu", weights_only=False)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+@pytest.mark.parametrize("name", SHORT.values())
+def test_trainer_trains_and_saves(nnunet_env, trained, name):
+    trainer = trained[name]
+    checkpoint = _checkpoint(trainer)
+    assert checkpoint["trainer_name"] == name and checkpoint["current_epoch"] == EPOCHS
+    assert {"network_weights", "optimizer_state", "logging", "init_args",
+            "inference_allowed_mirroring_axes"} <= checkpoint.keys()
+    assert not os.path.exists(os.path.join(trainer.output_folder, "checkpoint_latest.pth"))
+    assert not [p for p in os.listdir(trainer.output_folder) if p.startswith(".nnsam-tmp")]
+    losses = trainer.logger.get_value("train_losses", step=None)
+    assert len(losses) == EPOCHS and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerMeanTeacherShort", "nnUNetTrainerSAMPseudoMeanTeacherShort"])
+def test_mean_teacher_checkpoint_holds_teacher_and_student(nnunet_env, trained, name):
+    trainer = trained[name]
+    checkpoint = _checkpoint(trainer)
+    assert _same(checkpoint["network_weights"], trainer.teacher.state_dict())
+    assert _same(checkpoint["student_weights"], unwrap_model(trainer.network).state_dict())
+    assert not _same(checkpoint["network_weights"], checkpoint["student_weights"])
+
+
+def test_pseudo_trainer_has_no_teacher(nnunet_env, trained):
+    trainer = trained["nnUNetTrainerSAMPseudoShort"]
+    assert trainer.teacher is None and "student_weights" not in _checkpoint(trainer)
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerSAMPseudoShort", "nnUNetTrainerSAMPseudoMeanTeacherShort"])
+def test_pseudo_cases_only_train(nnunet_env, trained, name):
+    trainer = trained[name]
+    pseudo = {"syntheticctUn_000", "syntheticctUn_001"}
+    tr_keys, val_keys = trainer.do_split()
+    assert not pseudo & set(val_keys) and not pseudo & set(tr_keys)
+    assert not pseudo & set(trainer.dataloader_val.generator._data.identifiers)
+    assert set(trainer.dataloader_extra.generator._data.identifiers) == pseudo
+    if trainer.fold == 0:
+        assert val_keys == ["syntheticctTr_001"]
+
+
+def test_validation_uses_teacher_and_restores_student(nnunet_env, trained):
+    trainer = trained["nnUNetTrainerMeanTeacherShort"]
+    student = {k: v.clone() for k, v in unwrap_model(trainer.network).state_dict().items()}
+    trainer.use_teacher_weights()
+    assert _same(unwrap_model(trainer.network).state_dict(), trainer.teacher.state_dict())
+    trainer.restore_student_weights()
+    assert _same(unwrap_model(trainer.network).state_dict(), student)
+
+
+def test_final_validation_with_teacher(nnunet_env, trained):
+    trainer = trained["nnUNetTrainerMeanTeacherShort"]
+    student = {k: v.clone() for k, v in unwrap_model(trainer.network).state_dict().items()}
+    trainer.inference_allowed_mirroring_axes = None  # no test-time mirroring: 8x fewer forward passes
+    with spawn_pools_in_threads():
+        trainer.perform_actual_validation()
+    assert os.path.isfile(os.path.join(trainer.output_folder, "validation", "summary.json"))
+    assert os.path.isfile(os.path.join(trainer.output_folder, "validation", "syntheticctTr_001.nii.gz"))
+    assert _same(unwrap_model(trainer.network).state_dict(), student)
+
+
+@pytest.mark.parametrize("name, folder, command", [
+    ("nnUNetTrainerSAMPseudoShort", "nnUNetPlans_3d_fullres_pseudolabels",
+     f"nnsam_refine -d {DATASET} -c 3d_fullres -f FOLD"),
+    ("nnUNetTrainerMeanTeacherShort", "nnUNetPlans_3d_fullres_unlabeled",
+     f"nnsam_preprocess_unlabeled -d {DATASET} -c 3d_fullres"),
+])
+def test_missing_extra_cases_give_the_command(nnunet_env, trained, name, folder, command):
+    path = nnunet_env / "preprocessed" / DATASET / folder
+    hidden = path.with_name(folder + "_hidden")
+    path.rename(hidden)
+    try:
+        trainer = make_trainer(name, 0)
+        with pytest.raises(NnsamError, match=re.escape(command) + "$") as error:
+            trainer.on_train_start()
+        assert str(path) in str(error.value)
+        assert trainer.dataloader_train is None and not trainer.was_initialized
+    finally:
+        hidden.rename(path)
+
+
+def test_mean_teacher_resumes_exactly(nnunet_env, trained):
+    name = "nnUNetTrainerMeanTeacherShort"
+    path = os.path.join(trained[name].output_folder, "checkpoint_final.pth")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    trainer = make_trainer(name, FOLD[name], continue_training=True)
+    trainer.num_epochs += 1  # one more epoch than the finished training
+    trainer.load_checkpoint(path)  # what --c does
+    assert trainer.current_epoch == EPOCHS
+    assert _same(unwrap_model(trainer.network).state_dict(), saved["student_weights"])
+    assert _same(trainer.teacher.state_dict(), saved["network_weights"])
+    trainer.run_training()
+    resumed = _checkpoint(trainer)
+    assert resumed["current_epoch"] == EPOCHS + 1
+    assert not _same(resumed["network_weights"], saved["network_weights"])
+    assert not _same(resumed["student_weights"], saved["student_weights"])
+
+
+def test_predict_uses_the_teacher(nnunet_env, trained):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    trainer = trained["nnUNetTrainerSAMPseudoMeanTeacherShort"]
+    checkpoint = _checkpoint(trainer)
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(trainer.output_folder_base, use_folds=(0,))
+    assert _same(predictor.network.state_dict(), checkpoint["network_weights"])
+    assert not _same(predictor.network.state_dict(), checkpoint["student_weights"])
+    image = nnunet_env / "raw" / DATASET / "imagesUnlabeled" / "syntheticctUn_000_0000.nii.gz"
+    data, properties = SimpleITKIO().read_images([str(image)])
+    segmentation = predictor.predict_single_npy_array(data, properties)
+    assert segmentation.shape == data.shape[1:]
+    assert set(np.unique(segmentation)) <= {0, 1, 2}
