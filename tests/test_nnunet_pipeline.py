@@ -179,3 +179,33 @@ def test_our_trainers_train_on_pseudo_labels_and_predict(planned_dataset, pseudo
     predicted = sitk.ReadImage(str(prediction))
     assert predicted.GetSize() == image.GetSize()
     assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2}
+
+
+def test_pseudo_labels_that_no_longer_fit_their_images_are_refused(planned_dataset, pseudo_labels, tmp_path):
+    from nnunet_sam.errors import NnsamError
+    from nnunet_sam.nnunet.datasets import open_pseudo_label_dataset
+
+    folder, _ = pseudo_labels
+    data = tmp_path / DATA_ID  # a copy: the session's dataset stays as it is
+    shutil.copytree(folder.parent / f"{DATA_ID}_unlabeled", tmp_path / f"{DATA_ID}_unlabeled")
+    shutil.copytree(folder, tmp_path / f"{DATA_ID}_pseudolabels")
+    assert len(open_pseudo_label_dataset(data, "nnsam_refine -d X").identifiers) == 2
+    seg_file = tmp_path / f"{DATA_ID}_pseudolabels" / "pipelinetestUn_001_seg.b2nd"
+    cropped = blosc2.open(str(seg_file))[:, :, :-2]
+    seg_file.unlink()
+    blosc2.asarray(np.ascontiguousarray(cropped), urlpath=str(seg_file))
+    with pytest.raises(NnsamError, match="pipelinetestUn_001 has shape .* make new pseudo labels: nnsam_refine"):
+        open_pseudo_label_dataset(data, "nnsam_refine -d X")
+
+
+def test_continue_redoes_cases_made_by_another_model(planned_dataset, pseudo_labels):
+    """A re-run with another initial model, resumed with --continue, never keeps the old model's labels."""
+    from nnunet_sam.nnunet.predict import ModelChoice
+    from nnunet_sam.nnunet.refine_dataset import DatasetJob, _case_done, plan_dataset_job
+
+    same = plan_dataset_job(DatasetJob(dataset=str(planned_dataset.dataset_id), resume=True,
+                                       model=ModelChoice("nnUNetTrainerShort", ("0",), tta=False)))
+    other = plan_dataset_job(DatasetJob(dataset=str(planned_dataset.dataset_id), resume=True,
+                                        model=ModelChoice("nnUNetTrainerShort", ("0",), tta=True)))
+    assert all(_case_done(same, c) for c in same.cases)
+    assert not any(_case_done(other, c) for c in other.cases)

@@ -34,8 +34,8 @@ def _body(args: argparse.Namespace) -> None:
         raise SystemExit("nnsam_preprocess_unlabeled: error: -np must be at least 1")
     for configuration in args.c:
         folders = dataset_folders(args.d, configuration, args.p)
+        ensure_few_label_splits(folders)
         preprocess_unlabeled(folders, num_processes=args.np, overwrite=args.overwrite)
-    ensure_few_label_splits(folders)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

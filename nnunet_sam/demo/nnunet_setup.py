@@ -26,19 +26,19 @@ def _shorten(trainer):
 '''
 SHORT_CLASS = '''
 
-class {name}Short({name}):
+class {name}{suffix}({name}):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _shorten(self)
 '''
 
 
-def write_short_trainers(folder: Path, epochs: int = 2, iterations: int = 2) -> None:
-    """`folder/short_trainers.py` with `<Name>Short` for nnU-Net's trainer and ours."""
+def write_short_trainers(folder: Path, epochs: int = 2, iterations: int = 2, suffix: str = "Short") -> None:
+    """`folder/<suffix lower-case>_trainers.py` with `<Name><suffix>` for nnU-Net's trainer and ours."""
     folder.mkdir(parents=True, exist_ok=True)
     text = SHORT_TRAINERS.format(epochs=epochs, iterations=iterations)
-    text += "".join(SHORT_CLASS.format(name=n) for n in ("nnUNetTrainer", *OUR_TRAINERS))
-    (folder / "short_trainers.py").write_text(text)
+    text += "".join(SHORT_CLASS.format(name=n, suffix=suffix) for n in ("nnUNetTrainer", *OUR_TRAINERS))
+    (folder / f"{suffix.lower()}_trainers.py").write_text(text)
 
 
 @contextmanager

@@ -64,6 +64,11 @@ class DatasetFolders:
     data_identifier: str
 
     @property
+    def dataset_id(self) -> int:
+        """The number in DatasetXXX_Name: what nnU-Net's commands take as -d."""
+        return int(self.name[len("Dataset"):len("Dataset") + 3])
+
+    @property
     def plans_file(self) -> Path:
         return self.preprocessed / f"{self.plans_identifier}.json"
 
@@ -112,7 +117,7 @@ def dataset_folders(dataset: str, configuration: str, plans_identifier: str = "n
     preprocessed = preprocessed_root / name
     plans_file = preprocessed / f"{plans_identifier}.json"
     if not plans_file.is_file():
-        raise NnsamError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset} first "
+        raise NnsamError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {int(name[7:10])} first "
                          f"(or check -p)")
     plans = load_json(str(plans_file))
     configurations = plans.get("configurations", {})
@@ -173,4 +178,10 @@ def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, comma
     if missing:
         raise NnsamError(f"pseudo label {missing[0]} in {labels} has no preprocessed image in {images}; "
                          f"rerun nnsam_preprocess_unlabeled and then nnsam_refine -d")
+    for case in cases:
+        image_shape = _open_b2nd(str(images / f"{case}.b2nd"), {}).shape[1:]
+        label_shape = _open_b2nd(str(labels / f"{case}_seg.b2nd"), {}).shape[1:]
+        if image_shape != label_shape:
+            raise NnsamError(f"pseudo label {case} has shape {label_shape} but its preprocessed image {image_shape} "
+                             f"(preprocessed again since?); make new pseudo labels: {command_hint}")
     return PseudoLabelDataset(images, labels, cases)

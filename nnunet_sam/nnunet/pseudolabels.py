@@ -11,6 +11,7 @@ from batchgenerators.utilities.file_and_folder_operations import write_pickle
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_sam.utils.atomic import TEMP_PREFIX
@@ -26,13 +27,23 @@ def as_training_seg(labels: np.ndarray, placeholder_seg: np.ndarray) -> np.ndarr
     return seg
 
 
+def oversampling_keys(label_manager: LabelManager) -> list:
+    """The `class_locations` keys nnU-Net's data loader reads: the foreground labels, and with an ignore
+    label also the 'annotated' key (-1, *all labels), exactly as nnU-Net's preprocessor collects them."""
+    keys = list(label_manager.foreground_labels)
+    if label_manager.has_ignore_label:
+        keys.append([-1] + label_manager.all_labels)
+    return keys
+
+
 def write_pseudo_label(folder: Path, case_id: str, seg: np.ndarray, properties: dict,
-                       foreground_labels: list[int], patch_size: list[int]) -> None:
+                       label_manager: LabelManager, patch_size: list[int]) -> None:
     """Write CASE_seg.b2nd and CASE.pkl (with class_locations for foreground oversampling), each
     atomically, the .pkl last so a case counts as finished only when complete."""
     folder.mkdir(parents=True, exist_ok=True)
     properties = dict(properties)
-    properties["class_locations"] = DefaultPreprocessor._sample_foreground_locations(seg, foreground_labels)
+    properties["class_locations"] = DefaultPreprocessor._sample_foreground_locations(
+        seg, oversampling_keys(label_manager))
     blocks, chunks = comp_blosc2_params(seg.shape, tuple(patch_size), seg.itemsize)
     temp = folder / f"{TEMP_PREFIX}{case_id}_seg"
     nnUNetDatasetBlosc2.save_seg(seg, str(temp), chunks_seg=chunks, blocks_seg=blocks)

@@ -7,6 +7,7 @@ image, and the pseudo label is written where the trainers read it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,9 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
     if job.num_parts < 1 or not 0 <= job.part_id < job.num_parts:
         raise NnsamError(f"--part_id must be in 0..{job.num_parts - 1} for --num_parts {job.num_parts}")
     folders = dataset_folders(job.dataset, job.configuration, job.plans)
+    if PlansManager(folders.plans()).get_configuration(job.configuration).previous_stage_name is not None:
+        raise NnsamError(f"{job.configuration} is a cascade stage; pseudo labels need a configuration without a "
+                         f"previous stage (3d_fullres, 3d_lowres or 2d)")
     model_folder, model = resolve_model(folders, job.model)
     n_channels = len(folders.dataset_json()["channel_names"])
     if not 0 <= job.channel < n_channels:
@@ -130,10 +134,10 @@ class _CaseRefiner:
         result = self.refiner.refine(data[job.channel], initial, self.spacing(properties), probabilities=probabilities,
                                      labels=self.label_manager.foreground_labels, progress=True)
         seg = as_training_seg(result.mask, placeholder[:])
-        write_pseudo_label(folders.pseudo_labels, case_id, seg, properties, self.label_manager.foreground_labels,
+        write_pseudo_label(folders.pseudo_labels, case_id, seg, properties, self.label_manager,
                            self.configuration_manager.patch_size)
         truth = self.truth(case_id) if job.gt_dir is not None else None
-        report = {"case": case_id, "axis": result.axis, "slices_encoded": result.slices_encoded,
+        report = {"case": case_id, "initial_model": self.plan.model.to_dict(self.plan.model_folder), "axis": result.axis, "slices_encoded": result.slices_encoded,
                   "classes": class_rows(case_id, result, initial, truth)}
         if job.export_dir is not None:
             job.export_dir.mkdir(exist_ok=True)
@@ -149,9 +153,27 @@ class _CaseRefiner:
         return report
 
 
-def _case_done(folders: DatasetFolders, case_id: str) -> bool:
-    return (folders.pseudo_labels / f"{case_id}.pkl").is_file() and \
-        case_report_path(folders.pseudo_labels, case_id).is_file()
+def _case_done(plan: DatasetPlan, case_id: str) -> bool:
+    """Finished by a run with the same initial model (a resumed re-run never mixes two models)."""
+    folders = plan.folders
+    report = case_report_path(folders.pseudo_labels, case_id)
+    if not ((folders.pseudo_labels / f"{case_id}.pkl").is_file() and report.is_file()):
+        return False
+    return json.loads(report.read_text()).get("initial_model") == plan.model.to_dict(plan.model_folder)
+
+
+def remove_orphans(plan: DatasetPlan) -> None:
+    """Pseudo labels (and preprocessed images) of cases no longer in imagesUnlabeled/ would still be
+    trained on: remove them (they are our outputs, never user files), saying so."""
+    folders = plan.folders
+    current = set(plan.cases)
+    for folder in (folders.pseudo_labels, folders.unlabeled_data):
+        for case_id in sorted(set(finished_cases(folder)) - current):
+            logger.warning("%s is no longer in %s: removing its files from %s", case_id, folders.unlabeled_images,
+                           folder)
+            for part in (f"{case_id}.pkl", f"{case_id}.b2nd", f"{case_id}_seg.b2nd"):
+                (folder / part).unlink(missing_ok=True)
+            case_report_path(folder, case_id).unlink(missing_ok=True)
 
 
 def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> dict:
@@ -163,7 +185,8 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     folders.pseudo_labels.mkdir(parents=True, exist_ok=True)
     mine = plan.cases[job.part_id::job.num_parts]
     remove_stale_temporaries(folders.pseudo_labels, mine)
-    todo = [c for c in mine if not (job.resume and _case_done(folders, c))]
+    remove_orphans(plan)
+    todo = [c for c in mine if not (job.resume and _case_done(plan, c))]
     if len(todo) < len(mine):
         logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))
     refine_case = _CaseRefiner(plan, refiner, initial)

@@ -228,6 +228,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def open_extra_dataset(self):
         """The extra stream's cases; NnsamError naming the command that makes them when there are none."""
         dataset, configuration = self.plans_manager.dataset_name, self.configuration_name
+        if self.plans_manager.plans_name != "nnUNetPlans":
+            configuration += f" -p {self.plans_manager.plans_name}"
         if self.extra_stream == "pseudo":
             return open_pseudo_label_dataset(self.preprocessed_dataset_folder,
                                              f"nnsam_refine -d {dataset} -c {configuration} -f FOLD")
@@ -384,6 +386,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         """nnU-Net's loading (pass a path: dict loading is broken in nnU-Net 2.8.1); with a teacher, the
         teacher gets `network_weights` and the student `student_weights`."""
+        if isinstance(filename_or_checkpoint, os.PathLike):
+            filename_or_checkpoint = os.fspath(filename_or_checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
         if self.teacher is None:
             return

@@ -102,9 +102,8 @@ def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
     """Delete what an interrupted run left under temporary names for these cases (only these: other
     processes of a split run may be writing theirs)."""
     for case_id in case_ids:
-        for pattern in (f"{TEMP_PREFIX}{case_id}.*", f"{TEMP_PREFIX}{case_id}_seg.*"):
-            for path in folder.glob(pattern):
-                path.unlink(missing_ok=True)
+        for part in _PREPROCESSED_PARTS:
+            (folder / f"{TEMP_PREFIX}{case_id}{part}").unlink(missing_ok=True)
 
 
 def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,
@@ -116,7 +115,7 @@ def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwr
         cases = [c for c in cases if c.case_id in set(case_ids)]
     if not folders.data_folder.is_dir():
         raise NnsamError(f"{folders.data_folder} not found: the labelled cases are not preprocessed for "
-                         f"{folders.configuration}; run nnUNetv2_preprocess -d {folders.name} -c "
+                         f"{folders.configuration}; run nnUNetv2_preprocess -d {folders.dataset_id} -c "
                          f"{folders.configuration} -plans_name {folders.plans_identifier}")
     out_dir = folders.unlabeled_data
     out_dir.mkdir(parents=True, exist_ok=True)

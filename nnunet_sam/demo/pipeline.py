@@ -1,0 +1,184 @@
+"""The whole method on a synthetic dataset, with the stock commands' Python entry points: plan and
+preprocess, a short baseline, nnsam_preprocess_unlabeled, nnsam_refine -d with LiteMedSAM, short
+SAM-pseudo (and Mean Teacher) trainings, prediction of held-out test cases, evaluation, report.
+
+Each stage stores its result in `DIR/stages/<stage>.json` when it finishes; a re-run into the same
+folder skips finished stages (an interrupted training continues from its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
+from nnunet_sam.demo.nnunet_setup import plan_and_preprocess, spawn_pools_in_threads, write_short_trainers
+from nnunet_sam.utils.atomic import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CONFIGURATION = "3d_fullres"
+FOLD = "all"  # 2 labelled cases: train on both; the held-out test cases measure the models
+SUFFIX = "Demo"  # the demo's trainers are nnU-Net-style short variants: nnUNetTrainerDemo, ...
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    iterations: int  # per epoch
+
+
+def schedule_for(device: torch.device, quick: bool) -> Schedule:
+    """Training length: fits the time budget on 2 CPU cores; longer on a GPU."""
+    if device.type == "cuda":
+        return Schedule(epochs=20 if quick else 50, iterations=25 if quick else 50)
+    return Schedule(epochs=3 if quick else 8, iterations=8 if quick else 10)
+
+
+def dataset_spec(quick: bool) -> SyntheticDatasetSpec:
+    return SyntheticDatasetSpec(dataset_id=987, name="NnsamDemo", labelled=2, unlabelled=3 if quick else 6,
+                                test=2 if quick else 3, organs=3, shape=(32, 64, 64), seed=3)
+
+
+def trainers(quick: bool) -> dict[str, str]:
+    """Model name in the report -> trainer class the demo trains."""
+    names = {"baseline": f"nnUNetTrainer{SUFFIX}", "SAM pseudo": f"nnUNetTrainerSAMPseudo{SUFFIX}"}
+    if not quick:
+        names["Mean Teacher"] = f"nnUNetTrainerMeanTeacher{SUFFIX}"
+    return names
+
+
+class Demo:
+    """The demo's stages in order; `run()` does those not finished yet."""
+
+    def __init__(self, out: Path, device: torch.device, quick: bool = False) -> None:
+        self.out, self.device, self.quick = out.resolve(), device, quick
+        self.spec = dataset_spec(quick)
+        self.schedule = schedule_for(device, quick)
+        self.raw = self.out / "nnUNet_raw" / self.spec.folder_name
+        self.stages = self.out / "stages"
+
+    # --- stage bookkeeping ----------------------------------------------------------------------------
+
+    def _set_environment(self) -> None:
+        from nnunet_sam.cli.trainer_dir import trainer_dir
+
+        os.environ.update({"nnUNet_raw": str(self.out / "nnUNet_raw"),
+                           "nnUNet_preprocessed": str(self.out / "nnUNet_preprocessed"),
+                           "nnUNet_results": str(self.out / "nnUNet_results"),
+                           "nnUNet_extTrainer": os.pathsep.join([str(self.out / "trainers"), str(trainer_dir())])})
+        if self.device.type == "cpu":
+            os.environ.setdefault("nnUNet_n_proc_DA", "1")
+        os.environ.setdefault("nnUNet_def_n_proc", "2")
+
+    def _stage(self, name: str, work: Callable[[], dict]) -> dict:
+        path = self.stages / f"{name}.json"
+        if path.is_file():
+            import json
+
+            logger.info("stage %s: done before, skipped", name)
+            return json.loads(path.read_text())
+        logger.info("stage %s ...", name)
+        started = time.perf_counter()
+        result = {**work(), "seconds": round(time.perf_counter() - started, 1)}
+        self.stages.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(result, path)
+        logger.info("stage %s done in %.0f s", name, result["seconds"])
+        return result
+
+    # --- stages ---------------------------------------------------------------------------------------
+
+    def make_dataset(self) -> dict:
+        if self.raw.exists():
+            shutil.rmtree(self.raw)  # a half-written dataset from an interrupted run
+        write_synthetic_dataset(self.out / "nnUNet_raw", self.spec)
+        write_short_trainers(self.out / "trainers", self.schedule.epochs, self.schedule.iterations, SUFFIX)
+        return {"spec": asdict(self.spec), "schedule": asdict(self.schedule)}
+
+    def plan(self) -> dict:
+        plan_and_preprocess(self.spec.dataset_id, (CONFIGURATION,))
+        return {}
+
+    def preprocess_unlabeled(self) -> dict:
+        from nnunet_sam.nnunet.datasets import dataset_folders
+        from nnunet_sam.nnunet.unlabeled import preprocess_unlabeled
+
+        cases = preprocess_unlabeled(dataset_folders(str(self.spec.dataset_id), CONFIGURATION), overwrite=True)
+        return {"cases": len(cases)}
+
+    def train(self, trainer: str) -> dict:
+        from nnunetv2.run.run_training import run_training
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        fold_dir = Path(get_output_folder(self.spec.dataset_id, trainer, "nnUNetPlans", CONFIGURATION, FOLD))
+        resume = (fold_dir / "checkpoint_latest.pth").is_file()
+        with spawn_pools_in_threads():  # the final validation's export pools: no process start-up
+            run_training(str(self.spec.dataset_id), CONFIGURATION, FOLD, trainer, continue_training=resume,
+                         device=self.device)
+        return {"trainer": trainer, "folder": str(fold_dir)}
+
+    def refine(self) -> dict:
+        from nnunet_sam.nnunet.predict import InitialModel, ModelChoice
+        from nnunet_sam.nnunet.refine_dataset import DatasetJob, plan_dataset_job, refine_dataset
+        from nnunet_sam.sam import SamRefiner, load_sam
+
+        job = DatasetJob(dataset=str(self.spec.dataset_id), configuration=CONFIGURATION,
+                         model=ModelChoice(trainer=trainers(self.quick)["baseline"], folds=(FOLD,), tta=False),
+                         gt_dir=self.raw / "labelsUnlabeledTruth", overlays=True)
+        plan = plan_dataset_job(job)
+        report = refine_dataset(plan, SamRefiner(load_sam("litemedsam", None, self.device)),
+                                InitialModel(plan.model_folder, plan.model, self.device))
+        overlays = self.out / "overlays"
+        overlays.mkdir(exist_ok=True)
+        for png in sorted((plan.folders.pseudo_labels / "overlays").glob("*.png")):
+            shutil.copy(png, overlays / f"pseudo_label_{png.name}")
+        return {"summary": report["summary"], "slices_encoded": sum(c["slices_encoded"] for c in report["cases"])}
+
+    def evaluate(self, trainer: str) -> dict:
+        """Predict the test cases (nnUNetv2_predict's predictor) and compute Dice (nnU-Net's evaluation)."""
+        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        predictions = self.out / "predictions" / trainer
+        predictions.mkdir(parents=True, exist_ok=True)
+        predictor = nnUNetPredictor(use_mirroring=True, perform_everything_on_device=self.device.type == "cuda",
+                                    device=self.device, verbose=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(
+            get_output_folder(self.spec.dataset_id, trainer, "nnUNetPlans", CONFIGURATION), (FOLD,))
+        predictor.predict_from_files_sequential(str(self.raw / "imagesTs"), str(predictions))
+        labels = list(range(1, self.spec.organs + 1))
+        with spawn_pools_in_threads():
+            metrics = compute_metrics_on_folder(str(self.raw / "labelsTs"), str(predictions),
+                                                str(predictions / "summary.json"), SimpleITKIO(), ".nii.gz",
+                                                labels, num_processes=1)
+        dice = {str(k): float(v["Dice"]) for k, v in metrics["mean"].items()}
+        return {"trainer": trainer, "dice": dice, "mean_dice": float(metrics["foreground_mean"]["Dice"])}
+
+    # --- the whole run --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Do every stage not finished yet; return all stage results by name."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._set_environment()
+        results = {"dataset": self._stage("dataset", self.make_dataset),
+                   "plan": self._stage("plan", self.plan),
+                   "unlabeled": self._stage("unlabeled", self.preprocess_unlabeled)}
+        models = trainers(self.quick)
+        results["train baseline"] = self._stage("train_baseline", lambda: self.train(models["baseline"]))
+        results["refine"] = self._stage("refine", self.refine)
+        for name, trainer in models.items():
+            if name != "baseline":
+                key = f"train_{trainer}"
+                results[f"train {name}"] = self._stage(key, lambda t=trainer: self.train(t))
+        for name, trainer in models.items():
+            results[f"evaluate {name}"] = self._stage(f"evaluate_{trainer}", lambda t=trainer: self.evaluate(t))
+        return results
