@@ -39,12 +39,12 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     """Training length: fits the time budget on 2 CPU cores; longer on a GPU."""
     if device.type == "cuda":
         return Schedule(epochs=20 if quick else 50, iterations=25 if quick else 50)
-    return Schedule(epochs=3 if quick else 8, iterations=8 if quick else 10)
+    return Schedule(epochs=4 if quick else 10, iterations=10)
 
 
 def dataset_spec(quick: bool) -> SyntheticDatasetSpec:
     return SyntheticDatasetSpec(dataset_id=987, name="NnsamDemo", labelled=2, unlabelled=3 if quick else 6,
-                                test=2 if quick else 3, organs=3, shape=(32, 64, 64), seed=3)
+                                test=2 if quick else 3, organs=3, shape=(32, 48, 48), seed=3)
 
 
 def trainers(quick: bool) -> dict[str, str]:
@@ -58,10 +58,11 @@ def trainers(quick: bool) -> dict[str, str]:
 class Demo:
     """The demo's stages in order; `run()` does those not finished yet."""
 
-    def __init__(self, out: Path, device: torch.device, quick: bool = False) -> None:
+    def __init__(self, out: Path, device: torch.device, quick: bool = False,
+                 spec: SyntheticDatasetSpec | None = None, schedule: Schedule | None = None) -> None:
         self.out, self.device, self.quick = out.resolve(), device, quick
-        self.spec = dataset_spec(quick)
-        self.schedule = schedule_for(device, quick)
+        self.spec = spec or dataset_spec(quick)
+        self.schedule = schedule or schedule_for(device, quick)
         self.raw = self.out / "nnUNet_raw" / self.spec.folder_name
         self.stages = self.out / "stages"
 

@@ -1,0 +1,62 @@
+"""nnsam_demo: its dataset generator, and a --quick-sized pipeline on CPU that resumes finished stages."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
+from nnunet_sam.demo.pipeline import Demo, Schedule, trainers
+from nnunet_sam.demo.report import demo_report
+
+
+def test_synthetic_dataset_has_nnunet_layout_and_consistent_anatomy(tmp_path):
+    spec = SyntheticDatasetSpec(dataset_id=992, name="Gen", labelled=2, unlabelled=2, test=1, organs=3)
+    folder = write_synthetic_dataset(tmp_path, spec)
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
+    assert dataset_json["numTraining"] == 2 and dataset_json["file_ending"] == ".nii.gz"
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == ["genTr_000_0000.nii.gz", "genTr_001_0000.nii.gz"]
+    assert len(list((folder / "imagesUnlabeled").iterdir())) == 2 and len(list((folder / "labelsTs").iterdir())) == 1
+    means = []
+    for case in ("genTr_000", "genTr_001"):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr" / f"{case}_0000.nii.gz")))
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
+        assert image.shape == labels.shape == spec.shape and set(np.unique(labels)) == {0, 1, 2, 3}
+        means.append([float(image[labels == k].mean()) for k in (1, 2, 3)])
+    # the same organ has the same contrast in every case (a dataset, not unrelated images)
+    assert np.allclose(means[0], means[1], atol=40) and np.ptp(means[0]) > 100
+
+
+@pytest.fixture
+def restored_environment():
+    """The demo points nnU-Net's environment variables at its own folders: undo that afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_quick_demo_runs_reports_and_resumes(tmp_path, restored_environment):
+    spec = SyntheticDatasetSpec(dataset_id=993, name="DemoTest", labelled=2, unlabelled=2, test=1, organs=2,
+                                shape=(32, 48, 48), seed=3)
+    demo = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2))
+    results = demo.run()
+    models = trainers(quick=True)
+    assert set(models) == {"baseline", "SAM pseudo"}
+    for name in models:
+        assert set(results[f"evaluate {name}"]["dice"]) == {"1", "2"}
+    summary = results["refine"]["summary"]
+    assert set(summary) <= {"1", "2"} and all(s["mean_dice_before"] is not None for s in summary.values())
+    assert len(list((demo.out / "overlays").glob("*.png"))) == 2
+    text = demo_report(results, models, ["liver", "kidney"])
+    assert "after SAM" in text and "`nnUNetTrainerSAMPseudoDemo`" in text
+    stamps = {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()}
+    again = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2)).run()
+    assert again == json.loads(json.dumps(results))  # every stage was finished: nothing is redone
+    assert {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()} == stamps
