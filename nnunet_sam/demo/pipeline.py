@@ -8,6 +8,7 @@ folder skips finished stages (an interrupted training continues from its latest 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -82,8 +83,6 @@ class Demo:
     def _stage(self, name: str, work: Callable[[], dict]) -> dict:
         path = self.stages / f"{name}.json"
         if path.is_file():
-            import json
-
             logger.info("stage %s: done before, skipped", name)
             return json.loads(path.read_text())
         logger.info("stage %s ...", name)

@@ -30,6 +30,11 @@ UNLABELED_SUFFIX = "_unlabeled"
 PSEUDO_SUFFIX = "_pseudolabels"
 
 
+def dataset_number(name: str) -> int:
+    """The number in DatasetXXX_Name: what nnU-Net's commands take as -d."""
+    return int(name[len("Dataset"):len("Dataset") + 3])
+
+
 def unlabeled_folder(preprocessed_data_folder: str | os.PathLike) -> Path:
     """The preprocessed unlabelled cases of a configuration, beside its labelled ones.
 
@@ -65,8 +70,7 @@ class DatasetFolders:
 
     @property
     def dataset_id(self) -> int:
-        """The number in DatasetXXX_Name: what nnU-Net's commands take as -d."""
-        return int(self.name[len("Dataset"):len("Dataset") + 3])
+        return dataset_number(self.name)
 
     @property
     def plans_file(self) -> Path:
@@ -117,7 +121,7 @@ def dataset_folders(dataset: str, configuration: str, plans_identifier: str = "n
     preprocessed = preprocessed_root / name
     plans_file = preprocessed / f"{plans_identifier}.json"
     if not plans_file.is_file():
-        raise NnsamError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {int(name[7:10])} first "
+        raise NnsamError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset_number(name)} first "
                          f"(or check -p)")
     plans = load_json(str(plans_file))
     configurations = plans.get("configurations", {})

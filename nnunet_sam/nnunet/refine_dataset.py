@@ -23,7 +23,8 @@ from nnunet_sam.nnunet.datasets import DatasetFolders, dataset_folders, finished
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.pseudolabels import as_training_seg, export_to_raw, write_pseudo_label
 from nnunet_sam.nnunet.report import case_report_path, class_rows, summary_table, write_case_report, write_report
-from nnunet_sam.nnunet.unlabeled import find_unlabeled_cases, preprocess_unlabeled, remove_stale_temporaries
+from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
+                                         remove_stale_temporaries)
 from nnunet_sam.sam.refine import SamRefiner
 from nnunet_sam.visualize import save_case_overlay
 
@@ -56,7 +57,16 @@ class DatasetPlan:
     folders: DatasetFolders
     model_folder: Path
     model: ModelChoice
-    cases: list[str]
+    unlabeled: list[UnlabeledCase]  # every case of imagesUnlabeled/ (all parts)
+
+    @property
+    def cases(self) -> list[str]:
+        return [c.case_id for c in self.unlabeled]
+
+    @property
+    def model_record(self) -> dict:
+        """The initial model as reports record it (and `--continue` compares it)."""
+        return self.model.to_dict(self.model_folder)
 
 
 def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
@@ -71,7 +81,8 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
     n_channels = len(folders.dataset_json()["channel_names"])
     if not 0 <= job.channel < n_channels:
         raise NnsamError(f"--channel {job.channel} does not exist: {folders.name} has {n_channels} channel(s)")
-    cases = [c.case_id for c in find_unlabeled_cases(folders)]
+    unlabeled = find_unlabeled_cases(folders)
+    cases = [c.case_id for c in unlabeled]
     if job.gt_dir is not None:
         ending = folders.dataset_json()["file_ending"]
         missing = [c for c in cases if not (job.gt_dir / f"{c}{ending}").is_file()]
@@ -80,10 +91,10 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
                              f"unlabelled case")
     if job.export_dir is not None and not job.export_dir.resolve().parent.is_dir():
         raise NnsamError(f"the parent of --export {job.export_dir} does not exist; create it first")
-    mine = cases[job.part_id::job.num_parts]
-    if not set(mine) <= set(finished_cases(folders.unlabeled_data)):
-        preprocess_unlabeled(folders, num_processes=job.num_processes, case_ids=mine)
-    return DatasetPlan(job=job, folders=folders, model_folder=model_folder, model=model, cases=cases)
+    mine = unlabeled[job.part_id::job.num_parts]
+    if not {c.case_id for c in mine} <= set(finished_cases(folders.unlabeled_data)):
+        preprocess_unlabeled(folders, num_processes=job.num_processes, cases=mine)
+    return DatasetPlan(job=job, folders=folders, model_folder=model_folder, model=model, unlabeled=unlabeled)
 
 
 def ct_window_in_preprocessed_units(window: tuple[float, float], plans_manager: PlansManager,
@@ -117,8 +128,8 @@ class _CaseRefiner:
 
     def truth(self, case_id: str) -> np.ndarray:
         """The case's true labels, preprocessed like the case itself (nnU-Net's preprocessor)."""
-        job, folders = self.plan.job, self.plan.folders
-        image_files = [str(p) for p in next(c.images for c in find_unlabeled_cases(folders) if c.case_id == case_id)]
+        job = self.plan.job
+        image_files = [str(p) for p in next(c.images for c in self.plan.unlabeled if c.case_id == case_id)]
         label_file = str(job.gt_dir / f"{case_id}{self.dataset_json['file_ending']}")
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         _, seg, _ = preprocessor.run_case(image_files, label_file, self.plans_manager, self.configuration_manager,
@@ -137,8 +148,8 @@ class _CaseRefiner:
         write_pseudo_label(folders.pseudo_labels, case_id, seg, properties, self.label_manager,
                            self.configuration_manager.patch_size)
         truth = self.truth(case_id) if job.gt_dir is not None else None
-        report = {"case": case_id, "initial_model": self.plan.model.to_dict(self.plan.model_folder), "axis": result.axis, "slices_encoded": result.slices_encoded,
-                  "classes": class_rows(case_id, result, initial, truth)}
+        report = {"case": case_id, "initial_model": self.plan.model_record, "axis": result.axis,
+                  "slices_encoded": result.slices_encoded, "classes": class_rows(case_id, result, initial, truth)}
         if job.export_dir is not None:
             job.export_dir.mkdir(exist_ok=True)
             target = job.export_dir / f"{case_id}{self.dataset_json['file_ending']}"
@@ -159,7 +170,7 @@ def _case_done(plan: DatasetPlan, case_id: str) -> bool:
     report = case_report_path(folders.pseudo_labels, case_id)
     if not ((folders.pseudo_labels / f"{case_id}.pkl").is_file() and report.is_file()):
         return False
-    return json.loads(report.read_text()).get("initial_model") == plan.model.to_dict(plan.model_folder)
+    return json.loads(report.read_text()).get("initial_model") == plan.model_record
 
 
 def remove_orphans(plan: DatasetPlan) -> None:
@@ -195,7 +206,7 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
         logger.info("%s: %d slices encoded in %.1f s", case_id, report["slices_encoded"], report["seconds"])
     header = {"mode": "dataset", "dataset": folders.name, "configuration": folders.configuration,
               "plans": folders.plans_identifier, "channel": job.channel,
-              "initial_model": plan.model.to_dict(plan.model_folder),
+              "initial_model": plan.model_record,
               "ground_truth": None if job.gt_dir is None else str(job.gt_dir),
               "sam": {"model": refiner.model.name, "checkpoint": refiner.model.checkpoint,
                       "device": str(refiner.model.device)},

@@ -107,12 +107,11 @@ def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
 
 
 def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,
-                         progress: bool = True, case_ids: list[str] | None = None) -> list[str]:
-    """Preprocess every unlabelled case (or those of `case_ids`) not yet done (all with `overwrite`);
-    return the ids processed."""
-    cases = find_unlabeled_cases(folders)
-    if case_ids is not None:
-        cases = [c for c in cases if c.case_id in set(case_ids)]
+                         progress: bool = True, cases: list[UnlabeledCase] | None = None) -> list[str]:
+    """Preprocess every unlabelled case (or those of `cases`, as `find_unlabeled_cases` gives them) not
+    yet done (all with `overwrite`); return the ids processed."""
+    if cases is None:
+        cases = find_unlabeled_cases(folders)
     if not folders.data_folder.is_dir():
         raise NnsamError(f"{folders.data_folder} not found: the labelled cases are not preprocessed for "
                          f"{folders.configuration}; run nnUNetv2_preprocess -d {folders.dataset_id} -c "
@@ -124,7 +123,8 @@ def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwr
     todo = [c for c in cases if c.case_id not in done]
     logger.info("%d unlabelled case(s) in %s: %d to preprocess, %d already done -> %s", len(cases),
                 folders.unlabeled_images, len(todo), len(cases) - len(todo), out_dir)
-    jobs = [(c, out_dir, folders.plans(), folders.configuration, folders.dataset_json()) for c in todo]
+    plans, dataset_json = folders.plans(), folders.dataset_json()
+    jobs = [(c, out_dir, plans, folders.configuration, dataset_json) for c in todo]
     bar = dict(total=len(jobs), desc="preprocess unlabelled", unit="case", disable=not progress)
     if num_processes <= 1 or len(jobs) <= 1:
         return [_preprocess_one(job) for job in tqdm(jobs, **bar)]
