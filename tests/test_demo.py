@@ -60,3 +60,15 @@ def test_quick_demo_runs_reports_and_resumes(tmp_path, restored_environment):
     again = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2)).run()
     assert again == json.loads(json.dumps(results))  # every stage was finished: nothing is redone
     assert {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()} == stamps
+
+
+def test_demo_output_that_is_a_file_is_one_clear_line(tmp_path, capsys):
+    from nnunet_sam.cli import demo as demo_cli
+
+    target = tmp_path / "report.txt"
+    target.write_text("user file")
+    with pytest.raises(SystemExit) as exc:
+        demo_cli.main(["-o", str(target), "-device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0] and target.read_text() == "user file"

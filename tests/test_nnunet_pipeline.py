@@ -106,6 +106,10 @@ def test_preprocess_unlabeled_bad_input_is_one_clear_line(planned_dataset, tmp_p
     assert sorted(p.name for p in folder.parent.rglob("*")) == before
 
 
+def test_preprocess_unlabeled_rejects_zero_processes(capsys):
+    assert "-np 0" in _error_of(preprocess_cli.main, ["-d", "1", "-np", "0"], capsys)
+
+
 def test_preprocess_unlabeled_needs_preprocessed_plans(planned_dataset, capsys):
     message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-c", "2d"], capsys)
     assert "nnUNetv2_preprocess" in message and "2d" in message

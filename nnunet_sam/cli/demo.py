@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_sam.cli.common import run
+from nnunet_sam.errors import NnsamError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def _demo(args: argparse.Namespace) -> None:
     from nnunet_sam.demo.report import demo_report, write_demo_report
     from nnunet_sam.sam.models import resolve_device
 
+    if args.output.exists() and not args.output.is_dir():
+        raise NnsamError(f"-o {args.output} is a file; give a folder (it is created if missing)")
     demo = Demo(args.output, resolve_device(args.device), quick=args.quick)
     results = demo.run()
     text = demo_report(results, trainers(args.quick), list(ORGAN_NAMES[:demo.spec.organs]))

@@ -6,6 +6,7 @@ import argparse
 from typing import Sequence
 
 from nnunet_sam.cli.common import run
+from nnunet_sam.errors import NnsamError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def _body(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.unlabeled import preprocess_unlabeled
 
     if args.np < 1:
-        raise SystemExit("nnsam_preprocess_unlabeled: error: -np must be at least 1")
+        raise NnsamError(f"-np {args.np}: the number of processes must be at least 1")
     for configuration in args.c:
         folders = dataset_folders(args.d, configuration, args.p)
         ensure_few_label_splits(folders)
