@@ -1,10 +1,11 @@
-# The two commands: `make demo` (main job) and `make test`. Both create/refresh the virtual environment.
+# The two commands: `make demo` (main job: nnsam_demo) and `make test`. Both create or refresh the
+# virtual environment. `make example` runs nnsam_refine on image/mask files.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo_output
 
-.PHONY: demo test venv clean
+.PHONY: demo example test venv clean
 
 venv: $(STAMP)
 
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/nnsam_demo -o $(DEMO)
+
+example: $(STAMP)
 	$(PY) -m nnunet_sam.demo.refine_example $(DEMO)/example
 	$(VENV)/bin/nnsam_refine -i $(DEMO)/example/imagesTr -m $(DEMO)/example/weak_masks \
 		-o $(DEMO)/example/refined --gt $(DEMO)/example/labelsTr --overlays -device cpu

@@ -53,9 +53,10 @@ def test_quick_demo_runs_reports_and_resumes(tmp_path, restored_environment):
         assert set(results[f"evaluate {name}"]["dice"]) == {"1", "2"}
     summary = results["refine"]["summary"]
     assert set(summary) <= {"1", "2"} and all(s["mean_dice_before"] is not None for s in summary.values())
-    assert len(list((demo.out / "overlays").glob("*.png"))) == 2
-    text = demo_report(results, models, ["liver", "kidney"])
-    assert "after SAM" in text and "`nnUNetTrainerSAMPseudoDemo`" in text
+    assert len(list((demo.out / "overlays").glob("pseudo_label_*.png"))) == 2
+    assert [p.name for p in (demo.out / "overlays").glob("test_*.png")] == ["test_demotestTs_000.png"]
+    text = demo_report(results, models, ["liver", "kidney"], "CPU")
+    assert "after SAM" in text and "`nnUNetTrainerSAMPseudoDemo`" in text and "vs baseline" in text
     stamps = {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()}
     again = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2)).run()
     assert again == json.loads(json.dumps(results))  # every stage was finished: nothing is redone

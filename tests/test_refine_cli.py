@@ -168,3 +168,18 @@ def test_output_folder_must_not_be_a_user_folder_and_needs_a_parent(tmp_path, ca
     with pytest.raises(SystemExit):
         _run(folders, tmp_path / "no" / "such" / "out")
     assert "does not exist" in _error_line(capsys)
+
+
+def test_a_class_empty_in_every_pseudo_label_is_warned_about(caplog):
+    from nnunet_sam.nnunet.report import summarize, warn_absent_classes
+
+    def row(after: int) -> dict:
+        return {"slices_refined": 1, "slices_kept": 0, "slices_filled": 0, "voxels_after": after,
+                "mean_sam_iou": None, "dice_initial_refined": None}
+
+    cases = [{"classes": {"1": row(40), "2": row(0)}}, {"classes": {"1": row(0), "2": row(0)}}]
+    summary = summarize(cases)
+    assert summary["1"]["cases_empty"] == 1 and summary["2"]["cases_empty"] == 2
+    with caplog.at_level("WARNING"):
+        assert warn_absent_classes(summary) == ["2"]
+    assert "label 2 is empty in all 2 pseudo labels" in caplog.text and "label 1 " not in caplog.text

@@ -31,17 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from nnunet_sam.demo.dataset import ORGAN_NAMES
-    from nnunet_sam.demo.pipeline import Demo, trainers
-    from nnunet_sam.demo.report import demo_report, write_demo_report
+    from nnunet_sam.demo.pipeline import run_demo
     from nnunet_sam.sam.models import resolve_device
 
     if args.output.exists() and not args.output.is_dir():
         raise NnsamError(f"-o {args.output} is a file; give a folder (it is created if missing)")
-    demo = Demo(args.output, resolve_device(args.device), quick=args.quick)
-    results = demo.run()
-    text = demo_report(results, trainers(args.quick), list(ORGAN_NAMES[:demo.spec.organs]))
-    write_demo_report(demo.out / "report.md", text)
+    demo, _, text = run_demo(args.output, resolve_device(args.device), args.quick)
     print(text)
     logger.info("report: %s", demo.out / "report.md")
 

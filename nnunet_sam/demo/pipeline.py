@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 CONFIGURATION = "3d_fullres"
 FOLD = "all"  # 2 labelled cases: train on both; the held-out test cases measure the models
 SUFFIX = "Demo"  # the demo's trainers are nnU-Net-style short variants: nnUNetTrainerDemo, ...
+BASELINE = "baseline"
 
 
 @dataclass
@@ -37,20 +38,20 @@ class Schedule:
 
 
 def schedule_for(device: torch.device, quick: bool) -> Schedule:
-    """Training length: fits the time budget on 2 CPU cores; longer on a GPU."""
+    """Training length of every model: fits the time budget on 2 CPU cores; longer on a GPU."""
     if device.type == "cuda":
-        return Schedule(epochs=20 if quick else 50, iterations=25 if quick else 50)
-    return Schedule(epochs=4 if quick else 10, iterations=10)
+        return Schedule(20, 25) if quick else Schedule(50, 50)
+    return Schedule(4, 10) if quick else Schedule(8, 10)
 
 
 def dataset_spec(quick: bool) -> SyntheticDatasetSpec:
     return SyntheticDatasetSpec(dataset_id=987, name="NnsamDemo", labelled=2, unlabelled=3 if quick else 6,
-                                test=2 if quick else 3, organs=3, shape=(32, 48, 48), seed=3)
+                                test=2 if quick else 3, organs=3, shape=(32, 48, 48), seed=12)
 
 
 def trainers(quick: bool) -> dict[str, str]:
-    """Model name in the report -> trainer class the demo trains."""
-    names = {"baseline": f"nnUNetTrainer{SUFFIX}", "SAM pseudo": f"nnUNetTrainerSAMPseudo{SUFFIX}"}
+    """Model name in the report -> trainer class the demo trains (each from scratch, equally long)."""
+    names = {BASELINE: f"nnUNetTrainer{SUFFIX}", "SAM pseudo": f"nnUNetTrainerSAMPseudo{SUFFIX}"}
     if not quick:
         names["Mean Teacher"] = f"nnUNetTrainerMeanTeacher{SUFFIX}"
     return names
@@ -66,6 +67,11 @@ class Demo:
         self.schedule = schedule or schedule_for(device, quick)
         self.raw = self.out / "nnUNet_raw" / self.spec.folder_name
         self.stages = self.out / "stages"
+
+    def device_text(self) -> str:
+        if self.device.type == "cuda":
+            return f"GPU ({torch.cuda.get_device_name(self.device)})"
+        return f"CPU ({torch.get_num_threads()} threads)"
 
     # --- stage bookkeeping ----------------------------------------------------------------------------
 
@@ -113,11 +119,16 @@ class Demo:
         cases = preprocess_unlabeled(dataset_folders(str(self.spec.dataset_id), CONFIGURATION), overwrite=True)
         return {"cases": len(cases)}
 
-    def train(self, trainer: str) -> dict:
-        from nnunetv2.run.run_training import run_training
+    def fold_folder(self, trainer: str) -> Path:
         from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-        fold_dir = Path(get_output_folder(self.spec.dataset_id, trainer, "nnUNetPlans", CONFIGURATION, FOLD))
+        return Path(get_output_folder(self.spec.dataset_id, trainer, "nnUNetPlans", CONFIGURATION, FOLD))
+
+    def train(self, trainer: str) -> dict:
+        """nnUNetv2_train ID 3d_fullres all -tr TRAINER (with --c after an interruption)."""
+        from nnunetv2.run.run_training import run_training
+
+        fold_dir = self.fold_folder(trainer)
         resume = (fold_dir / "checkpoint_latest.pth").is_file()
         with spawn_pools_in_threads():  # the final validation's export pools: no process start-up
             run_training(str(self.spec.dataset_id), CONFIGURATION, FOLD, trainer, continue_training=resume,
@@ -130,7 +141,7 @@ class Demo:
         from nnunet_sam.sam import SamRefiner, load_sam
 
         job = DatasetJob(dataset=str(self.spec.dataset_id), configuration=CONFIGURATION,
-                         model=ModelChoice(trainer=trainers(self.quick)["baseline"], folds=(FOLD,), tta=False),
+                         model=ModelChoice(trainer=trainers(self.quick)[BASELINE], folds=(FOLD,), tta=False),
                          gt_dir=self.raw / "labelsUnlabeledTruth", overlays=True)
         plan = plan_dataset_job(job)
         report = refine_dataset(plan, SamRefiner(load_sam("litemedsam", None, self.device)),
@@ -163,6 +174,27 @@ class Demo:
         dice = {str(k): float(v["Dice"]) for k, v in metrics["mean"].items()}
         return {"trainer": trainer, "dice": dice, "mean_dice": float(metrics["foreground_mean"]["Dice"])}
 
+    def test_overlays(self, models: dict[str, str]) -> dict:
+        """One PNG per test case: the image with truth and every model's prediction, side by side."""
+        import SimpleITK as sitk
+
+        from nnunet_sam.visualize import save_case_overlay
+
+        def read(path: Path):
+            return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+        written = []
+        for truth in sorted((self.raw / "labelsTs").glob("*.nii.gz")):
+            case = truth.name[: -len(".nii.gz")]
+            masks = {"truth": read(truth)}
+            masks.update({name: read(self.out / "predictions" / trainer / truth.name)
+                          for name, trainer in models.items()})
+            path = self.out / "overlays" / f"test_{case}.png"
+            save_case_overlay(path, read(self.raw / "imagesTs" / f"{case}_0000.nii.gz"), masks, axis=0,
+                              title=f"test case {case}")
+            written.append(path.name)
+        return {"overlays": written}
+
     # --- the whole run --------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -173,12 +205,25 @@ class Demo:
                    "plan": self._stage("plan", self.plan),
                    "unlabeled": self._stage("unlabeled", self.preprocess_unlabeled)}
         models = trainers(self.quick)
-        results["train baseline"] = self._stage("train_baseline", lambda: self.train(models["baseline"]))
+        results["train baseline"] = self._stage("train_baseline", lambda: self.train(models[BASELINE]))
         results["refine"] = self._stage("refine", self.refine)
         for name, trainer in models.items():
-            if name != "baseline":
+            if name != BASELINE:
                 key = f"train_{trainer}"
                 results[f"train {name}"] = self._stage(key, lambda t=trainer: self.train(t))
         for name, trainer in models.items():
             results[f"evaluate {name}"] = self._stage(f"evaluate_{trainer}", lambda t=trainer: self.evaluate(t))
+        results["pictures"] = self._stage("test_overlays", lambda: self.test_overlays(models))
         return results
+
+
+def run_demo(out: Path, device: torch.device, quick: bool = False) -> tuple[Demo, dict, str]:
+    """Run (or resume) the demo in `out`, write `out/report.md`; return the demo, its results, the report."""
+    from nnunet_sam.demo.dataset import ORGAN_NAMES
+    from nnunet_sam.demo.report import demo_report, write_demo_report
+
+    demo = Demo(out, device, quick=quick)
+    results = demo.run()
+    text = demo_report(results, trainers(quick), list(ORGAN_NAMES[:demo.spec.organs]), demo.device_text())
+    write_demo_report(demo.out / "report.md", text)
+    return demo, results, text

@@ -16,10 +16,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(row) + " |" for row in rows]]
 
 
-def demo_report(results: dict, models: dict[str, str], organs: list[str]) -> str:
-    """Markdown: pseudo-label Dice before/after SAM, test Dice per model, time per stage."""
+def _setting(results: dict, device: str) -> list[str]:
+    spec, schedule = results["dataset"]["spec"], results["dataset"]["schedule"]
+    return [f"Synthetic CT-like dataset `{spec['name']}` (shape {tuple(spec['shape'])}): {spec['labelled']} "
+            f"labelled training cases, {spec['unlabelled']} unlabelled cases, {spec['test']} test cases. "
+            f"Device: {device}. Every model trains from scratch for {schedule['epochs']} epochs x "
+            f"{schedule['iterations']} iterations (fold `all`); the baseline is SAM's initial model.", ""]
+
+
+def _comparison(results: dict, models: dict[str, str]) -> list[str]:
+    """One line per model: its mean test Dice minus the baseline's."""
+    baseline = results["evaluate baseline"]["mean_dice"]
+    return [f"- {name}: {results[f'evaluate {name}']['mean_dice'] - baseline:+.3f} mean test Dice vs baseline."
+            for name in models if name != "baseline"] + [""]
+
+
+def demo_report(results: dict, models: dict[str, str], organs: list[str], device: str) -> str:
+    """Markdown: setting, pseudo-label Dice before/after SAM, test Dice per model, time per stage."""
     summary = results["refine"]["summary"]
-    lines = ["# nnunet-sam demo", "",
+    lines = ["# nnunet-sam demo", "", *_setting(results, device),
              "## Pseudo labels of the unlabelled cases (Dice against their hidden truth)", ""]
     rows = [[organs[int(label) - 1], _fmt(s["mean_dice_before"]), _fmt(s["mean_dice_after"]),
              str(s["slices_refined"]), str(s["slices_kept"]), str(s["slices_filled"])]
@@ -34,11 +49,12 @@ def demo_report(results: dict, models: dict[str, str], organs: list[str]) -> str
         rows.append([name, f"`{trainer}`", *[_fmt(ev["dice"].get(str(i + 1))) for i in range(len(organs))],
                      _fmt(ev["mean_dice"])])
     lines += _table(header, rows)
-    lines += ["", "## Time per stage", ""]
+    lines += ["", *_comparison(results, models), "## Time per stage", ""]
     lines += _table(["stage", "seconds"], [[name, f"{r['seconds']:.0f}"] for name, r in results.items()])
     total = sum(r["seconds"] for r in results.values())
     lines += ["", f"Total: {total / 60:.1f} min (stages done in earlier runs count with their own time).", "",
-              "Pictures: `overlays/` (image, baseline prediction, SAM-refined pseudo label, truth).", ""]
+              "Pictures in `overlays/`: `pseudo_label_*.png` (image, baseline prediction, SAM-refined pseudo "
+              "label, truth) and `test_*.png` (truth and each model's prediction).", ""]
     return "\n".join(lines)
 
 

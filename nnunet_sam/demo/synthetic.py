@@ -32,8 +32,8 @@ def _organ_sites(size: np.ndarray, n_organs: int, anatomy_seed: int, rng: np.ran
     sites = []
     for organ in range(n_organs):
         angle = offset + 2 * np.pi * organ / n_organs
-        nominal = size * np.array([0.5, 0.5 + 0.2 * np.sin(angle), 0.5 + 0.2 * np.cos(angle)])
-        radii = size * anatomy.uniform([0.2, 0.09, 0.09], [0.3, 0.13, 0.13])
+        nominal = size * np.array([0.5, 0.5 + 0.24 * np.sin(angle), 0.5 + 0.24 * np.cos(angle)])
+        radii = size * anatomy.uniform([0.25, 0.12, 0.12], [0.35, 0.16, 0.16])
         sites.append((nominal + rng.normal(0, 0.03, 3) * size, radii * rng.uniform(0.85, 1.15, 3)))
     return sites
 

@@ -22,7 +22,8 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, dataset_folders, finished_cases
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.pseudolabels import as_training_seg, export_to_raw, write_pseudo_label
-from nnunet_sam.nnunet.report import case_report_path, class_rows, summary_table, write_case_report, write_report
+from nnunet_sam.nnunet.report import (case_report_path, class_rows, summary_table, warn_absent_classes,
+                                     write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
                                          remove_stale_temporaries)
 from nnunet_sam.sam.refine import SamRefiner
@@ -214,4 +215,5 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     report = write_report(folders.pseudo_labels, header)
     logger.info("pseudo labels in %s (%d cases):\n%s", folders.pseudo_labels, len(report["cases"]),
                 summary_table(report["summary"]))
+    warn_absent_classes(report["summary"])
     return report

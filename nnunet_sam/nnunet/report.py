@@ -64,12 +64,24 @@ def summarize(cases: list[dict]) -> dict[str, dict]:
             "slices_refined": sum(r["slices_refined"] for r in rows),
             "slices_kept": sum(r["slices_kept"] for r in rows),
             "slices_filled": sum(r["slices_filled"] for r in rows),
+            "cases_empty": sum(r["voxels_after"] == 0 for r in rows),
             "mean_sam_iou": _mean([r["mean_sam_iou"] for r in rows]),
             "mean_dice_initial_refined": _mean([r["dice_initial_refined"] for r in rows]),
             "mean_dice_before": _mean([r.get("dice_before") for r in rows]),
             "mean_dice_after": _mean([r.get("dice_after") for r in rows]),
         }
     return summary
+
+
+def warn_absent_classes(summary: dict[str, dict]) -> list[str]:
+    """Warn about (and return) the labels that are empty in every pseudo label: the initial model never
+    predicts them, so a model trained on these pseudo labels is taught that they are absent."""
+    absent = [label for label, s in summary.items() if s["cases"] and s.get("cases_empty") == s["cases"]]
+    for label in absent:
+        logger.warning("label %s is empty in all %d pseudo labels: the initial model never predicts it, and "
+                       "training on them teaches that it is absent; train the initial model longer or label "
+                       "more cases", label, summary[label]["cases"])
+    return absent
 
 
 def write_report(out_dir: Path, header: dict) -> dict:
