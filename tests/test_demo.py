@@ -73,3 +73,8 @@ def test_demo_output_that_is_a_file_is_one_clear_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file" in err[0] and target.read_text() == "user file"
+    with pytest.raises(SystemExit) as exc:
+        demo_cli.main(["-o", str(tmp_path / "demo"), "-device", "gpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "-device gpu is not a device" in err[0]
+    assert not (tmp_path / "demo").exists()

@@ -148,6 +148,7 @@ def test_bad_input_is_one_clear_line_and_leaves_no_files(tmp_path, capsys, break
     (["--sam", "vit_b"], "needs --checkpoint"),
     (["--sam", "vit_b", "--checkpoint", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
     (["--num_parts", "2", "--part_id", "2"], "--part_id"),
+    (["-device", "gpu"], "-device gpu is not a device"),
 ])
 def test_bad_options_are_one_clear_line(tmp_path, capsys, args, expected):
     folders = _make_folders(tmp_path, cases=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nnunet_sam.demo.pipeline import BASELINE
 from nnunet_sam.utils.atomic import atomic_path
 
 
@@ -26,9 +27,9 @@ def _setting(results: dict, device: str) -> list[str]:
 
 def _comparison(results: dict, models: dict[str, str]) -> list[str]:
     """One line per model: its mean test Dice minus the baseline's."""
-    baseline = results["evaluate baseline"]["mean_dice"]
-    return [f"- {name}: {results[f'evaluate {name}']['mean_dice'] - baseline:+.3f} mean test Dice vs baseline."
-            for name in models if name != "baseline"] + [""]
+    baseline = results[f"evaluate {BASELINE}"]["mean_dice"]
+    return [f"- {name}: {results[f'evaluate {name}']['mean_dice'] - baseline:+.3f} mean test Dice vs {BASELINE}."
+            for name in models if name != BASELINE] + [""]
 
 
 def demo_report(results: dict, models: dict[str, str], organs: list[str], device: str) -> str:

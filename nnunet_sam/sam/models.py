@@ -130,7 +130,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """'auto'/None -> CUDA when available else CPU; otherwise the device given ('cpu', 'cuda', 'cuda:1')."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise NnsamError(f"-device {device} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NnsamError("-device cuda was requested but no CUDA GPU is available; use -device cpu")
     return device
