@@ -15,6 +15,7 @@ os.environ.setdefault("nnUNet_n_proc_DA", "1")
 os.environ.setdefault("nnUNet_def_n_proc", "2")
 
 CT_WINDOW = (-200.0, 400.0)
+CONFIG = "3d_fullres"
 
 
 @dataclass
@@ -113,3 +114,33 @@ def planned_dataset(tmp_path_factory) -> PlannedDataset:
     return PlannedDataset(dataset_id=spec.dataset_id, name=spec.folder_name, raw=raw,
                           preprocessed=root / "preprocessed" / spec.folder_name, results=root / "results",
                           env={**os.environ, **env})
+
+
+def train_fold(dataset: PlannedDataset, trainer: str, fold: str = "0") -> Path:
+    """Train `trainer` on one fold of the planned dataset (CPU); returns the fold's results folder."""
+    import torch
+    from nnunetv2.run.run_training import run_training
+
+    run_training(str(dataset.dataset_id), CONFIG, fold, trainer, device=torch.device("cpu"))
+    return dataset.results / dataset.name / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{fold}"
+
+
+@pytest.fixture(scope="session")
+def baseline(planned_dataset) -> Path:
+    """nnUNetTrainerShort (2x2 iterations) trained on fold 0 of the planned dataset (after the leave-one-out
+    split that nnsam_preprocess_unlabeled writes for its 2 labelled cases)."""
+    from nnunet_sam.nnunet.datasets import dataset_folders
+    from nnunet_sam.nnunet.splits import ensure_few_label_splits
+
+    ensure_few_label_splits(dataset_folders(str(planned_dataset.dataset_id), CONFIG))
+    return train_fold(planned_dataset, "nnUNetTrainerShort")
+
+
+def error_of(main, argv: list[str], capsys) -> str:
+    """Run a console script's main, expect the one-line error exit (status 2), return the message."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

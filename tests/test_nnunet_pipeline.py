@@ -15,28 +15,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import CONFIG, error_of, train_fold
 from nnunet_sam.cli import preprocess_unlabeled as preprocess_cli
 from nnunet_sam.cli import refine as refine_cli
 
-CONFIG = "3d_fullres"
 DATA_ID = "nnUNetPlans_3d_fullres"
-
-
-def _error_of(main, argv: list[str], capsys) -> str:
-    """Run a console script's main, expect the one-line error exit, return the message."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
-def _train(dataset, trainer: str, fold: str = "0") -> Path:
-    from nnunetv2.run.run_training import run_training
-
-    run_training(str(dataset.dataset_id), CONFIG, fold, trainer, device=torch.device("cpu"))
-    return dataset.results / dataset.name / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{fold}"
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +29,7 @@ def unlabeled(planned_dataset):
 
 
 @pytest.fixture(scope="module")
-def baseline(planned_dataset, unlabeled):
-    return _train(planned_dataset, "nnUNetTrainerShort")
-
-
-@pytest.fixture(scope="module")
-def pseudo_labels(planned_dataset, baseline, tmp_path_factory):
+def pseudo_labels(planned_dataset, unlabeled, baseline, tmp_path_factory):
     export = tmp_path_factory.mktemp("export")
     refine_cli.main(["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
                      "--disable_tta", "-device", "cpu", "--gt", str(planned_dataset.raw / "labelsUnlabeledTruth"),
@@ -101,19 +79,19 @@ def test_preprocess_unlabeled_bad_input_is_one_clear_line(planned_dataset, tmp_p
     folder = _raw_copy(planned_dataset, tmp_path, monkeypatch)
     break_it(folder)
     before = sorted(p.name for p in folder.parent.rglob("*"))
-    message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id)], capsys)
+    message = error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id)], capsys)
     assert expected in message
     assert sorted(p.name for p in folder.parent.rglob("*")) == before
 
 
 def test_preprocess_unlabeled_rejects_zero_processes(capsys):
-    assert "-np 0" in _error_of(preprocess_cli.main, ["-d", "1", "-np", "0"], capsys)
+    assert "-np 0" in error_of(preprocess_cli.main, ["-d", "1", "-np", "0"], capsys)
 
 
 def test_preprocess_unlabeled_needs_preprocessed_plans(planned_dataset, capsys):
-    message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-c", "2d"], capsys)
+    message = error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-c", "2d"], capsys)
     assert "nnUNetv2_preprocess" in message and "2d" in message
-    message = _error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-p", "NoSuchPlans"], capsys)
+    message = error_of(preprocess_cli.main, ["-d", str(planned_dataset.dataset_id), "-p", "NoSuchPlans"], capsys)
     assert "NoSuchPlans.json not found" in message and "nnUNetv2_plan_and_preprocess" in message
 
 
@@ -155,7 +133,7 @@ def test_refine_dataset_continue_skips_finished_cases(planned_dataset, pseudo_la
     (["-tr", "nnUNetTrainerShort", "-i", "x"], "either -d"),
 ])
 def test_refine_dataset_errors_name_the_fix(planned_dataset, baseline, capsys, argv, expected):
-    message = _error_of(refine_cli.main, ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *argv], capsys)
+    message = error_of(refine_cli.main, ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *argv], capsys)
     assert expected in message
 
 
@@ -173,7 +151,7 @@ def _predict_with_stock_command(planned_dataset, trainer: str, out: Path) -> Pat
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerSAMPseudoShort", "nnUNetTrainerMeanTeacherShort",
                                      "nnUNetTrainerSAMPseudoMeanTeacherShort"])
 def test_our_trainers_train_on_pseudo_labels_and_predict(planned_dataset, pseudo_labels, tmp_path, trainer):
-    fold_dir = _train(planned_dataset, trainer)
+    fold_dir = train_fold(planned_dataset, trainer)
     checkpoint = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == trainer and checkpoint["current_epoch"] == 2
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())

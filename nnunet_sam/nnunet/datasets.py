@@ -99,6 +99,14 @@ class DatasetFolders:
         return load_json(str(self.plans_file))
 
 
+def case_spacing(plans_manager, configuration_manager, properties: dict) -> list[float]:
+    """Voxel spacing (z, y, x) of a preprocessed case; 2d configurations keep the original slice distance."""
+    spacing = list(configuration_manager.spacing)
+    if len(spacing) == 2:
+        spacing = [properties["spacing"][plans_manager.transpose_forward[0]], *spacing]
+    return spacing
+
+
 def _env_folder(variable: str) -> Path:
     value = os.environ.get(variable)
     if not value:

@@ -19,7 +19,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import DatasetFolders, dataset_folders, finished_cases
+from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.pseudolabels import as_training_seg, export_to_raw, write_pseudo_label
 from nnunet_sam.nnunet.report import (case_report_path, class_rows, summary_table, warn_absent_classes,
@@ -121,12 +121,6 @@ class _CaseRefiner:
         self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
         self.images = nnUNetDatasetBlosc2(str(folders.unlabeled_data), list(plan.cases))
 
-    def spacing(self, properties: dict) -> list[float]:
-        spacing = list(self.configuration_manager.spacing)
-        if len(spacing) == 2:  # 2d configurations keep the original slice distance
-            spacing = [properties["spacing"][self.plans_manager.transpose_forward[0]], *spacing]
-        return spacing
-
     def truth(self, case_id: str) -> np.ndarray:
         """The case's true labels, preprocessed like the case itself (nnU-Net's preprocessor)."""
         job = self.plan.job
@@ -143,7 +137,8 @@ class _CaseRefiner:
         data, placeholder, _, properties = self.images.load_case(case_id)
         data = np.asarray(data[:])
         initial, probabilities = self.initial.predict(data)
-        result = self.refiner.refine(data[job.channel], initial, self.spacing(properties), probabilities=probabilities,
+        spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
+        result = self.refiner.refine(data[job.channel], initial, spacing, probabilities=probabilities,
                                      labels=self.label_manager.foreground_labels, progress=True)
         seg = as_training_seg(result.mask, placeholder[:])
         write_pseudo_label(folders.pseudo_labels, case_id, seg, properties, self.label_manager,

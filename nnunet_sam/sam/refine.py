@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import (SlicePrompt, background_points, bounding_box, clean_mask, dice,
                                     drop_small_components, interior_point, interpolate_boxes)
-from nnunet_sam.sam.views import (CONTEXTS, ViewGeometry, normalize_intensities, resize_view, slice_view,
-                                  slicing_axis, view_geometry)
+from nnunet_sam.sam.views import CONTEXTS, ViewGeometry, VolumeViews
+
+if TYPE_CHECKING:
+    from nnunet_sam.sam.embedding_cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +87,16 @@ class RefineResult:
 class SamRefiner:
     """Refine label maps with a SAM model. Like `SamPredictor`: construct once, call `refine` per case."""
 
-    def __init__(self, model: SamModel, settings: RefineSettings | None = None) -> None:
+    def __init__(self, model: SamModel, settings: RefineSettings | None = None,
+                 cache: EmbeddingCache | None = None) -> None:
+        """cache: optional on-disk embedding cache (slices refined more than once are encoded once)."""
         self.model = model
         self.settings = settings or RefineSettings()
+        self.cache = cache
+        trained_context = (model.finetuned or {}).get("context")
+        if trained_context and trained_context != self.settings.context:
+            logger.warning("the SAM decoder in %s was fine-tuned on %r views but refinement uses %r; pass "
+                           "--context %s", model.checkpoint, trained_context, self.settings.context, trained_context)
 
     @property
     def batch_size(self) -> int:
@@ -109,12 +118,10 @@ class SamRefiner:
             raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
         if mask.ndim != 3:
             raise ValueError(f"expected 3D arrays (use shape (1, Y, X) for 2D images), got {mask.ndim}D")
-        axis = s.axis if s.axis is not None else slicing_axis(spacing, mask.shape)
-        volume = np.moveaxis(normalize_intensities(image, s.ct_window), axis, 0)
-        initial = np.moveaxis(mask, axis, 0)
-        probs = None if probabilities is None else np.moveaxis(probabilities, axis + 1, 1)
-        in_plane = [float(sp) for i, sp in enumerate(spacing) if i != axis]
-        geometry = view_geometry(volume.shape[1:], in_plane, self.model.input_size)
+        views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window)
+        volume, geometry = views.volume, views.geometry
+        initial = views.to_slices(mask)
+        probs = None if probabilities is None else views.to_slices(probabilities, leading=1)
 
         labels = sorted(int(v) for v in (np.unique(initial) if labels is None else labels) if v > 0)
         stats = {label: ClassStats(label=label, voxels_before=int((initial == label).sum())) for label in labels}
@@ -133,9 +140,14 @@ class SamRefiner:
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         encoded = 0
         for batch in tqdm(batches, desc="SAM slices", unit="batch", disable=not progress, leave=False):
-            views = np.stack([resize_view(slice_view(volume, i, s.context), geometry) for i in batch])
-            embeddings = self.model.encode(views)
-            encoded += len(batch)
+            inputs = views.model_inputs(batch)
+            if self.cache is not None:
+                misses = self.cache.misses
+                embeddings = self.cache.embeddings(inputs)
+                encoded += self.cache.misses - misses
+            else:
+                embeddings = self.model.encode(inputs)
+                encoded += len(batch)
             for j, index in enumerate(batch):
                 prompts = by_slice[index]
                 scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
@@ -146,7 +158,7 @@ class SamRefiner:
             stat.voxels_after = int((refined == label).sum())
             stat.dice_initial_refined = dice(initial == label, refined == label)
             stat.mean_sam_iou = float(np.mean(stat._iou_values)) if stat._iou_values else None
-        return RefineResult(mask=np.moveaxis(refined, 0, axis), classes=stats, axis=axis,
+        return RefineResult(mask=views.from_slices(refined), classes=stats, axis=views.axis,
                             slices_encoded=encoded)
 
     def _class_prompts(self, binary: np.ndarray, probabilities: np.ndarray | None,

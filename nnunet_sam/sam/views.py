@@ -109,3 +109,40 @@ def resize_view(view: np.ndarray, geometry: ViewGeometry) -> np.ndarray:
     size = geometry.input_size
     x = F.pad(x, (0, size - geometry.resized_shape[1], 0, size - geometry.resized_shape[0]))
     return x[0].permute(1, 2, 0).clamp_(0, 1).numpy()
+
+
+@dataclass
+class VolumeViews:
+    """A volume made ready for SAM: normalised, its slicing axis moved first, one geometry for its slices.
+
+    The refiner and the fine-tuner both build their model inputs here, so a decoder fine-tuned on these
+    views sees exactly what refinement will show it."""
+
+    volume: np.ndarray  # (N, H, W) in [0, 1], slices along axis 0
+    axis: int  # slicing axis of the original (z, y, x) array
+    geometry: ViewGeometry
+    context: str = "single"
+
+    @classmethod
+    def prepare(cls, image: np.ndarray, spacing: Sequence[float], input_size: int, context: str = "single",
+                axis: int | None = None, ct_window: tuple[float, float] | None = None) -> "VolumeViews":
+        """Normalise `image` (Z, Y, X) and choose the slicing axis (None: the through-plane axis)."""
+        if context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        axis = axis if axis is not None else slicing_axis(spacing, image.shape)
+        volume = np.moveaxis(normalize_intensities(image, ct_window), axis, 0)
+        in_plane = [float(sp) for i, sp in enumerate(spacing) if i != axis]
+        return cls(volume, axis, view_geometry(volume.shape[1:], in_plane, input_size), context)
+
+    def to_slices(self, array: np.ndarray, leading: int = 0) -> np.ndarray:
+        """An array of the original layout (after `leading` extra axes) with the slicing axis first."""
+        return np.moveaxis(array, self.axis + leading, leading)
+
+    def from_slices(self, array: np.ndarray) -> np.ndarray:
+        """The inverse of `to_slices` for an array without leading axes."""
+        return np.moveaxis(array, 0, self.axis)
+
+    def model_inputs(self, indices: Sequence[int]) -> np.ndarray:
+        """(B, S, S, 3) model inputs of the slices `indices`."""
+        return np.stack([resize_view(slice_view(self.volume, int(i), self.context), self.geometry)
+                         for i in indices])

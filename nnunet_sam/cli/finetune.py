@@ -1,0 +1,94 @@
+"""nnsam_finetune: fine-tune SAM's mask decoder on a fold's labelled training cases (cached embeddings)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, run, view_settings
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.sam.finetune import FinetuneSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = FinetuneSettings()
+    p = argparse.ArgumentParser(
+        prog="nnsam_finetune",
+        description="Fine-tune SAM's mask decoder on the labelled training cases of one fold (never its validation "
+                    "cases), with the image encoder and prompt encoder frozen. The labelled slices are encoded once "
+                    "into nnUNet_preprocessed/DatasetXXX/nnsam_embeddings/ and reused across runs. Validation "
+                    "compares zero-shot and fine-tuned SAM on the fold's validation cases: the decoder's Dice from "
+                    "true boxes and, when the fold has a trained nnU-Net (-tr), the Dice of its refined "
+                    "predictions. The checkpoint loads with nnsam_refine --checkpoint (use the same --context "
+                    "and --ct-window there).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ds = p.add_argument_group("dataset")
+    ds.add_argument("-d", dest="dataset", required=True, help="dataset name or id, as for nnUNetv2_train")
+    ds.add_argument("-c", dest="configuration", default="3d_fullres", help="configuration whose preprocessed "
+                    "images SAM learns from (use the one nnsam_refine -c will use)")
+    ds.add_argument("-f", dest="fold", default="0",
+                    help="fold: its training cases train the decoder, its validation cases measure it; 'all' "
+                         "trains on every labelled case (no validation)")
+    ds.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
+    ds.add_argument("-o", dest="output", type=Path, default=None,
+                    help="checkpoint file to write (default: nnUNet_results/DatasetXXX/nnsamFinetune__PLANS__"
+                         "CONFIG/fold_F/SAM_CONTEXT.pth, with finetune_report.json beside it)")
+    ds.add_argument("--cache", type=Path, default=None,
+                    help="embedding cache folder (default: nnUNet_preprocessed/DatasetXXX/nnsam_embeddings)")
+    add_sam_arguments(p, compile_flag=False)
+    views = p.add_argument_group("views (pass the same to nnsam_refine)")
+    add_view_arguments(views)
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the labelled slices")
+    train.add_argument("--lr", type=float, default=defaults.learning_rate,
+                       help="AdamW learning rate (cosine decay to 0)")
+    train.add_argument("--slices-per-step", type=int, default=defaults.slices_per_step,
+                       help="slices (with all their classes) per optimiser step")
+    train.add_argument("--box-jitter", type=float, default=defaults.box_jitter,
+                       help="each box side moves at random by up to this fraction of the box size")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="random seed (box jitter, slice order)")
+    val = p.add_argument_group("validation (refining the fold's nnU-Net predictions)")
+    val.add_argument("-tr", dest="trainer", default="nnUNetTrainer",
+                     help="trainer of the fold's nnU-Net model whose validation predictions are refined")
+    val.add_argument("-chk", dest="checkpoint_name", default="checkpoint_final.pth", help="its checkpoint name")
+    val.add_argument("--disable_tta", action="store_true", help="no mirroring in its predictions (8x faster in 3D)")
+    val.add_argument("--no-refine-validation", dest="refine_validation", action="store_false",
+                     help="report only the decoder's Dice from true boxes; do not predict and refine")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_sam.nnunet.finetune_dataset import FinetuneJob, finetune_dataset, plan_finetune_job
+    from nnunet_sam.nnunet.predict import ModelChoice
+    from nnunet_sam.nnunet.refine_dataset import ct_window_in_preprocessed_units
+    from nnunet_sam.sam.models import load_sam
+    from nnunet_sam.sam.refine import RefineSettings
+
+    if args.epochs < 1 or args.slices_per_step < 1 or args.lr <= 0:
+        raise NnsamError("--epochs and --slices-per-step must be at least 1 and --lr positive")
+    evaluate_with = None
+    if args.refine_validation:
+        evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
+    job = FinetuneJob(dataset=args.dataset, configuration=args.configuration, fold=args.fold, plans=args.plans,
+                      channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache)
+    plan = plan_finetune_job(job, args.sam, args.context)
+    refine_settings = RefineSettings(**view_settings(args))
+    if refine_settings.ct_window is not None:
+        refine_settings.ct_window = ct_window_in_preprocessed_units(
+            refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
+    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, slices_per_step=args.slices_per_step,
+                                box_jitter=args.box_jitter, seed=args.seed)
+    model = load_sam(args.sam, args.checkpoint, args.device)
+    finetune_dataset(plan, model, refine_settings, settings)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(build_parser(), _finetune, argv)
+
+
+if __name__ == "__main__":
+    main()
