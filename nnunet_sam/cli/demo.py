@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")
     p.add_argument("--quick", action="store_true",
                    help="fewer cases and shorter training, no Mean Teacher: a few minutes on CPU")
+    p.add_argument("--finetune", action="store_true",
+                   help="also fine-tune LiteMedSAM's mask decoder on the labelled cases (nnsam_finetune -f all) and "
+                        "refine the unlabelled cases again with it; the trainers then learn from these pseudo "
+                        "labels, and the report compares zero-shot and fine-tuned pseudo labels (~4 min more on CPU)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -36,7 +40,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     if args.output.exists() and not args.output.is_dir():
         raise NnsamError(f"-o {args.output} is a file; give a folder (it is created if missing)")
-    demo, _, text = run_demo(args.output, resolve_device(args.device), args.quick)
+    demo, _, text = run_demo(args.output, resolve_device(args.device), args.quick, args.finetune)
     print(text)
     logger.info("report: %s", demo.out / "report.md")
 

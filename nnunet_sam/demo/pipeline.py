@@ -1,6 +1,8 @@
 """The whole method on a synthetic dataset, with the stock commands' Python entry points: plan and
-preprocess, a short baseline, nnsam_preprocess_unlabeled, nnsam_refine -d with LiteMedSAM, short
-SAM-pseudo (and Mean Teacher) trainings, prediction of held-out test cases, evaluation, report.
+preprocess, a short baseline, nnsam_preprocess_unlabeled, nnsam_refine -d with LiteMedSAM (with
+`finetune`: then nnsam_finetune on the labelled cases and nnsam_refine -d again with the fine-tuned decoder,
+whose pseudo labels the trainers use), short SAM-pseudo (and Mean Teacher) trainings, prediction of
+held-out test cases, evaluation, report.
 
 Each stage stores its result in `DIR/stages/<stage>.json` when it finishes; a re-run into the same
 folder skips finished stages (an interrupted training continues from its latest checkpoint).
@@ -21,6 +23,7 @@ import torch
 
 from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
 from nnunet_sam.demo.nnunet_setup import plan_and_preprocess, spawn_pools_in_threads, write_short_trainers
+from nnunet_sam.errors import NnsamError
 from nnunet_sam.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,13 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     return Schedule(4, 10) if quick else Schedule(8, 10)
 
 
+def finetune_epochs(device: torch.device, quick: bool) -> int:
+    """Epochs of the optional SAM decoder fine-tuning (--finetune): about 3 min on 2 CPU cores."""
+    if device.type == "cuda":
+        return 30
+    return 4 if quick else 8
+
+
 def dataset_spec(quick: bool) -> SyntheticDatasetSpec:
     return SyntheticDatasetSpec(dataset_id=987, name="NnsamDemo", labelled=2, unlabelled=3 if quick else 6,
                                 test=2 if quick else 3, organs=3, shape=(32, 48, 48), seed=12)
@@ -61,8 +71,9 @@ class Demo:
     """The demo's stages in order; `run()` does those not finished yet."""
 
     def __init__(self, out: Path, device: torch.device, quick: bool = False,
-                 spec: SyntheticDatasetSpec | None = None, schedule: Schedule | None = None) -> None:
-        self.out, self.device, self.quick = out.resolve(), device, quick
+                 spec: SyntheticDatasetSpec | None = None, schedule: Schedule | None = None,
+                 finetune: bool = False) -> None:
+        self.out, self.device, self.quick, self.finetune = out.resolve(), device, quick, finetune
         self.spec = spec or dataset_spec(quick)
         self.schedule = schedule or schedule_for(device, quick)
         self.raw = self.out / "nnUNet_raw" / self.spec.folder_name
@@ -106,7 +117,7 @@ class Demo:
             shutil.rmtree(self.raw)  # a half-written dataset from an interrupted run
         write_synthetic_dataset(self.out / "nnUNet_raw", self.spec)
         write_short_trainers(self.out / "trainers", self.schedule.epochs, self.schedule.iterations, SUFFIX)
-        return {"spec": asdict(self.spec), "schedule": asdict(self.schedule)}
+        return {"spec": asdict(self.spec), "schedule": asdict(self.schedule), "finetune": self.finetune}
 
     def plan(self) -> dict:
         plan_and_preprocess(self.spec.dataset_id, (CONFIGURATION,))
@@ -135,22 +146,40 @@ class Demo:
                          device=self.device)
         return {"trainer": trainer, "folder": str(fold_dir)}
 
-    def refine(self) -> dict:
+    def refine(self, checkpoint: str | None = None) -> dict:
+        """nnsam_refine -d ID -c 3d_fullres -f all -tr <baseline> [--checkpoint fine-tuned SAM] --gt ...; the
+        slices' embeddings are cached in DIR/embeddings, so a second refinement only decodes."""
         from nnunet_sam.nnunet.predict import InitialModel, ModelChoice
         from nnunet_sam.nnunet.refine_dataset import DatasetJob, plan_dataset_job, refine_dataset
         from nnunet_sam.sam import SamRefiner, load_sam
+        from nnunet_sam.sam.embedding_cache import EmbeddingCache
 
         job = DatasetJob(dataset=str(self.spec.dataset_id), configuration=CONFIGURATION,
                          model=ModelChoice(trainer=trainers(self.quick)[BASELINE], folds=(FOLD,), tta=False),
                          gt_dir=self.raw / "labelsUnlabeledTruth", overlays=True)
         plan = plan_dataset_job(job)
-        report = refine_dataset(plan, SamRefiner(load_sam("litemedsam", None, self.device)),
+        model = load_sam("litemedsam", checkpoint, self.device)
+        report = refine_dataset(plan, SamRefiner(model, cache=EmbeddingCache(self.out / "embeddings", model)),
                                 InitialModel(plan.model_folder, plan.model, self.device))
         overlays = self.out / "overlays"
         overlays.mkdir(exist_ok=True)
+        prefix = "pseudo_label_" if checkpoint is None else "pseudo_label_finetuned_"
         for png in sorted((plan.folders.pseudo_labels / "overlays").glob("*.png")):
-            shutil.copy(png, overlays / f"pseudo_label_{png.name}")
+            shutil.copy(png, overlays / f"{prefix}{png.name}")
         return {"summary": report["summary"], "slices_encoded": sum(c["slices_encoded"] for c in report["cases"])}
+
+    def finetune_sam(self) -> dict:
+        """nnsam_finetune -d ID -c 3d_fullres -f all: LiteMedSAM's decoder fine-tuned on the labelled cases."""
+        from nnunet_sam.nnunet.finetune_dataset import FinetuneJob, finetune_dataset, plan_finetune_job
+        from nnunet_sam.sam import RefineSettings, load_sam
+        from nnunet_sam.sam.finetune import FinetuneSettings
+
+        job = FinetuneJob(dataset=str(self.spec.dataset_id), configuration=CONFIGURATION, fold=FOLD,
+                          evaluate_with=None)
+        plan = plan_finetune_job(job, "litemedsam", "single")
+        settings = FinetuneSettings(epochs=finetune_epochs(self.device, self.quick))
+        report = finetune_dataset(plan, load_sam("litemedsam", None, self.device), RefineSettings(), settings)
+        return {"checkpoint": report["checkpoint"], "epochs": settings.epochs, **report["training"]}
 
     def evaluate(self, trainer: str) -> dict:
         """Predict the test cases (nnUNetv2_predict's predictor) and compute Dice (nnU-Net's evaluation)."""
@@ -206,7 +235,14 @@ class Demo:
                    "unlabeled": self._stage("unlabeled", self.preprocess_unlabeled)}
         models = trainers(self.quick)
         results["train baseline"] = self._stage("train_baseline", lambda: self.train(models[BASELINE]))
+        if results["dataset"].get("finetune", False) != self.finetune:
+            raise NnsamError(f"{self.out} holds a demo run {'without' if self.finetune else 'with'} --finetune; "
+                             f"use the same flags or another -o")
         results["refine"] = self._stage("refine", self.refine)
+        if self.finetune:
+            results["fine-tune SAM"] = self._stage("finetune", self.finetune_sam)
+            checkpoint = results["fine-tune SAM"]["checkpoint"]
+            results["refine fine-tuned"] = self._stage("refine_finetuned", lambda: self.refine(checkpoint))
         for name, trainer in models.items():
             if name != BASELINE:
                 key = f"train_{trainer}"
@@ -217,12 +253,12 @@ class Demo:
         return results
 
 
-def run_demo(out: Path, device: torch.device, quick: bool = False) -> tuple[Demo, dict, str]:
+def run_demo(out: Path, device: torch.device, quick: bool = False, finetune: bool = False) -> tuple[Demo, dict, str]:
     """Run (or resume) the demo in `out`, write `out/report.md`; return the demo, its results, the report."""
     from nnunet_sam.demo.dataset import ORGAN_NAMES
     from nnunet_sam.demo.report import demo_report, write_demo_report
 
-    demo = Demo(out, device, quick=quick)
+    demo = Demo(out, device, quick=quick, finetune=finetune)
     results = demo.run()
     text = demo_report(results, trainers(quick), list(ORGAN_NAMES[:demo.spec.organs]), demo.device_text())
     write_demo_report(demo.out / "report.md", text)

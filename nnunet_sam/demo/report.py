@@ -32,16 +32,35 @@ def _comparison(results: dict, models: dict[str, str]) -> list[str]:
             for name in models if name != BASELINE] + [""]
 
 
+def _pseudo_label_table(results: dict, organs: list[str]) -> list[str]:
+    """Dice of the baseline's predictions and of SAM's pseudo labels (zero-shot, and fine-tuned if run)."""
+    summary = results["refine"]["summary"]
+    finetuned = results.get("refine fine-tuned", {}).get("summary")
+    header = ["organ", "baseline prediction", "after SAM"]
+    if finetuned is not None:
+        header.append("after fine-tuned SAM")
+    header += ["slices refined", "kept by guard", "filled"]
+    used = finetuned or summary  # the pseudo labels the trainers learnt from
+    rows = []
+    for label, s in summary.items():
+        row = [organs[int(label) - 1], _fmt(s["mean_dice_before"]), _fmt(s["mean_dice_after"])]
+        if finetuned is not None:
+            row.append(_fmt(finetuned[label]["mean_dice_after"]))
+        rows.append(row + [str(used[label][key]) for key in ("slices_refined", "slices_kept", "slices_filled")])
+    lines = _table(header, rows)
+    if finetuned is not None:
+        tuning = results["fine-tune SAM"]
+        lines += ["", f"The decoder was fine-tuned on the {tuning['slices']} labelled slices of the training cases "
+                      f"({tuning['epochs']} epochs, {tuning['seconds_per_epoch']:.1f} s each); the slice counts "
+                      f"and the trainers' pseudo labels are the fine-tuned SAM's."]
+    return lines
+
+
 def demo_report(results: dict, models: dict[str, str], organs: list[str], device: str) -> str:
     """Markdown: setting, pseudo-label Dice before/after SAM, test Dice per model, time per stage."""
-    summary = results["refine"]["summary"]
     lines = ["# nnunet-sam demo", "", *_setting(results, device),
              "## Pseudo labels of the unlabelled cases (Dice against their hidden truth)", ""]
-    rows = [[organs[int(label) - 1], _fmt(s["mean_dice_before"]), _fmt(s["mean_dice_after"]),
-             str(s["slices_refined"]), str(s["slices_kept"]), str(s["slices_filled"])]
-            for label, s in summary.items()]
-    lines += _table(["organ", "baseline prediction", "after SAM", "slices refined", "kept by guard", "filled"],
-                    rows)
+    lines += _pseudo_label_table(results, organs)
     lines += ["", "## Test cases (Dice, nnU-Net's evaluation)", ""]
     header = ["model", "trainer", *organs, "mean"]
     rows = []

@@ -1,0 +1,214 @@
+"""Fine-tuned vs zero-shot LiteMedSAM on real labelled images, leave-one-out, and what fine-tuning costs.
+
+Data: the five cases with manual tumour labels of `benchmarks/refine_quality.py` (brain MR x2, breast MR,
+lung CT x2, from the sdist of `pyradiomics-bhklab==3.1.4`). For each held-out case, the mask decoder is
+fine-tuned (`nnunet_sam.sam.finetune`, default settings) on the labelled slices of the other four, then
+measured on the held-out case against its truth:
+- decoder: SAM's masks from the true boxes (no guard), zero-shot vs fine-tuned;
+- refined: the engine's refinement (default settings, guard on) of degraded masks (seeds 0..N-1,
+  `degrade_labels` as in refine_quality.py), zero-shot vs fine-tuned;
+- control: the truth itself refined (a correct mask should stay correct).
+Cost: seconds per epoch, slices encoded, size of the embedding cache (`benchmarks/.cache/embeddings/`).
+Results are printed and written to the "Fine-tuning" section of `benchmarks/RESULTS.md`.
+
+Run: `.venv/bin/python benchmarks/finetune_quality.py` (see `--help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nnunet_sam.demo import degrade
+from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
+from nnunet_sam.sam.embedding_cache import EmbeddingCache
+from nnunet_sam.sam.finetune import DecoderFinetuner, FinetuneSettings, LabelledVolume, decoder_dice, slice_examples
+
+sys.dont_write_bytecode = True  # write nothing but the cache and RESULTS.md (no benchmarks/__pycache__)
+from refine_quality import (CACHE, CASES, LABEL, PACKAGE, VERSION, Case, code_version, data_lines,  # noqa: E402
+                            fetch_data, load_case, machine_text, refine_once)
+from results import RESULTS, markdown_table, update_results_section  # noqa: E402
+
+logger = logging.getLogger("finetune_quality")
+
+TITLE = "Fine-tuning (benchmarks/finetune_quality.py)"
+EMBEDDINGS = CACHE / "embeddings"
+
+
+@dataclass
+class Scores:
+    """One held-out case under one decoder (zero-shot or fine-tuned)."""
+
+    decoder: float
+    refined: list[float] = field(default_factory=list)  # per degradation seed
+    control: float = 0.0
+    before: list[float] = field(default_factory=list)  # the degraded masks' own Dice, per seed
+
+    @property
+    def refined_mean(self) -> float:
+        return float(np.mean(self.refined))
+
+
+@dataclass
+class Fold:
+    held_out: str
+    train_slices: int
+    dice_before: list[float]  # degraded masks vs truth, per seed
+    zero_shot: Scores
+    finetuned: Scores
+    seconds_per_epoch: float
+    fit_seconds: float
+    loss_first: float
+    loss_last: float
+
+
+def volume(case: Case) -> LabelledVolume:
+    return LabelledVolume(case.name, case.image, case.truth, case.spacing)
+
+
+def score(model, cache: EmbeddingCache, settings: RefineSettings, case: Case, seeds: Sequence[int]) -> Scores:
+    """Decoder Dice from true boxes, refinement Dice per degradation seed, and the control."""
+    examples = slice_examples([volume(case)], cache, settings)
+    decoder = decoder_dice(model, cache, examples, settings.box_margin)[case.name][LABEL]
+    refiner = SamRefiner(model, settings, cache)
+    runs = [refine_once(refiner, case, degrade.degrade_labels(case.truth, seed=seed, body=None), seed)
+            for seed in seeds]
+    return Scores(decoder=decoder, refined=[r.dice_after for r in runs], before=[r.dice_before for r in runs],
+                  control=refine_once(refiner, case, case.truth, None).dice_after)
+
+
+def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSettings,
+                  device: str) -> tuple[list[Fold], EmbeddingCache]:
+    model = load_sam("litemedsam", device=device)
+    cache = EmbeddingCache(EMBEDDINGS, model)
+    refine_settings = RefineSettings()
+    finetuner = DecoderFinetuner(model, cache, refine_settings, settings)
+    zero_shot = {case.name: score(model, cache, refine_settings, case, seeds) for case in cases}
+    folds = []
+    for held_out in cases:
+        finetuner.restore()
+        training = [volume(c) for c in cases if c is not held_out]
+        examples = slice_examples(training, cache, refine_settings, min_pixels=settings.min_pixels)
+        started = time.perf_counter()
+        result = finetuner.fit(examples)
+        fit_seconds = time.perf_counter() - started
+        finetuned = score(model, cache, refine_settings, held_out, seeds)
+        fold = Fold(held_out=held_out.name, train_slices=len(examples), dice_before=zero_shot[held_out.name].before,
+                    zero_shot=zero_shot[held_out.name], finetuned=finetuned,
+                    seconds_per_epoch=result.seconds_per_epoch, fit_seconds=fit_seconds,
+                    loss_first=result.history[0].loss, loss_last=result.history[-1].loss)
+        logger.info("%s held out: decoder %.3f -> %.3f, refined %.3f -> %.3f, control %.3f -> %.3f (%.1f s/epoch)",
+                    held_out.name, fold.zero_shot.decoder, finetuned.decoder, fold.zero_shot.refined_mean,
+                    finetuned.refined_mean, fold.zero_shot.control, finetuned.control, fold.seconds_per_epoch)
+        folds.append(fold)
+    finetuner.restore()
+    return folds, cache
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def fold_table(folds: list[Fold]) -> str:
+    header = ["held-out case", "training slices", "decoder zero-shot", "decoder fine-tuned",
+              "degraded (before)", "refined zero-shot", "refined fine-tuned", "control zero-shot",
+              "control fine-tuned", "loss first -> last epoch", "s / epoch"]
+    rows = [[f.held_out, str(f.train_slices), f"{f.zero_shot.decoder:.3f}", f"{f.finetuned.decoder:.3f}",
+             f"{np.mean(f.dice_before):.3f}", f"{f.zero_shot.refined_mean:.3f}", f"{f.finetuned.refined_mean:.3f}",
+             f"{f.zero_shot.control:.3f}", f"{f.finetuned.control:.3f}", f"{f.loss_first:.3f} -> {f.loss_last:.3f}",
+             f"{f.seconds_per_epoch:.1f}"] for f in folds]
+    mean = lambda values: f"**{np.mean(values):.3f}**"  # noqa: E731
+    rows.append(["**mean**", "", mean([f.zero_shot.decoder for f in folds]), mean([f.finetuned.decoder for f in folds]),
+                 mean([np.mean(f.dice_before) for f in folds]), mean([f.zero_shot.refined_mean for f in folds]),
+                 mean([f.finetuned.refined_mean for f in folds]), mean([f.zero_shot.control for f in folds]),
+                 mean([f.finetuned.control for f in folds]), "",
+                 f"{np.mean([f.seconds_per_epoch for f in folds]):.1f}"])
+    return markdown_table(header, rows)
+
+
+def cost_lines(folds: list[Fold], cache: EmbeddingCache, settings: FinetuneSettings) -> list[str]:
+    encoded = cache.misses
+    return [
+        f"- Fine-tuning: {settings.epochs} epochs per fold, {np.mean([f.seconds_per_epoch for f in folds]):.1f} s "
+        f"per epoch on average ({min(f.seconds_per_epoch for f in folds):.1f}-"
+        f"{max(f.seconds_per_epoch for f in folds):.1f}), {np.mean([f.fit_seconds for f in folds]):.0f} s per fold; "
+        f"about {np.mean([f.seconds_per_epoch / f.train_slices for f in folds]):.2f} s per labelled slice per epoch.",
+        f"- Embedding cache: {encoded} slices encoded in this run, {cache.hits} reads served from the cache; "
+        f"{cache.size_bytes() / 2**20:.1f} MB on disk for this model (float16, "
+        f"{cache.size_bytes() / max(1, len(list(cache.folder.rglob('*.npy')))) / 2**20:.1f} MB per slice).",
+    ]
+
+
+def section(args: argparse.Namespace, device: str, version: str, cases: list[Case], folds: list[Fold],
+            cache: EmbeddingCache, settings: FinetuneSettings, seconds: float) -> str:
+    command = shlex.join([".venv/bin/python", "benchmarks/finetune_quality.py", *args.argv])
+    wins = sum(f.finetuned.refined_mean > f.zero_shot.refined_mean for f in folds)
+    parts = [
+        f"Machine: {machine_text(torch.device(device))}. Total runtime: {seconds / 60:.1f} min. The CPU may be "
+        f"shared with other work: the seconds are indicative only.", "",
+        f"Command: `{command}`. Code: {version}.", "",
+        f"Data: the cases with manual tumour labels from `{PACKAGE}=={VERSION}` (see the refinement-quality "
+        f"section):", "",
+        *data_lines(cases), "",
+        "Leave-one-out: for each held-out case, LiteMedSAM's mask decoder is fine-tuned on the labelled slices of "
+        "the other four cases (image encoder and prompt encoder frozen, embeddings cached), then measured on the "
+        "held-out case. *decoder*: SAM's masks from the true boxes (no guard). *refined*: the engine's default "
+        f"refinement (guard on) of `degrade_labels(truth, seed, body=None)` masks, mean over seeds "
+        f"{list(args.seed_list)}. *control*: the true label refined (should stay at 1.0).", "",
+        f"Fine-tuning settings: {', '.join(f'{k}={v!r}' for k, v in asdict(settings).items())}.", "",
+        fold_table(folds), "",
+        f"Fine-tuned refinement beat zero-shot on {wins} of {len(folds)} held-out cases.", "",
+        "Cost:", "",
+        *cost_lines(folds, cache, settings), "",
+    ]
+    return "\n".join(parts)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = FinetuneSettings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=4, metavar="N",
+                        help="degrade every held-out case with seeds 0..N-1 (default 4)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs per fold")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or auto")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
+                        help=f"cases (default all: {' '.join(CASES)}); each is held out once")
+    parser.add_argument("--no-write", action="store_true",
+                        help=f"print only; do not update {RESULTS.relative_to(RESULTS.parent.parent)}")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.epochs < 1 or len(args.cases) < 2:
+        parser.error("--seeds and --epochs must be at least 1, and leave-one-out needs at least 2 cases")
+    args.seed_list = list(range(args.seeds))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    version = code_version()
+    fetch_data(args.cases)
+    cases = [load_case(name) for name in args.cases]
+    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr)
+    folds, cache = run_benchmark(cases, args.seed_list, settings, args.device)
+    seconds = time.perf_counter() - started
+    print("\n" + fold_table(folds) + "\n\n" + "\n".join(cost_lines(folds, cache, settings))
+          + f"\n\nTotal runtime {seconds / 60:.1f} min")
+    if not args.no_write:
+        update_results_section(TITLE, section(args, args.device, version, cases, folds, cache, settings, seconds))
+        logger.info("wrote %s", RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
