@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nnunet_sam.sam.views import (normalize_intensities, resize_view, slice_view, slicing_axis, view_geometry)
+from nnunet_sam.sam.prompts import dice
+from nnunet_sam.sam.views import (TileLayout, normalize_intensities, resize_view, slice_view, slicing_axis,
+                                  view_geometry)
 
 
 @pytest.mark.parametrize("spacing, shape, axis", [
@@ -67,3 +70,26 @@ def test_logits_map_back_onto_the_slice_grid():
     assert back.shape == (1, 100, 50)
     positive = (back[0] > 0).numpy()
     assert positive[:48].all() and not positive[52:].any()
+
+
+def test_tiles_place_each_slice_in_its_cell_and_come_back():
+    volume = np.zeros((5, 30, 40), dtype=np.float32)
+    for index in range(5):
+        volume[index, 5 + index:15 + index, 10:20] = 1.0  # a square that moves down slice by slice
+    layout = TileLayout.for_slices((30, 40), (1.0, 1.0), 256, grid=2)
+    assert layout.cell.input_size == 128 and layout.cell.resized_shape == (96, 128)
+    canvas = layout.tile(volume, [1, 2, 3])
+    assert canvas.shape == (256, 256, 3) and canvas[128:, 128:].max() == 0  # the 4th cell is unused
+    for position, index in enumerate([1, 2, 3]):
+        row, col = layout.cell_origin(position)
+        cell = canvas[row:row + 128, col:col + 128, 0]
+        single = resize_view(slice_view(volume, index), layout.cell)[..., 0]
+        assert np.allclose(cell, single)
+    # logits that are the canvas itself come back as each slice's mask
+    logits = torch.from_numpy(canvas[..., 0] * 20 - 10)[None, None]
+    cells = layout.cell_logits(F.interpolate(logits, size=(64, 64), mode="bilinear"), 3)
+    assert cells.shape == (3, 1, 30, 40)
+    for position, index in enumerate([1, 2, 3]):
+        assert dice(cells[position, 0].numpy() > 0, volume[index] > 0.5) > 0.9
+    with pytest.raises(ValueError):
+        layout.tile(volume, [0, 1, 2, 3, 4])

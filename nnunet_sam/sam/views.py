@@ -146,3 +146,57 @@ class VolumeViews:
         """(B, S, S, 3) model inputs of the slices `indices`."""
         return np.stack([resize_view(slice_view(self.volume, int(i), self.context), self.geometry)
                          for i in indices])
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """CFR's concatenation: `grid` x `grid` consecutive slices tiled row by row into one model input.
+
+    Each slice is resized into a square cell of `input_size // grid` pixels with its physical aspect ratio
+    kept (padded at the bottom/right, as a single view is), so SAM sees a 3D patch in one image."""
+
+    grid: int
+    cell: ViewGeometry  # one slice inside one cell (its input_size is the cell size)
+    input_size: int
+
+    @classmethod
+    def for_slices(cls, slice_shape: Sequence[int], pixel_spacing: Sequence[float], input_size: int,
+                   grid: int) -> "TileLayout":
+        if grid < 1 or input_size // grid < 8:
+            raise ValueError(f"a {grid}x{grid} tiling does not fit a {input_size}-pixel model input")
+        return cls(grid, view_geometry(slice_shape, pixel_spacing, input_size // grid), input_size)
+
+    @property
+    def slices_per_tile(self) -> int:
+        return self.grid * self.grid
+
+    def cell_origin(self, position: int) -> tuple[int, int]:
+        """(row, column) of the top-left pixel of cell `position` (row-major) in the model input."""
+        size = self.cell.input_size
+        return (position // self.grid) * size, (position % self.grid) * size
+
+    def tile(self, volume: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+        """The (S, S, 3) model input with slices `indices` (at most grid * grid) of a normalised (N, H, W)
+        volume in its cells; unused cells stay black."""
+        if len(indices) > self.slices_per_tile:
+            raise ValueError(f"{len(indices)} slices do not fit {self.grid}x{self.grid} cells")
+        canvas = np.zeros((self.input_size, self.input_size, 3), dtype=np.float32)
+        size = self.cell.input_size
+        for position, index in enumerate(indices):
+            row, col = self.cell_origin(position)
+            canvas[row:row + size, col:col + size] = resize_view(slice_view(volume, int(index)), self.cell)
+        return canvas
+
+    def cell_logits(self, low_res_logits: torch.Tensor, count: int) -> torch.Tensor:
+        """(N, 1, L, L) decoder logits over the whole tiled input -> (count, N, H, W) logits of the first
+        `count` cells, each on its slice's grid."""
+        full = F.interpolate(low_res_logits, size=(self.input_size, self.input_size), mode="bilinear",
+                             align_corners=False)
+        size = self.cell.input_size
+        cells = []
+        for position in range(count):
+            row, col = self.cell_origin(position)
+            cell = full[..., row:row + size, col:col + size]
+            cell = cell[..., : self.cell.resized_shape[0], : self.cell.resized_shape[1]]
+            cells.append(F.interpolate(cell, size=self.cell.slice_shape, mode="bilinear", align_corners=False)[:, 0])
+        return torch.stack(cells)
