@@ -2,7 +2,7 @@
 
 Data: the five cases with manual tumour labels of `benchmarks/refine_quality.py` (brain MR x2, breast MR,
 lung CT x2, from the sdist of `pyradiomics-bhklab==3.1.4`). For each held-out case, the mask decoder is
-fine-tuned (`nnunet_sam.sam.finetune`, default settings) on the labelled slices of the other four, then
+fine-tuned (`nnunet_sam.sam.finetune`, default settings) on the labelled slices of all other cases, then
 measured on the held-out case against its truth:
 - decoder: SAM's masks from the true boxes (no guard), zero-shot vs fine-tuned;
 - refined: the engine's refinement (default settings, guard on) of degraded masks (seeds 0..N-1,
@@ -157,8 +157,8 @@ def section(args: argparse.Namespace, device: str, version: str, cases: list[Cas
         f"section):", "",
         *data_lines(cases), "",
         "Leave-one-out: for each held-out case, LiteMedSAM's mask decoder is fine-tuned on the labelled slices of "
-        "the other four cases (image encoder and prompt encoder frozen, embeddings cached), then measured on the "
-        "held-out case. *decoder*: SAM's masks from the true boxes (no guard). *refined*: the engine's default "
+        f"the other {len(cases) - 1} cases (image encoder and prompt encoder frozen, embeddings cached), then "
+        "measured on the held-out case. *decoder*: SAM's masks from the true boxes (no guard). *refined*: the engine's default "
         f"refinement (guard on) of `degrade_labels(truth, seed, body=None)` masks, mean over seeds "
         f"{list(args.seed_list)}. *control*: the true label refined (should stay at 1.0).", "",
         f"Fine-tuning settings: {', '.join(f'{k}={v!r}' for k, v in asdict(settings).items())}.", "",

@@ -71,22 +71,34 @@ def test_a_decoder_finetuned_on_one_volume_improves_refinement_on_another(finetu
 
 def test_restore_brings_back_the_zero_shot_decoder(finetuned, litemedsam):
     trained = finetuned.finetuner.decoder_state()
-    finetuned.finetuner.restore()
-    base = litemedsam.module.mask_decoder.state_dict()
-    assert all(torch.equal(v, base[k]) for k, v in finetuned.model.module.mask_decoder.state_dict().items())
-    finetuned.model.module.mask_decoder.load_state_dict(trained)
+    try:
+        finetuned.finetuner.restore()
+        base = litemedsam.module.mask_decoder.state_dict()
+        assert all(torch.equal(v, base[k]) for k, v in finetuned.model.module.mask_decoder.state_dict().items())
+    finally:
+        finetuned.model.module.mask_decoder.load_state_dict(trained)
+
+
+def _same_labels(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest per-class Dice of two label maps (classes 1 and 2)."""
+    return min(dice(a == k, b == k) for k in (1, 2))
 
 
 def test_the_checkpoint_round_trips_into_refinement(finetuned, litemedsam, tmp_path, caplog):
-    path = save_finetuned(finetuned.model, tmp_path / "ft.pth", {"context": "single", "data": "phantom"})
+    record = {"context": "single", "cases": [np.str_("phantom")]}  # numpy strings, as nnU-Net's splits give
+    path = save_finetuned(finetuned.model, tmp_path / "ft.pth", record)
     loaded = load_sam("litemedsam", path, device="cpu")
-    assert loaded.finetuned["context"] == "single" and loaded.finetuned["sam"] == "litemedsam"
+    assert loaded.finetuned == {"sam": "litemedsam", "context": "single", "cases": ["phantom"]}
     trained = finetuned.model.module.mask_decoder.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in loaded.module.mask_decoder.state_dict().items())
+    saved = torch.load(path, weights_only=True)["model"]
+    base = torch.load(litemedsam.checkpoint, weights_only=True)
+    assert set(saved) == set(base)
+    assert all(torch.equal(v, base[k]) for k, v in saved.items() if not k.startswith("mask_decoder."))
     assert encoder_fingerprint(loaded) == encoder_fingerprint(litemedsam)  # the cached embeddings stay valid
     held_out = finetuned.held_out
     again = SamRefiner(loaded, SETTINGS).refine(held_out.image, degrade(held_out.labels), held_out.spacing).mask
-    assert dice(again > 0, finetuned.finetuned.mask > 0) > 0.995  # float16 cache vs fresh float32 embeddings
+    assert _same_labels(again, finetuned.finetuned.mask) > 0.99  # float16 cache vs fresh float32 embeddings
 
     with caplog.at_level(logging.WARNING):
         SamRefiner(loaded, RefineSettings(context="adjacent"))
@@ -107,7 +119,7 @@ def test_nnsam_refine_files_mode_loads_the_checkpoint(finetuned, tmp_path):
     import SimpleITK as sitk
 
     refined = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz")))
-    assert dice(refined > 0, finetuned.finetuned.mask > 0) > 0.995
+    assert _same_labels(refined, finetuned.finetuned.mask) > 0.99
 
 
 def test_jittered_boxes_stay_inside_the_image_and_vary():
@@ -130,6 +142,11 @@ def test_mask_losses_reward_the_right_mask():
     good, iou_good = mask_losses(truth * 20 - 10, truth)
     bad, iou_bad = mask_losses(-(truth * 20 - 10), truth)
     assert good < 0.05 < bad and iou_good.item() == 1.0 and iou_bad.item() == 0.0
+    ignored = torch.ones(16, 16, dtype=torch.bool)
+    ignored[4:10, 4:10] = False  # only the truth's square is labelled: the wrong logits outside do not count
+    wide = torch.full((1, 16, 16), 10.0)
+    assert mask_losses(wide, truth, ~ignored)[0] < 0.05
+    assert mask_losses(wide, truth)[0] > 0.3
 
 
 # --- nnsam_finetune on an nnU-Net dataset ------------------------------------------------------------
@@ -140,7 +157,7 @@ def finetune_run(planned_dataset, baseline, tmp_path_factory):
     argv = ["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
             "--disable_tta", "--epochs", "2", "-device", "cpu"]
     finetune_cli.main(argv + ["-o", str(output)])
-    report = json.loads((output.parent / "finetune_report.json").read_text())
+    report = json.loads((output.parent / "decoder_report.json").read_text())
     return SimpleNamespace(argv=argv, output=output, report=report)
 
 
@@ -151,9 +168,9 @@ def test_nnsam_finetune_trains_on_the_folds_training_cases_only(planned_dataset,
     assert not set(report["train_cases"]) & set(report["validation_cases"])
     rows = report["validation"]["rows"]
     assert {(r["case"], r["label"]) for r in rows} == {(splits[0]["val"][0], 1), (splits[0]["val"][0], 2)}
-    for row in rows:
-        for key in ("decoder_zero_shot", "decoder_finetuned", "initial", "refined_zero_shot", "refined_finetuned"):
-            assert 0.0 <= row[key] <= 1.0
+    for row in rows:  # the fine-tuned decoder learnt these organs: from true boxes it is near-perfect
+        assert row["decoder_finetuned"] > 0.8
+        assert row["refined_zero_shot"] is not None and row["refined_finetuned"] is not None
     assert len(report["training"]["loss"]) == 2 and report["training"]["seconds_per_epoch"] > 0
     loaded = load_sam("litemedsam", finetune_run.output, device="cpu")
     assert loaded.finetuned["train_cases"] == splits[0]["train"] and loaded.finetuned["context"] == "single"
@@ -163,7 +180,7 @@ def test_nnsam_finetune_reuses_cached_embeddings_across_runs(planned_dataset, fi
     first = finetune_run.report["cache"]
     assert first["encoded"] > 0 and first["megabytes"] > 0
     finetune_cli.main(finetune_run.argv + ["-o", str(tmp_path / "again.pth"), "--no-refine-validation"])
-    second = json.loads((tmp_path / "finetune_report.json").read_text())
+    second = json.loads((tmp_path / "again_report.json").read_text())
     assert second["cache"]["encoded"] == 0 and second["cache"]["reused"] > 0
     assert second["validation"]["rows"] and "refined_zero_shot" not in second["validation"]["rows"][0]
 
@@ -177,3 +194,13 @@ def test_nnsam_finetune_reuses_cached_embeddings_across_runs(planned_dataset, fi
 def test_nnsam_finetune_errors_name_the_fix(planned_dataset, capsys, extra, expected):
     argv = ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *extra]
     assert expected in error_of(finetune_cli.main, argv, capsys)
+
+
+def test_nnsam_finetune_never_overwrites_files_it_did_not_write(planned_dataset, finetune_run, tmp_path, capsys):
+    user_file = tmp_path / "weights.pth"
+    user_file.write_bytes(b"a user's file")
+    argv = ["-d", str(planned_dataset.dataset_id), "-device", "cpu"]
+    assert "was not written by nnsam_finetune" in error_of(finetune_cli.main, argv + ["-o", str(user_file)], capsys)
+    assert user_file.read_bytes() == b"a user's file"
+    message = error_of(finetune_cli.main, argv + ["-o", str(user_file), "--checkpoint", str(user_file)], capsys)
+    assert "is the base --checkpoint" in message

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
     ds.add_argument("-o", dest="output", type=Path, default=None,
                     help="checkpoint file to write (default: nnUNet_results/DatasetXXX/nnsamFinetune__PLANS__"
-                         "CONFIG/fold_F/SAM_CONTEXT.pth, with finetune_report.json beside it)")
+                         "CONFIG/fold_F/SAM_CONTEXT.pth, with SAM_CONTEXT_report.json beside it); an "
+                         "existing file is replaced only if nnsam_finetune wrote it")
     ds.add_argument("--cache", type=Path, default=None,
                     help="embedding cache folder (default: nnUNet_preprocessed/DatasetXXX/nnsam_embeddings)")
     add_sam_arguments(p, compile_flag=False)
@@ -75,7 +76,7 @@ def _finetune(args: argparse.Namespace) -> None:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = FinetuneJob(dataset=args.dataset, configuration=args.configuration, fold=args.fold, plans=args.plans,
                       channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache)
-    plan = plan_finetune_job(job, args.sam, args.context)
+    plan = plan_finetune_job(job, args.sam, args.context, args.checkpoint)
     refine_settings = RefineSettings(**view_settings(args))
     if refine_settings.ct_window is not None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(

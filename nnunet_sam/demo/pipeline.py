@@ -230,14 +230,14 @@ class Demo:
         """Do every stage not finished yet; return all stage results by name."""
         self.out.mkdir(parents=True, exist_ok=True)
         self._set_environment()
-        results = {"dataset": self._stage("dataset", self.make_dataset),
-                   "plan": self._stage("plan", self.plan),
-                   "unlabeled": self._stage("unlabeled", self.preprocess_unlabeled)}
-        models = trainers(self.quick)
-        results["train baseline"] = self._stage("train_baseline", lambda: self.train(models[BASELINE]))
+        results = {"dataset": self._stage("dataset", self.make_dataset)}
         if results["dataset"].get("finetune", False) != self.finetune:
             raise NnsamError(f"{self.out} holds a demo run {'without' if self.finetune else 'with'} --finetune; "
                              f"use the same flags or another -o")
+        results["plan"] = self._stage("plan", self.plan)
+        results["unlabeled"] = self._stage("unlabeled", self.preprocess_unlabeled)
+        models = trainers(self.quick)
+        results["train baseline"] = self._stage("train_baseline", lambda: self.train(models[BASELINE]))
         results["refine"] = self._stage("refine", self.refine)
         if self.finetune:
             results["fine-tune SAM"] = self._stage("finetune", self.finetune_sam)

@@ -8,7 +8,7 @@ the fold has a trained nnU-Net, the Dice of its refined predictions, zero-shot v
 
 Outputs, in `nnUNet_results/DatasetXXX/nnsamFinetune__<plans>__<configuration>/fold_F/` unless `-o` says
 otherwise: the checkpoint (`nnsam_refine --checkpoint` loads it like the base model) and
-`finetune_report.json` beside it.
+`<checkpoint name>_report.json` beside it.
 """
 
 from __future__ import annotations
@@ -28,18 +28,15 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.splits import fold_cases
-from nnunet_sam.sam.embedding_cache import EmbeddingCache
-from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, decoder_dice,
-                                     save_finetuned, slice_examples, view_record)
-from nnunet_sam.sam.models import SamModel
+from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, LabelledVolume, RefineSettings,
+                            SamModel, SamRefiner, decoder_dice, read_checkpoint, save_finetuned, slice_examples,
+                            view_record)
 from nnunet_sam.sam.prompts import dice
-from nnunet_sam.sam.refine import RefineSettings, SamRefiner
 from nnunet_sam.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 RESULTS_TRAINER = "nnsamFinetune"  # the results folder is named like nnU-Net's: TRAINER__PLANS__CONFIGURATION
-REPORT_NAME = "finetune_report.json"
 EMBEDDINGS_FOLDER = "nnsam_embeddings"
 
 
@@ -80,7 +77,27 @@ def default_output(folders: DatasetFolders, fold: str, sam: str, context: str) -
     return folder / f"{sam}_{context}.pth"
 
 
-def plan_finetune_job(job: FinetuneJob, sam: str, context: str) -> FinetunePlan:
+def report_path(checkpoint: Path) -> Path:
+    """The report written beside a checkpoint: CHECKPOINT_STEM_report.json (one per checkpoint)."""
+    return checkpoint.with_name(f"{checkpoint.stem}_report.json")
+
+
+def check_output(output: Path, base_checkpoint: Path | None) -> None:
+    """Refuse outputs that would overwrite something not written by nnsam_finetune (the base weights, user files)."""
+    if output.suffix != ".pth":
+        raise NnsamError(f"-o {output} should name a .pth file (the fine-tuned checkpoint)")
+    if base_checkpoint is not None and output.resolve() == base_checkpoint.resolve():
+        raise NnsamError(f"-o {output} is the base --checkpoint; write the fine-tuned one to another file")
+    if output.exists():
+        try:
+            _, record = read_checkpoint(output, "any")
+        except NnsamError:
+            record = None
+        if record is None:
+            raise NnsamError(f"-o {output} exists and was not written by nnsam_finetune; choose another file")
+
+
+def plan_finetune_job(job: FinetuneJob, sam: str, context: str, base_checkpoint: Path | None = None) -> FinetunePlan:
     """Resolve folders, the fold's cases and the output; find the fold's trained nnU-Net (optional)."""
     folders = dataset_folders(job.dataset, job.configuration, job.plans)
     fold = job.fold if job.fold == "all" else str(_fold_number(job.fold))
@@ -92,16 +109,15 @@ def plan_finetune_job(job: FinetuneJob, sam: str, context: str) -> FinetunePlan:
         logger.warning("fold all: every labelled case trains the decoder; there are no validation cases to "
                        "compare zero-shot and fine-tuned SAM on (use a numbered fold for that)")
     output = job.output or default_output(folders, fold, sam, context)
-    if output.suffix != ".pth":
-        raise NnsamError(f"-o {output} should name a .pth file (the fine-tuned checkpoint)")
+    check_output(output, base_checkpoint)
     initial = None
     if job.evaluate_with is not None and validation:
         choice = ModelChoice(job.evaluate_with.trainer, (fold,), job.evaluate_with.checkpoint, job.evaluate_with.tta)
         try:
             initial = resolve_model(folders, choice)
         except NnsamError as exc:
-            logger.info("validation without refinement of nnU-Net predictions (%s); the decoder's Dice from true "
-                        "boxes is still reported", exc)
+            logger.warning("validation without refinement of nnU-Net predictions (%s); the decoder's Dice from "
+                           "true boxes is still reported", exc)
     return FinetunePlan(job=job, folders=folders, train=train, validation=validation, output=output,
                         initial_model=initial)
 
@@ -135,10 +151,14 @@ class _PreprocessedCases:
         data, seg, _, properties = self.dataset.load_case(identifier)
         data = np.asarray(data[:])
         labels = np.asarray(seg[0])
-        if self.label_manager.has_ignore_label:
-            labels = np.where(labels == self.label_manager.ignore_label, 0, labels)
+        ignore = None
+        if self.label_manager.has_ignore_label:  # unlabelled pixels: neither foreground nor background
+            ignore = labels == self.label_manager.ignore_label
+            labels = np.where(ignore, 0, labels)
         spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
-        return data, LabelledVolume(identifier, data[self.channel], np.maximum(labels, 0).astype(np.int16), spacing)
+        volume = LabelledVolume(identifier, data[self.channel], np.maximum(labels, 0).astype(np.int16), spacing,
+                                ignore=ignore if ignore is not None and ignore.any() else None)
+        return data, volume
 
 
 def _mean(values: list[float]) -> float | None:
@@ -149,7 +169,7 @@ class _Validation:
     """Zero-shot and fine-tuned Dice on the fold's validation cases."""
 
     def __init__(self, plan: FinetunePlan, cases: _PreprocessedCases, model: SamModel, cache: EmbeddingCache,
-                 settings: RefineSettings) -> None:
+                 settings: RefineSettings, min_pixels: int) -> None:
         self.model, self.cache, self.settings = model, cache, settings
         self.labels = cases.labels
         self.volumes, self.initial = [], {}
@@ -161,7 +181,7 @@ class _Validation:
             self.volumes.append(volume)
             if predictor is not None:
                 self.initial[identifier] = predictor.predict(data)
-        self.examples = slice_examples(self.volumes, cache, settings, self.labels)
+        self.examples = slice_examples(self.volumes, cache, settings, self.labels, min_pixels)
 
     def measure(self) -> dict[str, dict[int, dict[str, float]]]:
         """Per case and class: `decoder` Dice from true boxes; with a trained nnU-Net also `refined` Dice."""
@@ -175,10 +195,12 @@ class _Validation:
                 continue
             initial, probabilities = self.initial[volume.name]
             refined = refiner.refine(volume.image, initial, volume.spacing, probabilities, self.labels).mask
+            valid = np.ones(volume.labels.shape, dtype=bool) if volume.ignore is None else ~volume.ignore
             for label in self.labels:
                 row = rows.setdefault(volume.name, {}).setdefault(label, {})
-                row["initial"] = dice(initial == label, volume.labels == label)
-                row["refined"] = dice(refined == label, volume.labels == label)
+                truth = (volume.labels == label) & valid
+                row["initial"] = dice((initial == label) & valid, truth)
+                row["refined"] = dice((refined == label) & valid, truth)
         return rows
 
 
@@ -223,7 +245,8 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     logger.info("%d labelled slices (%d class masks) from %d training case(s); embeddings in %s (%d encoded now, "
                 "%d from earlier runs)", len(examples), sum(len(e.labels) for e in examples), len(volumes),
                 cache.folder, cache.misses, cache.hits)
-    validation = _Validation(plan, cases, model, cache, refine_settings) if plan.validation else None
+    validation = (_Validation(plan, cases, model, cache, refine_settings, settings.min_pixels)
+                  if plan.validation else None)
     zero_shot = validation.measure() if validation else {}
     finetuner = DecoderFinetuner(model, cache, refine_settings, settings)
     result = finetuner.fit(examples)
@@ -232,6 +255,7 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     label_names = {int(v): k for k, v in folders.dataset_json()["labels"].items() if isinstance(v, int)}
     record = {
         **view_record(refine_settings),
+        "ct_window_units": "nnU-Net preprocessed intensities",
         "data": f"{folders.name} {folders.configuration} fold {plan.job.fold}",
         "train_cases": plan.train,
         "labels": {str(label): label_names.get(label, str(label)) for label in cases.labels},
@@ -253,7 +277,7 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
                   "megabytes": round(cache.size_bytes() / 2**20, 2)},
         "validation": {"rows": rows, "means": means},
     }
-    write_json_atomic(report, plan.output.parent / REPORT_NAME)
+    write_json_atomic(report, report_path(plan.output))
     logger.info("fine-tuned decoder written to %s (%.2f s per epoch)", plan.output, result.seconds_per_epoch)
     if rows:
         logger.info("validation Dice, zero-shot vs fine-tuned:\n%s", validation_table(rows, means, label_names))

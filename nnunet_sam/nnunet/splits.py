@@ -41,7 +41,8 @@ def ensure_few_label_splits(folders: DatasetFolders) -> None:
 def fold_cases(folders: DatasetFolders, fold: str) -> tuple[list[str], list[str]]:
     """The training and validation cases of a fold, as nnUNetTrainer.do_split finds them: fold `all` trains
     on every labelled case (no validation); other folds come from splits_final.json (a leave-one-out split is
-    written first for 2-4 labelled cases; for 5 or more without the file, nnU-Net's seeded 5-fold split)."""
+    written first for 2-4 labelled cases; for 5 or more without the file, nnU-Net's seeded 5-fold split).
+    Unlike do_split, a fold beyond the split file is an error, not a random 80:20 split."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -61,9 +62,10 @@ def fold_cases(folders: DatasetFolders, fold: str) -> tuple[list[str], list[str]
         splits = generate_crossval_split(identifiers, seed=12345, n_splits=NNUNET_FOLDS)
     else:
         raise NnsamError(f"{folders.name} has {len(identifiers)} labelled case(s): only fold 'all' exists (-f all)")
-    if not 0 <= index < len(splits):
+    if not 0 <= index < len(splits):  # nnU-Net would train a random 80:20 split: we do not guess
         raise NnsamError(f"fold {fold} is not in {path} ({len(splits)} folds: 0-{len(splits) - 1}); pick another -f")
-    train, validation = list(splits[index]["train"]), list(splits[index]["val"])
+    train = [str(case) for case in splits[index]["train"]]  # nnU-Net's generator gives numpy strings
+    validation = [str(case) for case in splits[index]["val"]]
     missing = sorted(set(train + validation) - set(identifiers))
     if missing:
         raise NnsamError(f"case {missing[0]} of {path} fold {fold} is not preprocessed in {folders.data_folder}; "

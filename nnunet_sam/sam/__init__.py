@@ -1,7 +1,11 @@
-"""SAM's side: models, prompts, views and the refinement engine. Knows nothing of nnU-Net."""
+"""SAM's side: models, prompts, views, the refinement engine and decoder fine-tuning. Knows nothing of nnU-Net."""
 
-from nnunet_sam.sam.models import MODEL_TYPES, SamModel, load_sam
+from nnunet_sam.sam.embedding_cache import EmbeddingCache
+from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, decoder_dice, save_finetuned,
+                                     slice_examples, view_record)
+from nnunet_sam.sam.models import MODEL_TYPES, SamModel, load_sam, read_checkpoint
 from nnunet_sam.sam.refine import PROMPT_SETS, ClassStats, RefineResult, RefineSettings, SamRefiner
 
-__all__ = ["MODEL_TYPES", "PROMPT_SETS", "ClassStats", "RefineResult", "RefineSettings", "SamModel",
-           "SamRefiner", "load_sam"]
+__all__ = ["MODEL_TYPES", "PROMPT_SETS", "ClassStats", "DecoderFinetuner", "EmbeddingCache", "FinetuneSettings",
+           "LabelledVolume", "RefineResult", "RefineSettings", "SamModel", "SamRefiner", "decoder_dice", "load_sam",
+           "read_checkpoint", "save_finetuned", "slice_examples", "view_record"]

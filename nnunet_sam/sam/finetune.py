@@ -11,6 +11,7 @@ builds them, so the fine-tuned decoder is used on the kind of input it learnt fr
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.models import FINETUNE_KEY, SamModel, read_checkpoint
 from nnunet_sam.sam.prompts import bounding_box
-from nnunet_sam.sam.refine import RefineSettings
+from nnunet_sam.sam.refine import RefineSettings, encoder_batch_size
 from nnunet_sam.sam.views import ViewGeometry, VolumeViews
 from nnunet_sam.utils.atomic import atomic_path
 
@@ -41,6 +42,7 @@ class LabelledVolume:
     image: np.ndarray
     labels: np.ndarray
     spacing: Sequence[float]
+    ignore: np.ndarray | None = None  # bool, True where the labels say nothing (nnU-Net's ignore label)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SliceExample:
     labels: np.ndarray  # (K,) the classes on this slice
     masks: np.ndarray  # (K, H, W) bool, on the slice grid
     boxes: np.ndarray  # (K, 4) tight xyxy boxes in slice pixels
+    valid: np.ndarray | None = None  # (H, W) bool: pixels the labels speak for (None: all)
 
 
 @dataclass
@@ -71,6 +74,8 @@ class FinetuneSettings:
 
 @dataclass
 class EpochRecord:
+    """Mean training loss and wall time of one epoch."""
+
     epoch: int
     loss: float
     seconds: float
@@ -78,6 +83,8 @@ class EpochRecord:
 
 @dataclass
 class FinetuneResult:
+    """What `DecoderFinetuner.fit` did: per-epoch records and how much it trained on."""
+
     history: list[EpochRecord] = field(default_factory=list)
     slices: int = 0
     masks: int = 0
@@ -103,21 +110,23 @@ def slice_examples(volumes: Iterable[LabelledVolume], cache: EmbeddingCache, set
         views = VolumeViews.prepare(volume.image, volume.spacing, model.input_size, settings.context,
                                     settings.axis, settings.ct_window)
         truth = views.to_slices(volume.labels)
+        ignored = None if volume.ignore is None else views.to_slices(volume.ignore)
         wanted = [int(v) for v in np.unique(truth) if v > 0] if labels is None else [int(v) for v in labels]
         per_slice = []
         for index in range(truth.shape[0]):
             present = [label for label in wanted if int((truth[index] == label).sum()) >= min_pixels]
             if present:
                 per_slice.append((index, present))
-        batch = 8 if model.device.type == "cuda" else 1
+        batch = encoder_batch_size(settings, model.device)
         chunks = [per_slice[i:i + 16] for i in range(0, len(per_slice), 16)]
         for chunk in tqdm(chunks, desc=f"embeddings {volume.name}", unit="chunk", disable=not progress, leave=False):
             keys = cache.ensure(views.model_inputs([index for index, _ in chunk]), batch)
             for key, (index, present) in zip(keys, chunk):
                 masks = np.stack([truth[index] == label for label in present])
+                valid = None if ignored is None or not ignored[index].any() else ~ignored[index]
                 examples.append(SliceExample(case=volume.name, index=index, key=key, geometry=views.geometry,
                                              labels=np.array(present), masks=masks,
-                                             boxes=np.stack([bounding_box(m) for m in masks])))
+                                             boxes=np.stack([bounding_box(m) for m in masks]), valid=valid))
     return examples
 
 
@@ -132,19 +141,24 @@ def jittered_boxes(boxes: np.ndarray, geometry: ViewGeometry, margin: float, jit
     h, w = geometry.resized_shape
     moved = np.clip(moved, 0, [w - 1, h - 1, w - 1, h - 1])
     low = np.minimum(moved[:, :2], moved[:, 2:])
-    high = np.maximum(np.maximum(moved[:, :2], moved[:, 2:]), low + 1)
+    high = np.minimum(np.maximum(np.maximum(moved[:, :2], moved[:, 2:]), low + 1), [w - 1, h - 1])
+    low = np.clip(np.minimum(low, high - 1), 0, None)  # at the far edge a box grows inwards
     return np.concatenate([low, high], axis=1)
 
 
-def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_losses(logits: torch.Tensor, targets: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE (mean over pixels) + soft Dice loss (mean over masks) of (K, H, W) logits, and the masks' IoU
-    (K,) of the thresholded logits, for the IoU head's target."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets)
-    probabilities = torch.sigmoid(logits)
+    (K,) of the thresholded logits, for the IoU head's target. valid: (H, W) weights, 0 where the labels
+    say nothing (ignored pixels count for neither loss nor IoU)."""
+    weight = torch.ones_like(targets[0]) if valid is None else valid.to(targets.dtype)
+    bce = (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum() / (
+        weight.sum().clamp(min=1) * len(targets))
+    probabilities = torch.sigmoid(logits) * weight
     intersection = (probabilities * targets).sum(dim=(1, 2))
-    dice = (2 * intersection + 1) / (probabilities.sum(dim=(1, 2)) + targets.sum(dim=(1, 2)) + 1)
+    dice = (2 * intersection + 1) / (probabilities.sum(dim=(1, 2)) + (targets * weight).sum(dim=(1, 2)) + 1)
     with torch.no_grad():
-        hard = logits > 0
+        hard = (logits > 0) & (weight > 0)
         truth = targets > 0.5
         iou = (hard & truth).sum(dim=(1, 2)) / (hard | truth).sum(dim=(1, 2)).clamp(min=1)
     return bce + (1 - dice).mean(), iou.float()
@@ -165,6 +179,7 @@ class DecoderFinetuner:
         self.model.module.mask_decoder.load_state_dict(self.initial_state)
 
     def decoder_state(self) -> dict:
+        """A copy of the decoder's current weights."""
         return copy.deepcopy(self.model.module.mask_decoder.state_dict())
 
     def fit(self, examples: list[SliceExample], progress: bool = True) -> FinetuneResult:
@@ -219,7 +234,8 @@ class DecoderFinetuner:
             low_res, iou_estimate = self.model.decoder_logits(embeddings[j:j + 1], boxes)
             logits = example.geometry.logits_to_slice(low_res)
             targets = torch.from_numpy(example.masks).to(logits.device, torch.float32)
-            loss, iou = mask_losses(logits, targets)
+            valid = None if example.valid is None else torch.from_numpy(example.valid).to(logits.device)
+            loss, iou = mask_losses(logits, targets, valid)
             total = total + loss + F.mse_loss(iou_estimate, iou)
         return total / len(batch)
 
@@ -236,8 +252,9 @@ def decoder_dice(model: SamModel, cache: EmbeddingCache, examples: list[SliceExa
         logits = example.geometry.logits_to_slice(model.decode(embedding, boxes).low_res_logits)
         best, winner = logits.max(dim=0)
         predicted = np.where((best > 0).cpu().numpy(), winner.cpu().numpy(), -1)
+        valid = np.ones(predicted.shape, dtype=bool) if example.valid is None else example.valid
         for k, (label, truth) in enumerate(zip(example.labels, example.masks)):
-            mask = predicted == k
+            mask = (predicted == k) & valid
             counts = sums.setdefault(example.case, {}).setdefault(int(label), [0, 0])
             counts[0] += 2 * int((mask & truth).sum())
             counts[1] += int(mask.sum()) + int(truth.sum())
@@ -258,10 +275,14 @@ def save_finetuned(model: SamModel, path: str | Path, record: dict) -> Path:
     if unknown:
         raise NnsamError(f"base checkpoint {model.checkpoint} has no {unknown[0]}; cannot write the fine-tuned decoder")
     state.update(decoder)
+    try:  # torch.load(weights_only=True) accepts only plain types: numpy strings and the like become JSON's
+        record = json.loads(json.dumps({"sam": model.name, **record}))
+    except TypeError as exc:
+        raise NnsamError(f"the fine-tune record is not JSON-like ({exc})") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"model": state, FINETUNE_KEY: {"sam": model.name, **record}}, tmp)
+        torch.save({"model": state, FINETUNE_KEY: record}, tmp)
     return path
 
 

@@ -103,7 +103,8 @@ class SamModel:
         if points is not None:
             point_t = (torch.as_tensor(points, dtype=torch.float32, device=self.device),
                        torch.as_tensor(point_labels, dtype=torch.int64, device=self.device))
-        with self._autocast():
+        # full precision while training: fp16 autocast without gradient scaling lets gradients underflow
+        with self._autocast() if not torch.is_grad_enabled() else torch.autocast(self.device.type, enabled=False):
             sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_logits)
             logits, iou = sam.mask_decoder(
                 image_embeddings=embedding,
@@ -159,7 +160,8 @@ FINETUNE_KEY = "nnsam_finetune"  # checkpoints written by nnsam_finetune: {"mode
 
 
 def read_checkpoint(path: Path, model_type: str) -> tuple[dict, dict | None]:
-    """A checkpoint's flat state dict and, for one written by nnsam_finetune, its record; one-line errors."""
+    """A checkpoint's flat state dict and, for one written by nnsam_finetune, its record; one-line errors.
+    model_type "any" reads without checking which model the record names."""
     if not path.is_file():
         raise NnsamError(f"SAM checkpoint not found: {path} (pass --checkpoint with the path of a "
                          f"{model_type} .pth file)")
@@ -169,12 +171,15 @@ def read_checkpoint(path: Path, model_type: str) -> tuple[dict, dict | None]:
         raise NnsamError(f"cannot read SAM checkpoint {path}: {type(exc).__name__} "
                          f"(is it a complete PyTorch .pth file?)") from None
     record = state.get(FINETUNE_KEY) if isinstance(state, dict) else None
+    if record is not None and not isinstance(record, dict):
+        raise NnsamError(f"SAM checkpoint {path} has a malformed {FINETUNE_KEY} record; write it again with "
+                         f"nnsam_finetune")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise NnsamError(f"SAM checkpoint {path} holds no state dict; expected a {model_type} .pth file")
-    if record is not None and record.get("sam") not in (None, model_type):
+    if record is not None and model_type != "any" and record.get("sam") not in (None, model_type):
         raise NnsamError(f"SAM checkpoint {path} was fine-tuned from {record['sam']}, not {model_type}; "
                          f"pass --sam {record['sam']}")
     return state, record

@@ -55,6 +55,13 @@ class RefineSettings:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
 
 
+def encoder_batch_size(settings: RefineSettings, device) -> int:
+    """Slices per encoder call: the settings' choice, else 8 on GPU and 1 on CPU (batching does not help there)."""
+    if settings.batch_size:
+        return settings.batch_size
+    return 8 if device.type == "cuda" else 1
+
+
 @dataclass
 class ClassStats:
     """What refinement did to one class of one case."""
@@ -92,17 +99,22 @@ class SamRefiner:
         """cache: optional on-disk embedding cache (slices refined more than once are encoded once)."""
         self.model = model
         self.settings = settings or RefineSettings()
+        if cache is not None and cache.model is not model:
+            raise ValueError("the embedding cache belongs to another model")
         self.cache = cache
-        trained_context = (model.finetuned or {}).get("context")
-        if trained_context and trained_context != self.settings.context:
-            logger.warning("the SAM decoder in %s was fine-tuned on %r views but refinement uses %r; pass "
-                           "--context %s", model.checkpoint, trained_context, self.settings.context, trained_context)
+        if model.finetuned:
+            trained_context = model.finetuned.get("context")
+            if trained_context and trained_context != self.settings.context:
+                logger.warning("the SAM decoder in %s was fine-tuned on %r views but refinement uses %r; pass "
+                               "--context %s", model.checkpoint, trained_context, self.settings.context,
+                               trained_context)
+            if self.settings.prompts != "box":
+                logger.warning("the SAM decoder in %s was fine-tuned with box prompts only; --prompts %s also "
+                               "gives it points it was not fine-tuned on", model.checkpoint, self.settings.prompts)
 
     @property
     def batch_size(self) -> int:
-        if self.settings.batch_size:
-            return self.settings.batch_size
-        return 8 if self.model.device.type == "cuda" else 1
+        return encoder_batch_size(self.settings, self.model.device)
 
     def refine(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                probabilities: np.ndarray | None = None, labels: Iterable[int] | None = None,
@@ -143,7 +155,7 @@ class SamRefiner:
             inputs = views.model_inputs(batch)
             if self.cache is not None:
                 misses = self.cache.misses
-                embeddings = self.cache.embeddings(inputs)
+                embeddings = self.cache.embeddings(inputs, self.batch_size)
                 encoded += self.cache.misses - misses
             else:
                 embeddings = self.model.encode(inputs)
