@@ -34,7 +34,7 @@ from nnunet_sam.sam.finetune import DecoderFinetuner, FinetuneSettings, Labelled
 
 sys.dont_write_bytecode = True  # write nothing but the cache and RESULTS.md (no benchmarks/__pycache__)
 from refine_quality import (CACHE, CASES, LABEL, PACKAGE, VERSION, Case, code_version, data_lines,  # noqa: E402
-                            fetch_data, load_case, machine_text, refine_once)
+                            fetch_cases, machine_text, record_invocation, refine_once)
 from results import RESULTS, markdown_table, update_results_section  # noqa: E402
 
 logger = logging.getLogger("finetune_quality")
@@ -187,9 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.epochs < 1 or len(args.cases) < 2:
         parser.error("--seeds and --epochs must be at least 1, and leave-one-out needs at least 2 cases")
-    args.seed_list = list(range(args.seeds))
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args
+    return record_invocation(args, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,8 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     version = code_version()
-    fetch_data(args.cases)
-    cases = [load_case(name) for name in args.cases]
+    cases = fetch_cases(args.cases)
     settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr)
     folds, cache = run_benchmark(cases, args.seed_list, settings, args.device)
     seconds = time.perf_counter() - started

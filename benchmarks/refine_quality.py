@@ -111,6 +111,19 @@ def fetch_data(names: Sequence[str]) -> None:
     logger.info("extracted %d files into %s", 2 * len(names), DATA)
 
 
+def fetch_cases(names: Sequence[str]) -> list[Case]:
+    """The named cases, fetched into the cache first if needed."""
+    fetch_data(names)
+    return [load_case(name) for name in names]
+
+
+def record_invocation(args: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Add the seed list (0..--seeds-1) and the command-line arguments (for the report) to `args`."""
+    args.seed_list = list(range(args.seeds))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
 def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), tuple(float(s) for s in image.GetSpacing()[::-1])
@@ -342,9 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    args.seed_list = list(range(args.seeds))
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args
+    return record_invocation(args, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,8 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     version = code_version()
-    fetch_data(args.cases)
-    cases = [load_case(name) for name in args.cases]
+    cases = fetch_cases(args.cases)
     model = load_sam("litemedsam", device=args.device)
     window = tuple(args.ct_window) if args.ct_window else None
     runs, control = run_benchmark(model, cases, args.seed_list, window)

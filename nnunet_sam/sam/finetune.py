@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -288,7 +288,6 @@ def save_finetuned(model: SamModel, path: str | Path, record: dict) -> Path:
 
 def view_record(settings: RefineSettings) -> dict:
     """The refinement settings that shape the views (what a checkpoint's decoder was trained on)."""
-    data = asdict(settings)
-    return {"context": data["context"], "axis": data["axis"],
-            "ct_window": None if data["ct_window"] is None else [float(v) for v in data["ct_window"]],
-            "box_margin": float(data["box_margin"])}
+    window = None if settings.ct_window is None else [float(v) for v in settings.ct_window]
+    return {"context": settings.context, "axis": settings.axis, "ct_window": window,
+            "box_margin": float(settings.box_margin)}

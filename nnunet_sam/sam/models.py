@@ -63,9 +63,11 @@ class SamModel:
         return 4 * self.module.prompt_encoder.image_embedding_size[0]
 
     def _autocast(self):
+        """Mixed precision for inference on GPU; full precision on CPU and while training (fp16 autocast
+        without gradient scaling lets gradients underflow)."""
         dtype = self.amp_dtype
-        if dtype is None:
-            return torch.autocast("cpu", enabled=False)
+        if dtype is None or torch.is_grad_enabled():
+            return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _pixels_to_tensor(self, images: np.ndarray) -> torch.Tensor:
@@ -103,8 +105,7 @@ class SamModel:
         if points is not None:
             point_t = (torch.as_tensor(points, dtype=torch.float32, device=self.device),
                        torch.as_tensor(point_labels, dtype=torch.int64, device=self.device))
-        # full precision while training: fp16 autocast without gradient scaling lets gradients underflow
-        with self._autocast() if not torch.is_grad_enabled() else torch.autocast(self.device.type, enabled=False):
+        with self._autocast():
             sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_logits)
             logits, iou = sam.mask_decoder(
                 image_embeddings=embedding,
