@@ -7,9 +7,16 @@ measured on the held-out case against its truth:
 - decoder: SAM's masks from the true boxes (no guard), zero-shot vs fine-tuned;
 - refined: the engine's refinement (default settings, guard on) of degraded masks (seeds 0..N-1,
   `degrade_labels` as in refine_quality.py), zero-shot vs fine-tuned;
-- control: the truth itself refined (a correct mask should stay correct).
-Cost: seconds per epoch, slices encoded, size of the embedding cache (`benchmarks/.cache/embeddings/`).
-Results are printed and written to the "Fine-tuning" section of `benchmarks/RESULTS.md`.
+- control: the truth itself refined (a correct mask should stay correct);
+- with class prompts (`--context tile` or `--prompts fewshot`): prompt-free Dice (the class prompts alone,
+  no box, on the slices with the tumour and up to 3 slices beyond) and *ends cut*: the truth with the
+  first and last fifth of the tumour's slices removed (an initial model that stops too early), refined
+  zero-shot (no class prompts, nothing to recover with) and fine-tuned (recovering slices).
+`--pairs` trains each fold on the other case of the same anatomy only (brain1 <-> brain2, lung1 <-> lung2):
+the few-label setting, where the labelled and unlabelled cases show the same organ.
+Cost: seconds per epoch, model inputs encoded, size of the embedding cache (`benchmarks/.cache/embeddings/`).
+Results are printed and written to a "Fine-tuning" section of `benchmarks/RESULTS.md` named after the
+options, so runs with different options sit side by side.
 
 Run: `.venv/bin/python benchmarks/finetune_quality.py` (see `--help`).
 """
@@ -30,7 +37,9 @@ import torch
 from nnunet_sam.demo import degrade
 from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
-from nnunet_sam.sam.finetune import DecoderFinetuner, FinetuneSettings, LabelledVolume, decoder_dice, slice_examples
+from nnunet_sam.sam.views import CONTEXTS, VolumeViews
+from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, attach_class_prompts,
+                                     class_prompt_dice, decoder_dice, slice_examples)
 
 sys.dont_write_bytecode = True  # write nothing but the cache and RESULTS.md (no benchmarks/__pycache__)
 from refine_quality import (CACHE, CASES, LABEL, PACKAGE, VERSION, Case, code_version, data_lines,  # noqa: E402
@@ -39,8 +48,10 @@ from results import RESULTS, markdown_table, update_results_section  # noqa: E40
 
 logger = logging.getLogger("finetune_quality")
 
-TITLE = "Fine-tuning (benchmarks/finetune_quality.py)"
+TITLE = "Fine-tuning (benchmarks/finetune_quality.py{options})"
 EMBEDDINGS = CACHE / "embeddings"
+PAIRS = {"brain1": "brain2", "brain2": "brain1", "lung1": "lung2", "lung2": "lung1"}
+ENDS_CUT = 0.2  # fraction of the tumour's slices removed at each end for the "ends cut" initial mask
 
 
 @dataclass
@@ -51,6 +62,10 @@ class Scores:
     refined: list[float] = field(default_factory=list)  # per degradation seed
     control: float = 0.0
     before: list[float] = field(default_factory=list)  # the degraded masks' own Dice, per seed
+    prompt_free: float | None = None  # the class prompts alone (fine-tuned with class prompts only)
+    ends: float | None = None  # the "ends cut" mask refined
+    ends_before: float | None = None  # the "ends cut" mask's own Dice
+    recovered: int = 0  # slices the class prompts recovered on the "ends cut" mask
 
     @property
     def refined_mean(self) -> float:
@@ -74,40 +89,68 @@ def volume(case: Case) -> LabelledVolume:
     return LabelledVolume(case.name, case.image, case.truth, case.spacing)
 
 
-def score(model, cache: EmbeddingCache, settings: RefineSettings, case: Case, seeds: Sequence[int]) -> Scores:
-    """Decoder Dice from true boxes, refinement Dice per degradation seed, and the control."""
-    examples = slice_examples([volume(case)], cache, settings)
+def cut_ends(truth: np.ndarray, axis: int, fraction: float = ENDS_CUT) -> np.ndarray:
+    """The truth without the first and last `fraction` of its slices along `axis` (at least one each)."""
+    slices = np.flatnonzero(np.moveaxis(truth, axis, 0).any(axis=(1, 2)))
+    count = max(1, int(round(fraction * len(slices))))
+    out = np.moveaxis(truth.copy(), axis, 0)
+    out[list(slices[:count]) + list(slices[-count:])] = 0
+    return np.moveaxis(out, 0, axis)
+
+
+def score(model, cache: EmbeddingCache, settings: RefineSettings, case: Case, seeds: Sequence[int],
+          negatives: int) -> Scores:
+    """Decoder Dice from true boxes, refinement Dice per degradation seed, the control, and with class
+    prompts their own Dice; the "ends cut" mask is refined in every case (recovery needs class prompts)."""
+    examples = slice_examples([volume(case)], cache, settings, negatives=negatives)
     decoder = decoder_dice(model, cache, examples, settings.box_margin)[case.name][LABEL]
+    prompt_free = None
+    if model.class_prompts is not None:
+        prompt_free = class_prompt_dice(model, cache, examples)[case.name][LABEL]
     refiner = SamRefiner(model, settings, cache)
     runs = [refine_once(refiner, case, degrade.degrade_labels(case.truth, seed=seed, body=None), seed)
             for seed in seeds]
+    axis = VolumeViews.prepare(case.image, case.spacing, model.input_size, settings.context, settings.axis).axis
+    ends = refine_once(refiner, case, cut_ends(case.truth, axis), None)
     return Scores(decoder=decoder, refined=[r.dice_after for r in runs], before=[r.dice_before for r in runs],
-                  control=refine_once(refiner, case, case.truth, None).dice_after)
+                  control=refine_once(refiner, case, case.truth, None).dice_after, prompt_free=prompt_free,
+                  ends=ends.dice_after, ends_before=ends.dice_before, recovered=ends.stats.slices_recovered)
 
 
-def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSettings,
-                  device: str) -> tuple[list[Fold], EmbeddingCache]:
+def training_cases(cases: list[Case], held_out: Case, pairs: bool) -> list[Case]:
+    """Every other case, or (pairs) the other case of the same anatomy."""
+    if pairs:
+        return [c for c in cases if c.name == PAIRS[held_out.name]]
+    return [c for c in cases if c is not held_out]
+
+
+def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSettings, refine_settings: RefineSettings,
+                  device: str, pairs: bool = False) -> tuple[list[Fold], EmbeddingCache]:
     model = load_sam("litemedsam", device=device)
     cache = EmbeddingCache(EMBEDDINGS, model)
-    refine_settings = RefineSettings()
     finetuner = DecoderFinetuner(model, cache, refine_settings, settings)
-    zero_shot = {case.name: score(model, cache, refine_settings, case, seeds) for case in cases}
+    negatives = settings.negatives if settings.class_prompts else 0
+    zero_shot = {case.name: score(model, cache, refine_settings, case, seeds, negatives) for case in cases}
     folds = []
     for held_out in cases:
         finetuner.restore()
-        training = [volume(c) for c in cases if c is not held_out]
-        examples = slice_examples(training, cache, refine_settings, min_pixels=settings.min_pixels)
+        training = [volume(c) for c in training_cases(cases, held_out, pairs)]
+        examples = slice_examples(training, cache, refine_settings, min_pixels=settings.min_pixels,
+                                  negatives=negatives)
+        if settings.class_prompts:
+            attach_class_prompts(model, cache, examples, [LABEL], settings.class_prompts)
         started = time.perf_counter()
         result = finetuner.fit(examples)
         fit_seconds = time.perf_counter() - started
-        finetuned = score(model, cache, refine_settings, held_out, seeds)
+        finetuned = score(model, cache, refine_settings, held_out, seeds, negatives)
         fold = Fold(held_out=held_out.name, train_slices=len(examples), dice_before=zero_shot[held_out.name].before,
                     zero_shot=zero_shot[held_out.name], finetuned=finetuned,
                     seconds_per_epoch=result.seconds_per_epoch, fit_seconds=fit_seconds,
                     loss_first=result.history[0].loss, loss_last=result.history[-1].loss)
-        logger.info("%s held out: decoder %.3f -> %.3f, refined %.3f -> %.3f, control %.3f -> %.3f (%.1f s/epoch)",
-                    held_out.name, fold.zero_shot.decoder, finetuned.decoder, fold.zero_shot.refined_mean,
-                    finetuned.refined_mean, fold.zero_shot.control, finetuned.control, fold.seconds_per_epoch)
+        logger.info("%s held out: decoder %.3f -> %.3f, refined %.3f -> %.3f, control %.3f -> %.3f, ends cut %.3f -> "
+                    "%.3f (%.1f s/epoch)", held_out.name, fold.zero_shot.decoder, finetuned.decoder,
+                    fold.zero_shot.refined_mean, finetuned.refined_mean, fold.zero_shot.control, finetuned.control,
+                    fold.zero_shot.ends, finetuned.ends, fold.seconds_per_epoch)
         folds.append(fold)
     finetuner.restore()
     return folds, cache
@@ -116,18 +159,24 @@ def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSet
 # --- report -----------------------------------------------------------------------------------------
 
 def fold_table(folds: list[Fold]) -> str:
+    with_prompts = folds[0].finetuned.prompt_free is not None
     header = ["held-out case", "training slices", "decoder zero-shot", "decoder fine-tuned",
+              *(["prompt-free fine-tuned"] if with_prompts else []),
               "degraded (before)", "refined zero-shot", "refined fine-tuned", "control zero-shot",
-              "control fine-tuned", "loss first -> last epoch", "s / epoch"]
-    rows = [[f.held_out, str(f.train_slices), f"{f.zero_shot.decoder:.3f}", f"{f.finetuned.decoder:.3f}",
-             f"{np.mean(f.dice_before):.3f}", f"{f.zero_shot.refined_mean:.3f}", f"{f.finetuned.refined_mean:.3f}",
-             f"{f.zero_shot.control:.3f}", f"{f.finetuned.control:.3f}", f"{f.loss_first:.3f} -> {f.loss_last:.3f}",
-             f"{f.seconds_per_epoch:.1f}"] for f in folds]
-    mean = lambda values: f"**{np.mean(values):.3f}**"  # noqa: E731
-    rows.append(["**mean**", "", mean([f.zero_shot.decoder for f in folds]), mean([f.finetuned.decoder for f in folds]),
-                 mean([np.mean(f.dice_before) for f in folds]), mean([f.zero_shot.refined_mean for f in folds]),
-                 mean([f.finetuned.refined_mean for f in folds]), mean([f.zero_shot.control for f in folds]),
-                 mean([f.finetuned.control for f in folds]), "",
+              "control fine-tuned", "ends cut (before)", "ends cut zero-shot", "ends cut fine-tuned",
+              *(["slices recovered"] if with_prompts else []), "loss first -> last epoch", "s / epoch"]
+
+    def cells(f: Fold) -> list:
+        return [f.zero_shot.decoder, f.finetuned.decoder, *([f.finetuned.prompt_free] if with_prompts else []),
+                float(np.mean(f.dice_before)), f.zero_shot.refined_mean, f.finetuned.refined_mean,
+                f.zero_shot.control, f.finetuned.control, f.zero_shot.ends_before, f.zero_shot.ends, f.finetuned.ends]
+
+    rows = [[f.held_out, str(f.train_slices), *[f"{v:.3f}" for v in cells(f)],
+             *([str(f.finetuned.recovered)] if with_prompts else []),
+             f"{f.loss_first:.3f} -> {f.loss_last:.3f}", f"{f.seconds_per_epoch:.1f}"] for f in folds]
+    means = np.mean([cells(f) for f in folds], axis=0)
+    rows.append(["**mean**", "", *[f"**{v:.3f}**" for v in means],
+                 *([str(sum(f.finetuned.recovered for f in folds))] if with_prompts else []), "",
                  f"{np.mean([f.seconds_per_epoch for f in folds]):.1f}"])
     return markdown_table(header, rows)
 
@@ -139,9 +188,9 @@ def cost_lines(folds: list[Fold], cache: EmbeddingCache, settings: FinetuneSetti
         f"per epoch on average ({min(f.seconds_per_epoch for f in folds):.1f}-"
         f"{max(f.seconds_per_epoch for f in folds):.1f}), {np.mean([f.fit_seconds for f in folds]):.0f} s per fold; "
         f"about {np.mean([f.seconds_per_epoch / f.train_slices for f in folds]):.2f} s per labelled slice per epoch.",
-        f"- Embedding cache: {encoded} slices encoded in this run, {cache.hits} reads served from the cache; "
+        f"- Embedding cache: {encoded} model inputs encoded in this run, {cache.hits} reads served from the cache; "
         f"{cache.size_bytes() / 2**20:.1f} MB on disk for this model (float16, "
-        f"{cache.size_bytes() / max(1, len(list(cache.folder.rglob('*.npy')))) / 2**20:.1f} MB per slice).",
+        f"{cache.size_bytes() / max(1, len(list(cache.folder.rglob('*.npy')))) / 2**20:.1f} MB per model input).",
     ]
 
 
@@ -156,11 +205,16 @@ def section(args: argparse.Namespace, device: str, version: str, cases: list[Cas
         f"Data: the cases with manual tumour labels from `{PACKAGE}=={VERSION}` (see the refinement-quality "
         f"section):", "",
         *data_lines(cases), "",
-        "Leave-one-out: for each held-out case, LiteMedSAM's mask decoder is fine-tuned on the labelled slices of "
-        f"the other {len(cases) - 1} cases (image encoder and prompt encoder frozen, embeddings cached), then "
+        ("Same-anatomy pairs: for each held-out case, LiteMedSAM's mask decoder is fine-tuned on the labelled "
+         "slices of the other case of the same anatomy" if args.pairs else
+         "Leave-one-out: for each held-out case, LiteMedSAM's mask decoder is fine-tuned on the labelled slices of "
+         f"the other {len(cases) - 1} cases") + " (image encoder and prompt encoder frozen, embeddings cached), then "
         "measured on the held-out case. *decoder*: SAM's masks from the true boxes (no guard). *refined*: the engine's default "
         f"refinement (guard on) of `degrade_labels(truth, seed, body=None)` masks, mean over seeds "
-        f"{list(args.seed_list)}. *control*: the true label refined (should stay at 1.0).", "",
+        f"{list(args.seed_list)}. *control*: the true label refined (should stay at 1.0). *ends cut*: the true "
+        f"label without the first and last {ENDS_CUT:.0%} of its slices, refined. Views: `--context "
+        f"{args.context}`" + (f" (grid {args.grid})" if args.context == "tile" else "") + ". *prompt-free*: the "
+        "class prompts alone (no box), over the tumour's slices and 3 beyond each end.", "",
         f"Fine-tuning settings: {', '.join(f'{k}={v!r}' for k, v in asdict(settings).items())}.", "",
         fold_table(folds), "",
         f"Fine-tuned refinement beat zero-shot on {wins} of {len(folds)} held-out cases.", "",
@@ -180,13 +234,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs per fold")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or auto")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
-                        help=f"cases (default all: {' '.join(CASES)}); each is held out once")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None, metavar="CASE",
+                        help=f"cases (default all: {' '.join(CASES)}; with --pairs: {' '.join(PAIRS)}); each is "
+                             f"held out once")
+    parser.add_argument("--pairs", action="store_true",
+                        help="train each fold on the other case of the same anatomy only (brain1 <-> brain2, "
+                             "lung1 <-> lung2)")
+    parser.add_argument("--context", default="single", choices=CONTEXTS, help="views shown to SAM")
+    parser.add_argument("--grid", type=int, default=RefineSettings().grid, help="--context tile: slices per side")
+    parser.add_argument("--prompts", default="box", choices=("box", "fewshot"),
+                        help="fewshot: also train few-shot class prompts (tile always trains learnt ones)")
     parser.add_argument("--no-write", action="store_true",
                         help=f"print only; do not update {RESULTS.relative_to(RESULTS.parent.parent)}")
     args = parser.parse_args(argv)
+    args.cases = args.cases or list(PAIRS if args.pairs else CASES)
     if args.seeds < 1 or args.epochs < 1 or len(args.cases) < 2:
         parser.error("--seeds and --epochs must be at least 1, and leave-one-out needs at least 2 cases")
+    if args.pairs and any(PAIRS.get(name) not in args.cases for name in args.cases):
+        parser.error(f"--pairs needs both cases of each pair: choose from {' '.join(PAIRS)}")
     return record_invocation(args, argv)
 
 
@@ -196,13 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     version = code_version()
     cases = fetch_cases(args.cases)
-    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr)
-    folds, cache = run_benchmark(cases, args.seed_list, settings, args.device)
+    class_prompts = "fewshot" if args.prompts == "fewshot" else ("learnt" if args.context == "tile" else None)
+    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, class_prompts=class_prompts)
+    refine_settings = RefineSettings(context=args.context, grid=args.grid)
+    folds, cache = run_benchmark(cases, args.seed_list, settings, refine_settings, args.device, args.pairs)
     seconds = time.perf_counter() - started
     print("\n" + fold_table(folds) + "\n\n" + "\n".join(cost_lines(folds, cache, settings))
           + f"\n\nTotal runtime {seconds / 60:.1f} min")
     if not args.no_write:
-        update_results_section(TITLE, section(args, args.device, version, cases, folds, cache, settings, seconds))
+        options = "".join([" --pairs" if args.pairs else "", f" --context {args.context}" if args.context != "single" else "",
+                           " --prompts fewshot" if args.prompts == "fewshot" else ""])
+        update_results_section(TITLE.format(options=options),
+                               section(args, args.device, version, cases, folds, cache, settings, seconds))
         logger.info("wrote %s", RESULTS)
     return 0
 

@@ -21,7 +21,7 @@ from nnunet_sam.sam.embedding_cache import EmbeddingCache, encoder_fingerprint
 from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, decoder_dice,
                                      jittered_boxes, mask_losses, save_finetuned, slice_examples)
 from nnunet_sam.sam.prompts import dice
-from nnunet_sam.sam.views import view_geometry
+from nnunet_sam.sam.views import TileLayout, view_geometry
 
 SETTINGS = RefineSettings(ct_window=CT_WINDOW)
 
@@ -122,13 +122,17 @@ def test_nnsam_refine_files_mode_loads_the_checkpoint(finetuned, tmp_path):
     assert _same_labels(refined, finetuned.finetuned.mask) > 0.99
 
 
-def test_jittered_boxes_stay_inside_the_image_and_vary():
+@pytest.mark.parametrize("tiled", [False, True])
+def test_jittered_boxes_stay_inside_the_image_and_vary(tiled):
     geometry = view_geometry((40, 60), (1.0, 1.0), 256)
+    if tiled:  # the slice in the last cell of a 2 x 2 tile
+        geometry = TileLayout.for_slices((40, 60), (1.0, 1.0), 256, grid=2).cell_geometry(3)
     boxes = np.array([[10, 5, 30, 20], [0, 0, 59, 39]], dtype=float)
     rng = np.random.default_rng(0)
     draws = np.stack([jittered_boxes(boxes, geometry, 6.0, 0.1, rng) for _ in range(50)])
-    h, w = geometry.resized_shape
-    assert (draws >= 0).all() and (draws[..., [0, 2]] <= w - 1).all() and (draws[..., [1, 3]] <= h - 1).all()
+    x0, y0, x1, y1 = geometry.bounds
+    assert (draws[..., [0, 2]] >= x0).all() and (draws[..., [0, 2]] <= x1).all()
+    assert (draws[..., [1, 3]] >= y0).all() and (draws[..., [1, 3]] <= y1).all()
     assert (draws[..., 2] > draws[..., 0]).all() and (draws[..., 3] > draws[..., 1]).all()
     centre = geometry.boxes_to_input(boxes, 6.0)[0]
     size = centre[2:] - centre[:2]  # the jitter is a fraction of the box size in model-input pixels

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_sam.sam.prompts import dice
-from nnunet_sam.sam.views import (TileLayout, normalize_intensities, resize_view, slice_view, slicing_axis,
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.sam.views import (TileLayout, VolumeViews, normalize_intensities, resize_view, slice_view, slicing_axis,
                                   view_geometry)
 
 
@@ -85,11 +86,36 @@ def test_tiles_place_each_slice_in_its_cell_and_come_back():
         cell = canvas[row:row + 128, col:col + 128, 0]
         single = resize_view(slice_view(volume, index), layout.cell)[..., 0]
         assert np.allclose(cell, single)
-    # logits that are the canvas itself come back as each slice's mask
-    logits = torch.from_numpy(canvas[..., 0] * 20 - 10)[None, None]
-    cells = layout.cell_logits(F.interpolate(logits, size=(64, 64), mode="bilinear"), 3)
-    assert cells.shape == (3, 1, 30, 40)
+    # logits that are the canvas itself come back as each slice's mask; boxes and points land in the cell
+    logits = F.interpolate(torch.from_numpy(canvas[..., 0] * 20 - 10)[None, None], size=(64, 64), mode="bilinear")
     for position, index in enumerate([1, 2, 3]):
-        assert dice(cells[position, 0].numpy() > 0, volume[index] > 0.5) > 0.9
+        geometry = layout.cell_geometry(position)
+        back = geometry.logits_to_slice(logits)
+        assert back.shape == (1, 30, 40) and dice(back[0].numpy() > 0, volume[index] > 0.5) > 0.9
+        row, col = layout.cell_origin(position)
+        box = geometry.boxes_to_input(np.array([[10, 5 + index, 19, 14 + index]]))[0]
+        assert np.allclose(box, [col + 10 * 3.2, row + (5 + index) * 3.2, col + 20 * 3.2 - 1, row + (15 + index) * 3.2 - 1])
+        assert np.allclose(geometry.boxes_to_input(np.array([[0, 0, 39, 29]]), margin=50)[0],
+                           [col, row, col + 127, row + 95])  # clipped to the cell's image
+        assert np.allclose(geometry.points_to_input(np.array([[0, 0]]))[0], [col + 1.1, row + 1.1])
+        grid = geometry.mask_to_grid(volume[index] > 0.5, 64)
+        assert grid.shape == (64, 64) and abs(float(grid.sum()) - 100 * 3.2 ** 2 / 16) < 1.0
+        assert float(grid[row // 4:(row + 96) // 4, col // 4:(col + 128) // 4].sum()) == pytest.approx(float(grid.sum()))
     with pytest.raises(ValueError):
         layout.tile(volume, [0, 1, 2, 3, 4])
+
+
+def test_tiled_volume_views_map_slices_to_tiles_and_cells():
+    image = np.random.default_rng(0).normal(size=(9, 30, 40)).astype(np.float32)
+    views = VolumeViews.prepare(image, (3.0, 1.0, 1.0), 256, "tile", grid=2)
+    assert [views.input_of(i) for i in range(9)] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+    assert list(views.slices_of(2)) == [8]
+    assert views.geometry_of(5).origin == (0, 128) and views.geometry_of(4).origin == (0, 0)
+    inputs = views.model_inputs([1, 2])
+    assert inputs.shape == (2, 256, 256, 3)
+    assert np.array_equal(inputs[0], views.layout.tile(views.volume, [4, 5, 6, 7]))
+    assert inputs[1][:, 128:].max() == 0 and inputs[1][128:].max() == 0  # one slice in the last tile
+    single = VolumeViews.prepare(image, (3.0, 1.0, 1.0), 256, "single")
+    assert single.input_of(5) == 5 and single.geometry_of(5) == single.geometry
+    with pytest.raises(NnsamError, match="--grid 40: .* use a smaller --grid"):
+        VolumeViews.prepare(image, (3.0, 1.0, 1.0), 256, "tile", grid=40)

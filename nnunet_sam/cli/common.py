@@ -51,10 +51,13 @@ def add_sam_arguments(parser: argparse.ArgumentParser, compile_flag: bool = True
 
 
 def add_view_arguments(group: argparse._ArgumentGroup) -> None:
-    """--context, --axis, --channel, --ct-window, --box-margin: what SAM is shown (refinement and fine-tuning
+    """--context, --grid, --axis, --channel, --ct-window, --box-margin: what SAM is shown (refinement and fine-tuning
     must agree on them)."""
     group.add_argument("--context", default="single", choices=CONTEXTS,
-                       help="single slice, or adjacent slices as SAM's three channels (2.5D)")
+                       help="single slice, adjacent slices as SAM's three channels (2.5D), or tile: GRID x GRID "
+                            "consecutive slices in one model input (CFR's concatenation; one encoder call per tile)")
+    group.add_argument("--grid", type=int, default=RefineSettings().grid,
+                       help="--context tile: slices per side of a tile (2: four slices per model input)")
     group.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
                        help="slicing axis of the (z, y, x) array; default: the through-plane axis from the spacing")
     group.add_argument("--channel", type=int, default=0, help="image channel (_XXXX) shown to SAM")
@@ -66,5 +69,7 @@ def add_view_arguments(group: argparse._ArgumentGroup) -> None:
 
 def view_settings(args: argparse.Namespace) -> dict:
     """The RefineSettings fields that `add_view_arguments` sets."""
-    return {"context": args.context, "axis": args.axis, "box_margin": args.box_margin,
+    if args.grid < 1:
+        raise NnsamError(f"--grid {args.grid} must be at least 1")
+    return {"context": args.context, "grid": args.grid, "axis": args.axis, "box_margin": args.box_margin,
             "ct_window": tuple(args.ct_window) if args.ct_window else None}

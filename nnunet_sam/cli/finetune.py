@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "into nnUNet_preprocessed/DatasetXXX/nnsam_embeddings/ and reused across runs. Validation "
                     "compares zero-shot and fine-tuned SAM on the fold's validation cases: the decoder's Dice from "
                     "true boxes and, when the fold has a trained nnU-Net (-tr), the Dice of its refined "
-                    "predictions. The checkpoint loads with nnsam_refine --checkpoint (use the same --context "
-                    "and --ct-window there).",
+                    "predictions. With --context tile or --prompts fewshot it also trains prompt-free class "
+                    "prompts, which nnsam_refine uses to find a class on slices the initial mask misses. The "
+                    "checkpoint loads with nnsam_refine --checkpoint (use the same --context, --grid and "
+                    "--ct-window there).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ds = p.add_argument_group("dataset")
     ds.add_argument("-d", dest="dataset", required=True, help="dataset name or id, as for nnUNetv2_train")
@@ -33,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
     ds.add_argument("-o", dest="output", type=Path, default=None,
                     help="checkpoint file to write (default: nnUNet_results/DatasetXXX/nnsamFinetune__PLANS__"
-                         "CONFIG/fold_F/SAM_CONTEXT.pth, with SAM_CONTEXT_report.json beside it); an "
+                         "CONFIG/fold_F/SAM_CONTEXT[_fewshot].pth, with ..._report.json beside it); an "
                          "existing file is replaced only if nnsam_finetune wrote it")
     ds.add_argument("--cache", type=Path, default=None,
                     help="embedding cache folder (default: nnUNet_preprocessed/DatasetXXX/nnsam_embeddings)")
     add_sam_arguments(p, compile_flag=False)
     views = p.add_argument_group("views (pass the same to nnsam_refine)")
     add_view_arguments(views)
+    views.add_argument("--prompts", default="box", choices=("box", "fewshot"),
+                       help="box: the decoder learns from jittered true boxes. fewshot: in addition, class prompts "
+                            "built from class prototypes (mean embeddings of the labelled pixels) learn to segment "
+                            "each class without a box. --context tile always adds learnt prompt-free class prompts "
+                            "(CFR). nnsam_refine uses class prompts to recover slices the initial mask misses")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the labelled slices")
     train.add_argument("--lr", type=float, default=defaults.learning_rate,
@@ -76,13 +83,15 @@ def _finetune(args: argparse.Namespace) -> None:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = FinetuneJob(dataset=args.dataset, configuration=args.configuration, fold=args.fold, plans=args.plans,
                       channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache)
-    plan = plan_finetune_job(job, args.sam, args.context, args.checkpoint)
+    class_prompts = "fewshot" if args.prompts == "fewshot" else ("learnt" if args.context == "tile" else None)
+    views_name = args.context + ("_fewshot" if args.prompts == "fewshot" else "")
+    plan = plan_finetune_job(job, args.sam, views_name, args.checkpoint)
     refine_settings = RefineSettings(**view_settings(args))
     if refine_settings.ct_window is not None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
     settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, slices_per_step=args.slices_per_step,
-                                box_jitter=args.box_jitter, seed=args.seed)
+                                box_jitter=args.box_jitter, seed=args.seed, class_prompts=class_prompts)
     model = load_sam(args.sam, args.checkpoint, args.device)
     finetune_dataset(plan, model, refine_settings, settings)
 

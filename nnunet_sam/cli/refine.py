@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--no-evidence", dest="evidence", action="store_false",
                      help="guard: accept SAM's slice mask even where its border fits the image worse "
                           "(lower inside/outside contrast) than the initial mask's")
+    ref.add_argument("--recover-reach", type=int, default=defaults.recover_reach,
+                     help="with a checkpoint whose class prompts nnsam_finetune trained (--context tile or --prompts "
+                          "fewshot): look for a class on slices without initial mask inside its extent and up to "
+                          "this many slices beyond its ends; -1 turns this off")
     run_group = p.add_argument_group("running")
     run_group.add_argument("--continue", dest="resume", action="store_true",
                            help="skip cases whose refined mask and report already exist")
@@ -79,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> RefineSettings:
     return RefineSettings(prompts=args.prompts, keep=args.keep, max_gap=args.max_gap, min_sam_iou=args.min_iou,
-                          min_agreement=args.min_agreement, evidence=args.evidence, **view_settings(args))
+                          min_agreement=args.min_agreement, evidence=args.evidence, recover_reach=args.recover_reach,
+                          **view_settings(args))
 
 
 def _refine_dataset(args: argparse.Namespace) -> None:

@@ -29,8 +29,8 @@ from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_fol
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.splits import fold_cases
 from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, LabelledVolume, RefineSettings,
-                            SamModel, SamRefiner, decoder_dice, read_checkpoint, save_finetuned, slice_examples,
-                            view_record)
+                            SamModel, SamRefiner, attach_class_prompts, class_prompt_dice, decoder_dice,
+                            read_checkpoint, save_finetuned, slice_examples, view_record)
 from nnunet_sam.sam.prompts import dice
 from nnunet_sam.utils.atomic import write_json_atomic
 
@@ -71,10 +71,11 @@ class FinetunePlan:
         return self.job.cache_dir or self.folders.preprocessed / EMBEDDINGS_FOLDER
 
 
-def default_output(folders: DatasetFolders, fold: str, sam: str, context: str) -> Path:
+def default_output(folders: DatasetFolders, fold: str, sam: str, views: str) -> Path:
+    """nnUNet_results/DatasetXXX/nnsamFinetune__PLANS__CONFIG/fold_F/SAM_VIEWS.pth (VIEWS: context, prompts)."""
     folder = Path(get_output_folder(folders.name, RESULTS_TRAINER, folders.plans_identifier, folders.configuration,
                                     fold if fold == "all" else int(fold)))
-    return folder / f"{sam}_{context}.pth"
+    return folder / f"{sam}_{views}.pth"
 
 
 def report_path(checkpoint: Path) -> Path:
@@ -97,8 +98,9 @@ def check_output(output: Path, base_checkpoint: Path | None) -> None:
             raise NnsamError(f"-o {output} exists and was not written by nnsam_finetune; choose another file")
 
 
-def plan_finetune_job(job: FinetuneJob, sam: str, context: str, base_checkpoint: Path | None = None) -> FinetunePlan:
-    """Resolve folders, the fold's cases and the output; find the fold's trained nnU-Net (optional)."""
+def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: Path | None = None) -> FinetunePlan:
+    """Resolve folders, the fold's cases and the output (named after `sam` and `views`, e.g. "tile_fewshot");
+    find the fold's trained nnU-Net (optional)."""
     folders = dataset_folders(job.dataset, job.configuration, job.plans)
     fold = job.fold if job.fold == "all" else str(_fold_number(job.fold))
     n_channels = len(folders.dataset_json()["channel_names"])
@@ -108,7 +110,7 @@ def plan_finetune_job(job: FinetuneJob, sam: str, context: str, base_checkpoint:
     if fold == "all":
         logger.warning("fold all: every labelled case trains the decoder; there are no validation cases to "
                        "compare zero-shot and fine-tuned SAM on (use a numbered fold for that)")
-    output = job.output or default_output(folders, fold, sam, context)
+    output = job.output or default_output(folders, fold, sam, views)
     check_output(output, base_checkpoint)
     initial = None
     if job.evaluate_with is not None and validation:
@@ -169,7 +171,7 @@ class _Validation:
     """Zero-shot and fine-tuned Dice on the fold's validation cases."""
 
     def __init__(self, plan: FinetunePlan, cases: _PreprocessedCases, model: SamModel, cache: EmbeddingCache,
-                 settings: RefineSettings, min_pixels: int) -> None:
+                 settings: RefineSettings, min_pixels: int, negatives: int = 0) -> None:
         self.model, self.cache, self.settings = model, cache, settings
         self.labels = cases.labels
         self.volumes, self.initial = [], {}
@@ -181,14 +183,19 @@ class _Validation:
             self.volumes.append(volume)
             if predictor is not None:
                 self.initial[identifier] = predictor.predict(data)
-        self.examples = slice_examples(self.volumes, cache, settings, self.labels, min_pixels)
+        self.examples = slice_examples(self.volumes, cache, settings, self.labels, min_pixels, negatives)
 
     def measure(self) -> dict[str, dict[int, dict[str, float]]]:
-        """Per case and class: `decoder` Dice from true boxes; with a trained nnU-Net also `refined` Dice."""
+        """Per case and class: `decoder` Dice from true boxes, `prompt_free` Dice of the class prompts (if the
+        model has them); with a trained nnU-Net also `refined` Dice."""
         rows: dict[str, dict[int, dict[str, float]]] = {}
-        for case, per_class in decoder_dice(self.model, self.cache, self.examples, self.settings.box_margin).items():
-            for label, value in per_class.items():
-                rows.setdefault(case, {}).setdefault(label, {})["decoder"] = value
+        measures = {"decoder": decoder_dice(self.model, self.cache, self.examples, self.settings.box_margin)}
+        if self.model.class_prompts is not None:
+            measures["prompt_free"] = class_prompt_dice(self.model, self.cache, self.examples)
+        for measure, per_case in measures.items():
+            for case, per_class in per_case.items():
+                for label, value in per_class.items():
+                    rows.setdefault(case, {}).setdefault(label, {})[measure] = value
         refiner = SamRefiner(self.model, self.settings, self.cache)
         for volume in self.volumes:
             if volume.name not in self.initial:
@@ -211,7 +218,7 @@ def _combine(zero_shot: dict, finetuned: dict) -> tuple[list[dict], dict]:
         for label in sorted(zero_shot[case]):
             before, after = zero_shot[case][label], finetuned[case][label]
             row = {"case": case, "label": label, "decoder_zero_shot": before.get("decoder"),
-                   "decoder_finetuned": after.get("decoder")}
+                   "decoder_finetuned": after.get("decoder"), "prompt_free_finetuned": after.get("prompt_free")}
             if "refined" in before:
                 row.update(initial=before["initial"], refined_zero_shot=before["refined"],
                            refined_finetuned=after["refined"])
@@ -220,13 +227,14 @@ def _combine(zero_shot: dict, finetuned: dict) -> tuple[list[dict], dict]:
     return rows, means
 
 
-_MEASURES = ("decoder_zero_shot", "decoder_finetuned", "initial", "refined_zero_shot", "refined_finetuned")
+_MEASURES = ("decoder_zero_shot", "decoder_finetuned", "prompt_free_finetuned", "initial", "refined_zero_shot",
+             "refined_finetuned")
 
 
 def validation_table(rows: list[dict], means: dict, names: dict[int, str]) -> str:
     """A plain-text table of the validation rows and their means (what the log prints)."""
-    header = ["case", "class", "decoder zero-shot", "decoder fine-tuned", "nnU-Net", "refined zero-shot",
-              "refined fine-tuned"]
+    header = ["case", "class", "decoder zero-shot", "decoder fine-tuned", "prompt-free fine-tuned", "nnU-Net",
+              "refined zero-shot", "refined fine-tuned"]
     lines = [header] + [[r["case"], names.get(r["label"], str(r["label"]))]
                         + ["-" if r.get(k) is None else f"{r[k]:.3f}" for k in _MEASURES] for r in rows]
     lines.append(["mean", ""] + ["-" if means.get(k) is None else f"{means[k]:.3f}" for k in _MEASURES])
@@ -241,13 +249,17 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     cache = EmbeddingCache(plan.cache_dir, model)
     cases = _PreprocessedCases(folders, plan.train + plan.validation, plan.job.channel)
     volumes = [cases.data(identifier)[1] for identifier in plan.train]
-    examples = slice_examples(volumes, cache, refine_settings, cases.labels, settings.min_pixels, progress=True)
-    logger.info("%d labelled slices (%d class masks) from %d training case(s); embeddings in %s (%d encoded now, "
-                "%d from earlier runs)", len(examples), sum(len(e.labels) for e in examples), len(volumes),
-                cache.folder, cache.misses, cache.hits)
-    validation = (_Validation(plan, cases, model, cache, refine_settings, settings.min_pixels)
+    negatives = settings.negatives if settings.class_prompts else 0
+    examples = slice_examples(volumes, cache, refine_settings, cases.labels, settings.min_pixels, negatives,
+                              progress=True)
+    logger.info("%d labelled slices (%d class masks) from %d training case(s); embeddings in %s (%d model inputs "
+                "encoded now, %d from earlier runs)", len(examples), sum(len(e.labels) for e in examples),
+                len(volumes), cache.folder, cache.misses, cache.hits)
+    validation = (_Validation(plan, cases, model, cache, refine_settings, settings.min_pixels, negatives)
                   if plan.validation else None)
     zero_shot = validation.measure() if validation else {}
+    if settings.class_prompts:
+        attach_class_prompts(model, cache, examples, cases.labels, settings.class_prompts)
     finetuner = DecoderFinetuner(model, cache, refine_settings, settings)
     result = finetuner.fit(examples)
     finetuned = validation.measure() if validation else {}

@@ -64,6 +64,7 @@ def summarize(cases: list[dict]) -> dict[str, dict]:
             "slices_refined": sum(r["slices_refined"] for r in rows),
             "slices_kept": sum(r["slices_kept"] for r in rows),
             "slices_filled": sum(r["slices_filled"] for r in rows),
+            "slices_recovered": sum(r.get("slices_recovered", 0) for r in rows),
             "cases_empty": sum(r["voxels_after"] == 0 for r in rows),
             "mean_sam_iou": _mean([r["mean_sam_iou"] for r in rows]),
             "mean_dice_initial_refined": _mean([r["dice_initial_refined"] for r in rows]),
@@ -98,12 +99,12 @@ def summary_table(summary: dict[str, dict]) -> str:
     def fmt(value) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    header = (f"{'label':>5} {'cases':>5} {'refined':>7} {'kept':>5} {'filled':>6} "
+    header = (f"{'label':>5} {'cases':>5} {'refined':>7} {'kept':>5} {'filled':>6} {'recovered':>9} "
               f"{'SAM IoU':>7} {'Dice(init,ref)':>14} {'Dice before':>11} {'Dice after':>10}")
     lines = [header, "-" * len(header)]
     for label, s in summary.items():
         lines.append(f"{label:>5} {s['cases']:>5} {s['slices_refined']:>7} {s['slices_kept']:>5} "
-                     f"{s['slices_filled']:>6} {fmt(s['mean_sam_iou']):>7} "
+                     f"{s['slices_filled']:>6} {s.get('slices_recovered', 0):>9} {fmt(s['mean_sam_iou']):>7} "
                      f"{fmt(s['mean_dice_initial_refined']):>14} {fmt(s['mean_dice_before']):>11} "
                      f"{fmt(s['mean_dice_after']):>10}")
     return "\n".join(lines)

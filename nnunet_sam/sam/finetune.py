@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
-from nnunet_sam.sam.models import FINETUNE_KEY, SamModel, read_checkpoint
+from nnunet_sam.sam.class_prompts import PROMPT_MODES, ClassPrompts, class_prototypes
+from nnunet_sam.sam.models import CLASS_PROMPTS_KEY, FINETUNE_KEY, SamModel, read_checkpoint
 from nnunet_sam.sam.prompts import bounding_box
 from nnunet_sam.sam.refine import RefineSettings, encoder_batch_size
 from nnunet_sam.sam.views import ViewGeometry, VolumeViews
@@ -53,7 +54,7 @@ class SliceExample:
     index: int  # slice index along the slicing axis
     key: str  # EmbeddingCache key of the slice's model input
     geometry: ViewGeometry
-    labels: np.ndarray  # (K,) the classes on this slice
+    labels: np.ndarray  # (K,) the classes on this slice (K = 0 on a slice without foreground)
     masks: np.ndarray  # (K, H, W) bool, on the slice grid
     boxes: np.ndarray  # (K, 4) tight xyxy boxes in slice pixels
     valid: np.ndarray | None = None  # (H, W) bool: pixels the labels speak for (None: all)
@@ -66,9 +67,12 @@ class FinetuneSettings:
     epochs: int = 30
     learning_rate: float = 1e-4  # AdamW, cosine decay to 0 over all steps
     weight_decay: float = 0.01
-    slices_per_step: int = 4  # slices (with all their classes) per optimiser step
+    slices_per_step: int = 1  # slices (with all their classes) per optimiser step (few slices: many steps)
     box_jitter: float = 0.1  # each box side moves by up to this fraction of the box size (at least 2 px)
     min_pixels: int = 4  # a class shown on fewer pixels of a slice is not trained on there
+    prompt_lr_factor: float = 100.0  # class prompts (new, untrained) learn this many times faster
+    class_prompts: str | None = None  # also train prompt-free class prompts: "learnt" or "fewshot"
+    negatives: int = 3  # with class prompts: also train on slices this close to foreground (where a class ends)
     seed: int = 0
 
 
@@ -95,11 +99,13 @@ class FinetuneResult:
 
 
 def slice_examples(volumes: Iterable[LabelledVolume], cache: EmbeddingCache, settings: RefineSettings,
-                   labels: Sequence[int] | None = None, min_pixels: int = 4,
+                   labels: Sequence[int] | None = None, min_pixels: int = 4, negatives: int = 0,
                    progress: bool = False) -> list[SliceExample]:
-    """The slices with foreground of every volume, their embeddings cached (encoded only if not yet).
+    """The slices with foreground of every volume (and, for `negatives` > 0, the slices up to that many
+    slices away from foreground, which teach class prompts where a class ends), their model inputs'
+    embeddings cached (encoded only if not yet).
 
-    settings: the refinement settings whose views (context, axis, CT window) the decoder will serve.
+    settings: the refinement settings whose views (context, axis, CT window, grid) the decoder will serve.
     labels: the classes to learn (default: every label > 0 found)."""
     examples: list[SliceExample] = []
     model = cache.model
@@ -108,25 +114,30 @@ def slice_examples(volumes: Iterable[LabelledVolume], cache: EmbeddingCache, set
             raise NnsamError(f"{volume.name}: image shape {volume.image.shape} differs from its labels' "
                              f"{volume.labels.shape}")
         views = VolumeViews.prepare(volume.image, volume.spacing, model.input_size, settings.context,
-                                    settings.axis, settings.ct_window)
+                                    settings.axis, settings.ct_window, settings.grid)
         truth = views.to_slices(volume.labels)
         ignored = None if volume.ignore is None else views.to_slices(volume.ignore)
         wanted = [int(v) for v in np.unique(truth) if v > 0] if labels is None else [int(v) for v in labels]
-        per_slice = []
-        for index in range(truth.shape[0]):
-            present = [label for label in wanted if int((truth[index] == label).sum()) >= min_pixels]
-            if present:
-                per_slice.append((index, present))
+        present = {index: [label for label in wanted if int((truth[index] == label).sum()) >= min_pixels]
+                   for index in range(truth.shape[0])}
+        with_foreground = [index for index, found in present.items() if found]
+        chosen = sorted({i for index in with_foreground
+                         for i in range(max(0, index - negatives), min(truth.shape[0], index + negatives + 1))})
+        inputs = sorted({views.input_of(index) for index in chosen})
         batch = encoder_batch_size(settings, model.device)
-        chunks = [per_slice[i:i + 16] for i in range(0, len(per_slice), 16)]
+        chunks = [inputs[i:i + 16] for i in range(0, len(inputs), 16)]
+        keys: dict[int, str] = {}
         for chunk in tqdm(chunks, desc=f"embeddings {volume.name}", unit="chunk", disable=not progress, leave=False):
-            keys = cache.ensure(views.model_inputs([index for index, _ in chunk]), batch)
-            for key, (index, present) in zip(keys, chunk):
-                masks = np.stack([truth[index] == label for label in present])
-                valid = None if ignored is None or not ignored[index].any() else ~ignored[index]
-                examples.append(SliceExample(case=volume.name, index=index, key=key, geometry=views.geometry,
-                                             labels=np.array(present), masks=masks,
-                                             boxes=np.stack([bounding_box(m) for m in masks]), valid=valid))
+            keys.update(zip(chunk, cache.ensure(views.model_inputs(chunk), batch)))
+        for index in chosen:
+            found = present[index]
+            masks = np.stack([truth[index] == label for label in found]) if found else \
+                np.zeros((0, *truth.shape[1:]), dtype=bool)
+            valid = None if ignored is None or not ignored[index].any() else ~ignored[index]
+            examples.append(SliceExample(case=volume.name, index=index, key=keys[views.input_of(index)],
+                                         geometry=views.geometry_of(index), labels=np.array(found, dtype=int),
+                                         masks=masks, boxes=np.stack([bounding_box(m) for m in masks]) if found
+                                         else np.zeros((0, 4), dtype=int), valid=valid))
     return examples
 
 
@@ -138,11 +149,11 @@ def jittered_boxes(boxes: np.ndarray, geometry: ViewGeometry, margin: float, jit
     size = np.maximum(boxes[:, 2:] - boxes[:, :2], 1.0)
     amplitude = np.maximum(2.0, jitter * np.concatenate([size, size], axis=1))
     moved = boxes + rng.uniform(-1.0, 1.0, boxes.shape) * amplitude
-    h, w = geometry.resized_shape
-    moved = np.clip(moved, 0, [w - 1, h - 1, w - 1, h - 1])
+    first, last = geometry.bounds[:2], geometry.bounds[2:]
+    moved = np.clip(moved, np.tile(first, 2), np.tile(last, 2))
     low = np.minimum(moved[:, :2], moved[:, 2:])
-    high = np.minimum(np.maximum(np.maximum(moved[:, :2], moved[:, 2:]), low + 1), [w - 1, h - 1])
-    low = np.clip(np.minimum(low, high - 1), 0, None)  # at the far edge a box grows inwards
+    high = np.minimum(np.maximum(np.maximum(moved[:, :2], moved[:, 2:]), low + 1), last)
+    low = np.maximum(np.minimum(low, high - 1), first)  # at the far edge a box grows inwards
     return np.concatenate([low, high], axis=1)
 
 
@@ -164,8 +175,20 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor,
     return bce + (1 - dice).mean(), iou.float()
 
 
+def attach_class_prompts(model: SamModel, cache: EmbeddingCache, examples: Sequence[SliceExample],
+                         labels: Sequence[int], mode: str = "learnt") -> ClassPrompts:
+    """Give `model` untrained class prompts for `labels` ("learnt", or "fewshot" with prototypes pooled
+    from the examples' embeddings); `DecoderFinetuner` then trains them with the decoder."""
+    if mode not in PROMPT_MODES:
+        raise ValueError(f"class prompt mode must be one of {PROMPT_MODES}, got {mode!r}")
+    prototypes = class_prototypes(cache, examples, labels).to(model.device) if mode == "fewshot" else None
+    model.class_prompts = ClassPrompts.initial(model, labels, prototypes)
+    return model.class_prompts
+
+
 class DecoderFinetuner:
-    """Trains `model`'s mask decoder in place on slice examples; `restore()` puts the original back."""
+    """Trains `model`'s mask decoder (and its class prompts, if it has them: `attach_class_prompts`) in
+    place on slice examples; `restore()` puts the original back."""
 
     def __init__(self, model: SamModel, cache: EmbeddingCache, refine_settings: RefineSettings,
                  settings: FinetuneSettings | None = None) -> None:
@@ -173,10 +196,12 @@ class DecoderFinetuner:
         self.refine_settings = refine_settings
         self.settings = settings or FinetuneSettings()
         self.initial_state = copy.deepcopy(model.module.mask_decoder.state_dict())
+        self.initial_prompts = copy.deepcopy(model.class_prompts)
 
     def restore(self) -> None:
-        """The decoder as it was before fitting (the zero-shot model)."""
+        """The decoder (and class prompts) as they were before fitting (the zero-shot model)."""
         self.model.module.mask_decoder.load_state_dict(self.initial_state)
+        self.model.class_prompts = copy.deepcopy(self.initial_prompts)
 
     def decoder_state(self) -> dict:
         """A copy of the decoder's current weights."""
@@ -193,10 +218,14 @@ class DecoderFinetuner:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         decoder = module.mask_decoder
-        parameters = list(decoder.parameters())
+        groups = [{"params": list(decoder.parameters()), "lr": s.learning_rate}]
+        if self.model.class_prompts is not None:  # new parameters, far from their optimum: a faster rate
+            groups.append({"params": list(self.model.class_prompts.parameters()),
+                           "lr": s.learning_rate * s.prompt_lr_factor, "weight_decay": 0.0})
+        parameters = [parameter for group in groups for parameter in group["params"]]
         for parameter in parameters:
             parameter.requires_grad_(True)
-        optimiser = torch.optim.AdamW(parameters, lr=s.learning_rate, weight_decay=s.weight_decay)
+        optimiser = torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
         steps_per_epoch = -(-len(examples) // s.slices_per_step)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=s.epochs * steps_per_epoch)
         result = FinetuneResult(slices=len(examples), masks=int(sum(len(e.labels) for e in examples)))
@@ -226,18 +255,31 @@ class DecoderFinetuner:
         return result
 
     def _batch_loss(self, batch: list[SliceExample], rng: np.random.Generator) -> torch.Tensor:
+        """Mean over the batch's slices of the box-prompted loss (slices with foreground) plus, with class
+        prompts, the prompt-free loss of every class (an absent class's target is an empty mask)."""
         s, margin = self.settings, self.refine_settings.box_margin
         embeddings = self.cache.load([example.key for example in batch])
+        prompts = self.model.class_prompts
         total = torch.zeros((), device=self.model.device)
         for j, example in enumerate(batch):
-            boxes = jittered_boxes(example.boxes, example.geometry, margin, s.box_jitter, rng)
-            low_res, iou_estimate = self.model.decoder_logits(embeddings[j:j + 1], boxes)
-            logits = example.geometry.logits_to_slice(low_res)
-            targets = torch.from_numpy(example.masks).to(logits.device, torch.float32)
-            valid = None if example.valid is None else torch.from_numpy(example.valid).to(logits.device)
-            loss, iou = mask_losses(logits, targets, valid)
-            total = total + loss + F.mse_loss(iou_estimate, iou)
+            embedding = embeddings[j:j + 1]
+            if len(example.labels):
+                boxes = jittered_boxes(example.boxes, example.geometry, margin, s.box_jitter, rng)
+                total = total + self._example_loss(example, *self.model.decoder_logits(embedding, boxes),
+                                                   example.masks)
+            if prompts is not None:
+                targets = np.stack([example.masks[example.labels == label].any(axis=0) for label in prompts.labels])
+                total = total + self._example_loss(example, *self.model.class_logits(embedding, prompts.labels),
+                                                   targets)
         return total / len(batch)
+
+    def _example_loss(self, example: SliceExample, low_res: torch.Tensor, iou_estimate: torch.Tensor,
+                      masks: np.ndarray) -> torch.Tensor:
+        logits = example.geometry.logits_to_slice(low_res)
+        targets = torch.from_numpy(masks).to(logits.device, torch.float32)
+        valid = None if example.valid is None else torch.from_numpy(example.valid).to(logits.device)
+        loss, iou = mask_losses(logits, targets, valid)
+        return loss + F.mse_loss(iou_estimate, iou)
 
 
 @torch.inference_mode()
@@ -245,27 +287,54 @@ def decoder_dice(model: SamModel, cache: EmbeddingCache, examples: list[SliceExa
                  margin: float) -> dict[str, dict[int, float]]:
     """Dice per case and class of the decoder's masks from the true boxes (grown by `margin`, no guard,
     classes resolved by the highest logit), over the slices that have the class: the decoder alone."""
-    sums: dict[str, dict[int, list[int]]] = {}
+    scores = _DiceSums()
     for example in examples:
-        embedding = cache.load([example.key])
-        boxes = example.geometry.boxes_to_input(example.boxes, margin)
-        logits = example.geometry.logits_to_slice(model.decode(embedding, boxes).low_res_logits)
+        if len(example.labels):
+            boxes = example.geometry.boxes_to_input(example.boxes, margin)
+            low_res = model.decode(cache.load([example.key]), boxes).low_res_logits
+            scores.add(example, example.labels, example.geometry.logits_to_slice(low_res))
+    return scores.dice()
+
+
+@torch.inference_mode()
+def class_prompt_dice(model: SamModel, cache: EmbeddingCache, examples: list[SliceExample]) -> dict[str, dict[int, float]]:
+    """Dice per case and class of the prompt-free masks (`model.class_prompts`, no box, classes resolved by
+    the highest logit) over all the examples' slices, those without the class included."""
+    labels = np.array(model.class_prompts.labels)
+    scores = _DiceSums()
+    for example in examples:
+        low_res, _ = model.class_logits(cache.load([example.key]), labels)
+        scores.add(example, labels, example.geometry.logits_to_slice(low_res))
+    return scores.dice()
+
+
+class _DiceSums:
+    """2|A and B| and |A| + |B| per case and class, summed over slices."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[int, list[int]]] = {}
+
+    def add(self, example: SliceExample, labels: np.ndarray, logits: torch.Tensor) -> None:
         best, winner = logits.max(dim=0)
         predicted = np.where((best > 0).cpu().numpy(), winner.cpu().numpy(), -1)
         valid = np.ones(predicted.shape, dtype=bool) if example.valid is None else example.valid
-        for k, (label, truth) in enumerate(zip(example.labels, example.masks)):
+        for k, label in enumerate(labels):
+            hits = np.flatnonzero(example.labels == label)
+            truth = example.masks[hits[0]] if len(hits) else np.zeros(predicted.shape, dtype=bool)
             mask = (predicted == k) & valid
-            counts = sums.setdefault(example.case, {}).setdefault(int(label), [0, 0])
+            counts = self.sums.setdefault(example.case, {}).setdefault(int(label), [0, 0])
             counts[0] += 2 * int((mask & truth).sum())
             counts[1] += int(mask.sum()) + int(truth.sum())
-    return {case: {label: (a / b if b else 1.0) for label, (a, b) in sorted(per.items())}
-            for case, per in sums.items()}
+
+    def dice(self) -> dict[str, dict[int, float]]:
+        return {case: {label: (a / b if b else 1.0) for label, (a, b) in sorted(per.items())}
+                for case, per in self.sums.items()}
 
 
 def save_finetuned(model: SamModel, path: str | Path, record: dict) -> Path:
     """Write the model as a checkpoint that `load_sam(model.name, path)` loads like the base model: the base
     checkpoint's weights with the fine-tuned decoder in place, plus `record` (JSON-like: what was trained
-    on, the views' settings). Written atomically."""
+    on, the views' settings) and the class prompts, if any. Written atomically."""
     if model.checkpoint is None:
         raise NnsamError("the model has no base checkpoint to write the fine-tuned decoder into")
     state, _ = read_checkpoint(Path(model.checkpoint), model.name)
@@ -279,6 +348,8 @@ def save_finetuned(model: SamModel, path: str | Path, record: dict) -> Path:
         record = json.loads(json.dumps({"sam": model.name, **record}))
     except TypeError as exc:
         raise NnsamError(f"the fine-tune record is not JSON-like ({exc})") from None
+    if model.class_prompts is not None:
+        record[CLASS_PROMPTS_KEY] = model.class_prompts.to_checkpoint()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -290,4 +361,4 @@ def view_record(settings: RefineSettings) -> dict:
     """The refinement settings that shape the views (what a checkpoint's decoder was trained on)."""
     window = None if settings.ct_window is None else [float(v) for v in settings.ct_window]
     return {"context": settings.context, "axis": settings.axis, "ct_window": window,
-            "box_margin": float(settings.box_margin)}
+            "box_margin": float(settings.box_margin), "grid": int(settings.grid)}

@@ -12,13 +12,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from nnunet_sam.errors import NnsamError
+from nnunet_sam.sam.class_prompts import ClassPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class SamModel:
     pixel_std: tuple[float, float, float] | None = None
     checkpoint: str | None = None
     finetuned: dict | None = None  # what nnsam_finetune recorded in the checkpoint (context, data, ...)
+    class_prompts: ClassPrompts | None = None  # prompt-free decoding of the fine-tuned classes, if trained
     encoder_calls: int = 0  # number of images encoded so far (each slice should be encoded once)
     _encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
@@ -97,19 +99,33 @@ class SamModel:
                        mask_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder and mask decoder on one image embedding, differentiable (for fine-tuning):
         low-resolution logits (N, 1, L, L) and IoU estimates (N,), float32. Arguments as for `decode`."""
-        if embedding.ndim != 4 or embedding.shape[0] != 1:
-            raise ValueError("the decoder takes the embedding of exactly one image")
-        sam = self.module
         box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=self.device)
         point_t = None
         if points is not None:
             point_t = (torch.as_tensor(points, dtype=torch.float32, device=self.device),
                        torch.as_tensor(point_labels, dtype=torch.int64, device=self.device))
         with self._autocast():
-            sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_logits)
-            logits, iou = sam.mask_decoder(
+            sparse, dense = self.module.prompt_encoder(points=point_t, boxes=box_t, masks=mask_logits)
+        return self._mask_decoder(embedding, sparse, dense)
+
+    def class_logits(self, embedding: torch.Tensor, labels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-free masks of `labels` on one image embedding from the fine-tuned class prompts
+        (`class_prompts`), differentiable: logits (N, 1, L, L) and IoU estimates (N,)."""
+        if self.class_prompts is None:
+            raise NnsamError(f"SAM {self.name} has no class prompts (fine-tune it with nnsam_finetune "
+                             f"--context tile or --prompts fewshot)")
+        with self._autocast():
+            sparse, dense = self.class_prompts.embed(self.module.prompt_encoder, embedding, labels)
+        return self._mask_decoder(embedding, sparse, dense)
+
+    def _mask_decoder(self, embedding: torch.Tensor, sparse: torch.Tensor,
+                      dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValueError("the decoder takes the embedding of exactly one image")
+        with self._autocast():
+            logits, iou = self.module.mask_decoder(
                 image_embeddings=embedding,
-                image_pe=sam.prompt_encoder.get_dense_pe(),
+                image_pe=self.module.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
@@ -158,6 +174,7 @@ def litemedsam_weights_path() -> Path:
 
 
 FINETUNE_KEY = "nnsam_finetune"  # checkpoints written by nnsam_finetune: {"model": state, FINETUNE_KEY: record}
+CLASS_PROMPTS_KEY = "class_prompts"  # in a record: the tensors of trained ClassPrompts
 
 
 def read_checkpoint(path: Path, model_type: str) -> tuple[dict, dict | None]:
@@ -257,8 +274,12 @@ def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | Non
     module = module.to(torch_device)
     if torch_device.type == "cpu":
         module.image_encoder.to(memory_format=torch.channels_last)
+    prompts = None
+    if record is not None and record.get(CLASS_PROMPTS_KEY) is not None:
+        record = dict(record)
+        prompts = ClassPrompts.from_checkpoint(record.pop(CLASS_PROMPTS_KEY), torch_device)
     model = SamModel(name=model_type, module=module, device=torch_device, checkpoint=str(path), finetuned=record,
-                     **kwargs)
+                     class_prompts=prompts, **kwargs)
     if compile_encoder:
         model.compile_encoder()
     logger.info("loaded SAM %s from %s on %s%s", model_type, path, torch_device,

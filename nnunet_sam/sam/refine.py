@@ -20,6 +20,7 @@ from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import (SlicePrompt, background_points, bounding_box, clean_mask, dice,
                                     drop_small_components, interior_point, interpolate_boxes)
+from nnunet_sam.sam.recovery import MIN_STABILITY, RecoveryPlan, plan_recovery, region_mask, stability_score
 from nnunet_sam.sam.views import CONTEXTS, ViewGeometry, VolumeViews
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ class RefineSettings:
     """How the engine refines; the defaults suit LiteMedSAM (box-trained)."""
 
     prompts: str = "box"  # "box" or "box+points" (two stages: box, then points + stage-1 mask)
-    context: str = "single"  # "single" slice or "adjacent" slices as SAM's three channels
+    context: str = "single"  # "single" slice, "adjacent" slices as SAM's three channels, or "tile"
+    grid: int = 2  # context "tile": grid x grid consecutive slices per model input
     axis: int | None = None  # slicing axis of the (z, y, x) array; None: through-plane axis
     ct_window: tuple[float, float] | None = None  # intensity window; None: robust percentiles
     box_margin: float = 6.0  # grow boxes by this many model-input pixels
@@ -47,6 +49,8 @@ class RefineSettings:
     min_agreement: float = 0.5  # guard: ... or if Dice(initial, SAM) on the slice is lower
     evidence: bool = True  # guard: keep the initial slice mask where its border fits the image better
     batch_size: int | None = None  # slices per encoder call; None: 8 on GPU, 1 on CPU
+    recover_reach: int = 5  # with class prompts (a fine-tuned checkpoint): look for a class this many slices
+    # beyond its initial mask's ends and in gaps inside it (-1: no recovery; see sam/recovery.py)
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_SETS:
@@ -73,6 +77,7 @@ class ClassStats:
     slices_kept: int = 0  # slices where the guard kept the initial mask (SAM unsure, disagreeing, or
     # its border fitting the image worse than the initial one's)
     slices_filled: int = 0  # slices missing in the initial mask, recovered from interpolated boxes
+    slices_recovered: int = 0  # slices missing in the initial mask, found by the fine-tuned class prompts
     mean_sam_iou: float | None = None  # SAM's own IoU estimate, averaged over decoded prompts
     dice_initial_refined: float | None = None  # Dice between the initial and the refined mask
     _iou_values: list[float] = field(default_factory=list, repr=False)
@@ -88,7 +93,7 @@ class RefineResult:
     mask: np.ndarray  # refined label map, same shape and dtype as the input mask
     classes: dict[int, ClassStats]
     axis: int
-    slices_encoded: int
+    slices_encoded: int  # model inputs encoded (a tile of context "tile" counts once)
 
 
 class SamRefiner:
@@ -103,11 +108,11 @@ class SamRefiner:
             raise ValueError("the embedding cache belongs to another model")
         self.cache = cache
         if model.finetuned:
-            trained_context = model.finetuned.get("context")
-            if trained_context and trained_context != self.settings.context:
-                logger.warning("the SAM decoder in %s was fine-tuned on %r views but refinement uses %r; pass "
-                               "--context %s", model.checkpoint, trained_context, self.settings.context,
-                               trained_context)
+            trained = _views_name(model.finetuned.get("context"), model.finetuned.get("grid", self.settings.grid))
+            current = _views_name(self.settings.context, self.settings.grid)
+            if model.finetuned.get("context") and trained != current:
+                logger.warning("the SAM decoder in %s was fine-tuned on %s views but refinement uses %s; pass the "
+                               "same --context (and --grid)", model.checkpoint, trained, current)
             if self.settings.prompts != "box":
                 logger.warning("the SAM decoder in %s was fine-tuned with box prompts only; --prompts %s also "
                                "gives it points it was not fine-tuned on", model.checkpoint, self.settings.prompts)
@@ -130,8 +135,8 @@ class SamRefiner:
             raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
         if mask.ndim != 3:
             raise ValueError(f"expected 3D arrays (use shape (1, Y, X) for 2D images), got {mask.ndim}D")
-        views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window)
-        volume, geometry = views.volume, views.geometry
+        views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window, s.grid)
+        volume = views.volume
         initial = views.to_slices(mask)
         probs = None if probabilities is None else views.to_slices(probabilities, leading=1)
 
@@ -147,11 +152,18 @@ class SamRefiner:
         if s.prompts == "box+points":
             _add_other_classes_as_negatives(by_slice)
 
+        plans = self._recovery_plans(by_slice, cleaned, labels)
+        recover_at: dict[int, list[RecoveryPlan]] = {}
+        for plan in plans:
+            for index in plan.regions:
+                recover_at.setdefault(index, []).append(plan)
+        found: dict[int, set[int]] = {plan.label: set() for plan in plans}
+
         refined = np.zeros_like(initial)
-        order = sorted(by_slice)
+        order = sorted({views.input_of(index) for index in [*by_slice, *recover_at]})
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         encoded = 0
-        for batch in tqdm(batches, desc="SAM slices", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="SAM views", unit="batch", disable=not progress, leave=False):
             inputs = views.model_inputs(batch)
             if self.cache is not None:
                 misses = self.cache.misses
@@ -160,11 +172,26 @@ class SamRefiner:
             else:
                 embeddings = self.model.encode(inputs)
                 encoded += len(batch)
-            for j, index in enumerate(batch):
-                prompts = by_slice[index]
-                scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
-                                            [cleaned[p.label][index] for p in prompts], stats)
-                refined[index] = _assemble(prompts, scores, refined.dtype)
+            for j, input_id in enumerate(batch):
+                for index in views.slices_of(input_id):
+                    prompts, candidates = by_slice.get(index, []), recover_at.get(index, [])
+                    if not prompts and not candidates:
+                        continue
+                    geometry = views.geometry_of(index)
+                    scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
+                                                [cleaned[p.label][index] for p in prompts], stats) if prompts else []
+                    slice_labels = [p.label for p in prompts]
+                    for label, score in self._recover_slice(embeddings[j:j + 1], candidates, index, geometry):
+                        found[label].add(index)
+                        slice_labels.append(label)
+                        scores.append(score)
+                    if scores:
+                        refined[index] = _assemble(slice_labels, scores, refined.dtype)
+        for plan in plans:  # beyond the ends, only slices that continue the object stay
+            kept = plan.connected(found[plan.label])
+            for index in found[plan.label] - kept:
+                refined[index][refined[index] == plan.label] = 0
+            stats[plan.label].slices_recovered = len(kept)
 
         for label, stat in stats.items():
             stat.voxels_after = int((refined == label).sum())
@@ -191,6 +218,37 @@ class SamRefiner:
         for index, box in gaps.items():
             prompts[index] = SlicePrompt(label=label, box=box, interpolated=True)
         return cleaned, prompts
+
+    def _recovery_plans(self, by_slice: dict[int, list[SlicePrompt]], cleaned: dict[int, np.ndarray],
+                        labels: list[int]) -> list[RecoveryPlan]:
+        """Where the model's class prompts may look for each class (none without class prompts)."""
+        class_prompts = self.model.class_prompts
+        if class_prompts is None or self.settings.recover_reach < 0:
+            return []
+        plans = []
+        for label in labels:
+            if label in class_prompts.labels:
+                own = {index: p for index, prompts in by_slice.items() for p in prompts if p.label == label}
+                plan = plan_recovery(label, own, cleaned[label], self.settings.recover_reach)
+                if plan is not None:
+                    plans.append(plan)
+        return plans
+
+    @torch.inference_mode()
+    def _recover_slice(self, embedding: torch.Tensor, plans: list[RecoveryPlan], index: int,
+                       geometry: ViewGeometry) -> list[tuple[int, torch.Tensor]]:
+        """The classes the class prompts find on a slice within their search boxes, with their scores."""
+        if not plans:
+            return []
+        low_res, _ = self.model.class_logits(embedding, [plan.label for plan in plans])
+        logits = geometry.logits_to_slice(low_res)
+        recovered = []
+        for plan, slice_logits in zip(plans, logits):
+            region = torch.from_numpy(region_mask(plan.regions[index], geometry.slice_shape)).to(slice_logits.device)
+            score = torch.where(region, slice_logits.float(), torch.full_like(slice_logits, -_KEEP_SCORE))
+            if int((score > 0).sum()) >= plan.min_pixels[index] and stability_score(score) >= MIN_STABILITY:
+                recovered.append((plan.label, score))
+        return recovered
 
     def _decode_slice(self, embedding: torch.Tensor, prompts: list[SlicePrompt], geometry: ViewGeometry,
                       image: np.ndarray, initial_masks: list[np.ndarray],
@@ -228,10 +286,14 @@ class SamRefiner:
         return scores
 
 
-def _assemble(prompts: list[SlicePrompt], scores: list[torch.Tensor], dtype: np.dtype) -> np.ndarray:
+def _views_name(context: str | None, grid: int) -> str:
+    return f"{context!r}" + (f" (grid {grid})" if context == "tile" else "")
+
+
+def _assemble(labels: list[int], scores: list[torch.Tensor], dtype: np.dtype) -> np.ndarray:
     """One label per pixel: the class with the highest positive score wins, else background."""
     best, winner = torch.stack(scores).max(dim=0)
-    labels = torch.tensor([p.label for p in prompts], device=best.device)[winner]
+    labels = torch.tensor(labels, device=best.device)[winner]
     labels = torch.where(best > 0, labels, torch.zeros_like(labels))
     return labels.cpu().numpy().astype(dtype)
 

@@ -3,19 +3,23 @@
 A view is (H, W, 3) in [0, 1]: one slice copied to three channels, or (context "adjacent") the slices
 before, at and after the index as SAM's three channels (2.5D). Views are resized so that physical
 aspect ratio is kept (pixel spacing) and the longer side fills the model input, then padded at the
-bottom/right, as SAM's own preprocessing does.
+bottom/right, as SAM's own preprocessing does. With context "tile" (CFR's concatenation) grid x grid
+consecutive slices share one model input, each in its own cell: SAM sees a 3D patch in one image, and
+one encoder call serves grid * grid slices.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-CONTEXTS = ("single", "adjacent")
+from nnunet_sam.errors import NnsamError
+
+CONTEXTS = ("single", "adjacent", "tile")
 
 
 def slicing_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
@@ -49,16 +53,25 @@ def slice_view(volume: np.ndarray, index: int, context: str = "single") -> np.nd
         last = volume.shape[0] - 1
         neighbours = [max(index - 1, 0), index, min(index + 1, last)]
         return np.stack([volume[i] for i in neighbours], axis=-1)
-    raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    raise ValueError(f"slice views are 'single' or 'adjacent' (tiles are built by TileLayout), got {context!r}")
 
 
 @dataclass(frozen=True)
 class ViewGeometry:
-    """How a slice of `slice_shape` maps onto the square model input of `input_size`."""
+    """How a slice of `slice_shape` maps onto the square model input of `input_size`: resized to
+    `resized_shape` with its top-left pixel at `origin` (row, column); (0, 0) unless the slice is a
+    tile's cell."""
 
     slice_shape: tuple[int, int]
     resized_shape: tuple[int, int]
     input_size: int
+    origin: tuple[int, int] = (0, 0)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """The slice's pixels in the model input as an inclusive xyxy box."""
+        (row, col), (h, w) = self.origin, self.resized_shape
+        return np.array([col, row, col + w - 1, row + h - 1], dtype=float)
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -69,25 +82,38 @@ class ViewGeometry:
         """(..., 2) xy slice pixel centres -> model-input pixels."""
         sx, sy = self.scale
         points = np.asarray(points, dtype=float)
-        return np.stack([(points[..., 0] + 0.5) * sx - 0.5, (points[..., 1] + 0.5) * sy - 0.5], axis=-1)
+        row, col = self.origin
+        return np.stack([(points[..., 0] + 0.5) * sx - 0.5 + col, (points[..., 1] + 0.5) * sy - 0.5 + row], axis=-1)
 
     def boxes_to_input(self, boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
         """(N, 4) xyxy slice boxes (inclusive pixels) -> model-input boxes grown by `margin` input
-        pixels and clipped to the resized (unpadded) image."""
+        pixels and clipped to the slice's resized (unpadded) image."""
         boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
         sx, sy = self.scale
         out = np.stack([boxes[:, 0] * sx, boxes[:, 1] * sy,
                         (boxes[:, 2] + 1) * sx - 1, (boxes[:, 3] + 1) * sy - 1], axis=1)
         out += np.array([-margin, -margin, margin, margin])
-        h, w = self.resized_shape
-        return np.clip(out, 0, [w - 1, h - 1, w - 1, h - 1])
+        row, col = self.origin
+        out += np.array([col, row, col, row])
+        bounds = self.bounds
+        return np.clip(out, bounds[[0, 1, 0, 1]], bounds[[2, 3, 2, 3]])
 
     def logits_to_slice(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """(N, 1, L, L) decoder logits over the whole input -> (N, H, W) logits on the slice grid."""
         full = F.interpolate(low_res_logits, size=(self.input_size, self.input_size),
                              mode="bilinear", align_corners=False)
-        full = full[..., : self.resized_shape[0], : self.resized_shape[1]]
+        (row, col), (h, w) = self.origin, self.resized_shape
+        full = full[..., row:row + h, col:col + w]
         return F.interpolate(full, size=self.slice_shape, mode="bilinear", align_corners=False)[:, 0]
+
+    def mask_to_grid(self, mask: np.ndarray, size: int) -> torch.Tensor:
+        """The fraction of each cell of a `size` x `size` grid over the model input (the embedding grid)
+        that a slice mask (H, W) covers, as a float tensor."""
+        x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        x = F.interpolate(x, size=self.resized_shape, mode="bilinear", align_corners=False)
+        (row, col), (h, w) = self.origin, self.resized_shape
+        x = F.pad(x, (col, self.input_size - col - w, row, self.input_size - row - h))
+        return F.adaptive_avg_pool2d(x, size)[0, 0]
 
 
 def view_geometry(slice_shape: Sequence[int], pixel_spacing: Sequence[float], input_size: int) -> ViewGeometry:
@@ -120,19 +146,40 @@ class VolumeViews:
 
     volume: np.ndarray  # (N, H, W) in [0, 1], slices along axis 0
     axis: int  # slicing axis of the original (z, y, x) array
-    geometry: ViewGeometry
+    geometry: ViewGeometry  # of a slice that fills the model input alone
     context: str = "single"
+    layout: TileLayout | None = None  # context "tile": the cells of the model input
 
     @classmethod
     def prepare(cls, image: np.ndarray, spacing: Sequence[float], input_size: int, context: str = "single",
-                axis: int | None = None, ct_window: tuple[float, float] | None = None) -> "VolumeViews":
-        """Normalise `image` (Z, Y, X) and choose the slicing axis (None: the through-plane axis)."""
+                axis: int | None = None, ct_window: tuple[float, float] | None = None,
+                grid: int = 2) -> "VolumeViews":
+        """Normalise `image` (Z, Y, X) and choose the slicing axis (None: the through-plane axis).
+        grid: cells per side of a tile (context "tile" only)."""
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
         axis = axis if axis is not None else slicing_axis(spacing, image.shape)
         volume = np.moveaxis(normalize_intensities(image, ct_window), axis, 0)
         in_plane = [float(sp) for i, sp in enumerate(spacing) if i != axis]
-        return cls(volume, axis, view_geometry(volume.shape[1:], in_plane, input_size), context)
+        layout = TileLayout.for_slices(volume.shape[1:], in_plane, input_size, grid) if context == "tile" else None
+        return cls(volume, axis, view_geometry(volume.shape[1:], in_plane, input_size), context, layout)
+
+    def input_of(self, index: int) -> int:
+        """The model input that shows slice `index`: the slice itself, or its tile."""
+        return index if self.layout is None else index // self.layout.slices_per_tile
+
+    def geometry_of(self, index: int) -> ViewGeometry:
+        """Where slice `index` lies in its model input."""
+        if self.layout is None:
+            return self.geometry
+        return self.layout.cell_geometry(index % self.layout.slices_per_tile)
+
+    def slices_of(self, input_id: int) -> range:
+        """The slices that model input `input_id` shows."""
+        if self.layout is None:
+            return range(input_id, input_id + 1)
+        n = self.layout.slices_per_tile
+        return range(input_id * n, min((input_id + 1) * n, self.volume.shape[0]))
 
     def to_slices(self, array: np.ndarray, leading: int = 0) -> np.ndarray:
         """An array of the original layout (after `leading` extra axes) with the slicing axis first."""
@@ -142,10 +189,12 @@ class VolumeViews:
         """The inverse of `to_slices` for an array without leading axes."""
         return np.moveaxis(array, 0, self.axis)
 
-    def model_inputs(self, indices: Sequence[int]) -> np.ndarray:
-        """(B, S, S, 3) model inputs of the slices `indices`."""
+    def model_inputs(self, input_ids: Sequence[int]) -> np.ndarray:
+        """(B, S, S, 3) model inputs `input_ids` (slice indices, or tile indices for context "tile")."""
+        if self.layout is not None:
+            return np.stack([self.layout.tile(self.volume, self.slices_of(int(t))) for t in input_ids])
         return np.stack([resize_view(slice_view(self.volume, int(i), self.context), self.geometry)
-                         for i in indices])
+                         for i in input_ids])
 
 
 @dataclass(frozen=True)
@@ -163,7 +212,8 @@ class TileLayout:
     def for_slices(cls, slice_shape: Sequence[int], pixel_spacing: Sequence[float], input_size: int,
                    grid: int) -> "TileLayout":
         if grid < 1 or input_size // grid < 8:
-            raise ValueError(f"a {grid}x{grid} tiling does not fit a {input_size}-pixel model input")
+            raise NnsamError(f"--grid {grid}: a {grid}x{grid} tiling does not fit the {input_size}-pixel model input "
+                             f"(cells need 8 pixels or more); use a smaller --grid")
         return cls(grid, view_geometry(slice_shape, pixel_spacing, input_size // grid), input_size)
 
     @property
@@ -187,16 +237,6 @@ class TileLayout:
             canvas[row:row + size, col:col + size] = resize_view(slice_view(volume, int(index)), self.cell)
         return canvas
 
-    def cell_logits(self, low_res_logits: torch.Tensor, count: int) -> torch.Tensor:
-        """(N, 1, L, L) decoder logits over the whole tiled input -> (count, N, H, W) logits of the first
-        `count` cells, each on its slice's grid."""
-        full = F.interpolate(low_res_logits, size=(self.input_size, self.input_size), mode="bilinear",
-                             align_corners=False)
-        size = self.cell.input_size
-        cells = []
-        for position in range(count):
-            row, col = self.cell_origin(position)
-            cell = full[..., row:row + size, col:col + size]
-            cell = cell[..., : self.cell.resized_shape[0], : self.cell.resized_shape[1]]
-            cells.append(F.interpolate(cell, size=self.cell.slice_shape, mode="bilinear", align_corners=False)[:, 0])
-        return torch.stack(cells)
+    def cell_geometry(self, position: int) -> ViewGeometry:
+        """Where the slice in cell `position` lies in the tiled model input."""
+        return replace(self.cell, input_size=self.input_size, origin=self.cell_origin(position))
