@@ -37,7 +37,7 @@ import torch
 from nnunet_sam.demo import degrade
 from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
-from nnunet_sam.sam.views import CONTEXTS, VolumeViews
+from nnunet_sam.sam.views import CONTEXTS, slicing_axis
 from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, attach_class_prompts,
                                      class_prompt_dice, decoder_dice, slice_examples)
 
@@ -110,7 +110,7 @@ def score(model, cache: EmbeddingCache, settings: RefineSettings, case: Case, se
     refiner = SamRefiner(model, settings, cache)
     runs = [refine_once(refiner, case, degrade.degrade_labels(case.truth, seed=seed, body=None), seed)
             for seed in seeds]
-    axis = VolumeViews.prepare(case.image, case.spacing, model.input_size, settings.context, settings.axis).axis
+    axis = settings.axis if settings.axis is not None else slicing_axis(case.spacing, case.image.shape)
     ends = refine_once(refiner, case, cut_ends(case.truth, axis), None)
     return Scores(decoder=decoder, refined=[r.dice_after for r in runs], before=[r.dice_before for r in runs],
                   control=refine_once(refiner, case, case.truth, None).dice_after, prompt_free=prompt_free,
@@ -270,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f"\n\nTotal runtime {seconds / 60:.1f} min")
     if not args.no_write:
         options = "".join([" --pairs" if args.pairs else "", f" --context {args.context}" if args.context != "single" else "",
+                           f" --grid {args.grid}" if args.context == "tile" and args.grid != 2 else "",
                            " --prompts fewshot" if args.prompts == "fewshot" else ""])
         update_results_section(TITLE.format(options=options),
                                section(args, args.device, version, cases, folds, cache, settings, seconds))

@@ -246,6 +246,11 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
                      settings: FinetuneSettings) -> dict:
     """Fine-tune `model`'s decoder on the fold's training cases, validate, write checkpoint and report."""
     folders = plan.folders
+    if model.class_prompts is not None:  # a base checkpoint's prompts: replaced (or dropped), never re-trained
+        logger.info("the class prompts of %s are %s", model.checkpoint,
+                    "trained afresh" if settings.class_prompts else "dropped (train them with --context tile or "
+                                                                    "--prompts fewshot)")
+        model.class_prompts = None
     cache = EmbeddingCache(plan.cache_dir, model)
     cases = _PreprocessedCases(folders, plan.train + plan.validation, plan.job.channel)
     volumes = [cases.data(identifier)[1] for identifier in plan.train]

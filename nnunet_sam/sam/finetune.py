@@ -1,7 +1,9 @@
 """Fine-tuning SAM's mask decoder on a few labelled volumes, on cached image embeddings (CFR's stage 2).
 
-The image encoder and the prompt encoder stay frozen. Every labelled slice is encoded once
-(`EmbeddingCache`, reused across epochs and runs); only the mask decoder learns. Each step shows the
+The image encoder and the prompt encoder stay frozen. Every labelled model input (a slice's view, or a
+tile) is encoded once (`EmbeddingCache`, reused across epochs and runs); only the mask decoder learns,
+with the class prompts if the model has them (`attach_class_prompts`, trained on the slices next to the
+objects too). Each step shows the
 decoder, for every class on a slice, the true box grown by the refinement's margin and jittered (where a
 weak model's mask would put it), and fits the masks with Dice + BCE on the slice grid and the IoU estimate
 (which the refinement guard reads) with MSE. Views are built by `VolumeViews`, exactly as refinement
@@ -199,7 +201,7 @@ class DecoderFinetuner:
         self.initial_prompts = copy.deepcopy(model.class_prompts)
 
     def restore(self) -> None:
-        """The decoder (and class prompts) as they were before fitting (the zero-shot model)."""
+        """The decoder and class prompts as they were when this finetuner was made (the zero-shot model)."""
         self.model.module.mask_decoder.load_state_dict(self.initial_state)
         self.model.class_prompts = copy.deepcopy(self.initial_prompts)
 
@@ -209,7 +211,7 @@ class DecoderFinetuner:
 
     def fit(self, examples: list[SliceExample], progress: bool = True) -> FinetuneResult:
         """Train for `settings.epochs` epochs over `examples`; returns the loss and time per epoch."""
-        if not examples:
+        if not any(len(e.labels) for e in examples) and not (examples and self.model.class_prompts is not None):
             raise NnsamError("no labelled slices to fine-tune on (are the training cases' labels empty?)")
         s = self.settings
         rng = np.random.default_rng(s.seed)
@@ -238,6 +240,8 @@ class DecoderFinetuner:
                 for start in range(0, len(order), s.slices_per_step):
                     batch = [examples[i] for i in order[start:start + s.slices_per_step]]
                     loss = self._batch_loss(batch, rng)
+                    if not loss.requires_grad:  # slices without foreground and no class prompts to train
+                        continue
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser.step()
@@ -269,17 +273,19 @@ class DecoderFinetuner:
                                                    example.masks)
             if prompts is not None:
                 targets = np.stack([example.masks[example.labels == label].any(axis=0) for label in prompts.labels])
-                total = total + self._example_loss(example, *self.model.class_logits(embedding, prompts.labels),
-                                                   targets)
+                logits, _ = self.model.class_logits(embedding, prompts.labels)
+                total = total + self._example_loss(example, logits, None, targets)
         return total / len(batch)
 
-    def _example_loss(self, example: SliceExample, low_res: torch.Tensor, iou_estimate: torch.Tensor,
+    def _example_loss(self, example: SliceExample, low_res: torch.Tensor, iou_estimate: torch.Tensor | None,
                       masks: np.ndarray) -> torch.Tensor:
+        """Dice + BCE on the slice grid, plus the IoU head's MSE if its estimate is given (box prompts: the
+        refinement guard reads it; class prompts are judged by their stability instead)."""
         logits = example.geometry.logits_to_slice(low_res)
         targets = torch.from_numpy(masks).to(logits.device, torch.float32)
         valid = None if example.valid is None else torch.from_numpy(example.valid).to(logits.device)
         loss, iou = mask_losses(logits, targets, valid)
-        return loss + F.mse_loss(iou_estimate, iou)
+        return loss if iou_estimate is None else loss + F.mse_loss(iou_estimate, iou)
 
 
 @torch.inference_mode()

@@ -50,7 +50,7 @@ class SamModel:
     checkpoint: str | None = None
     finetuned: dict | None = None  # what nnsam_finetune recorded in the checkpoint (context, data, ...)
     class_prompts: ClassPrompts | None = None  # prompt-free decoding of the fine-tuned classes, if trained
-    encoder_calls: int = 0  # number of images encoded so far (each slice should be encoded once)
+    encoder_calls: int = 0  # number of model inputs encoded so far (each should be encoded once)
     _encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @property

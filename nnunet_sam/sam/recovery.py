@@ -49,7 +49,7 @@ class RecoveryPlan:
 
 def plan_recovery(label: int, prompts: dict[int, SlicePrompt], cleaned: np.ndarray, reach: int) -> RecoveryPlan | None:
     """The recovery plan of one class from its prompts (slice -> prompt) and its cleaned initial mask
-    (N, H, W), or None if the class has no initial mask or `reach` < 0."""
+    (N, H, W), or None if the class has no initial mask, `reach` < 0 or there is no slice to look at."""
     anchors = sorted(i for i, p in prompts.items() if not p.interpolated)
     if not anchors or reach < 0:
         return None

@@ -2,8 +2,10 @@
 
 Per class: clean the mask, derive prompts per slice (box, and for `box+points` a positive point and
 negative points), fill slices the mask misses between two slices that have it with interpolated
-boxes. Per slice: encode the view once, decode all classes' prompts together, keep the initial mask
-where SAM disagrees (the agreement guard), resolve overlaps by the highest logit.
+boxes. Per model input (a slice's view, or a tile of slices): encode it once; per slice, decode all
+classes' prompts together, keep the initial mask where SAM disagrees (the agreement guard), resolve
+overlaps by the highest logit. A fine-tuned model with class prompts also looks for each class on slices
+near it that the initial mask misses (`sam/recovery.py`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class RefineSettings:
     min_sam_iou: float = 0.5  # guard: keep the initial slice mask if SAM's IoU estimate is lower
     min_agreement: float = 0.5  # guard: ... or if Dice(initial, SAM) on the slice is lower
     evidence: bool = True  # guard: keep the initial slice mask where its border fits the image better
-    batch_size: int | None = None  # slices per encoder call; None: 8 on GPU, 1 on CPU
+    batch_size: int | None = None  # model inputs per encoder call; None: 8 on GPU, 1 on CPU
     recover_reach: int = 5  # with class prompts (a fine-tuned checkpoint): look for a class this many slices
     # beyond its initial mask's ends and in gaps inside it (-1: no recovery; see sam/recovery.py)
 
@@ -107,12 +109,15 @@ class SamRefiner:
         if cache is not None and cache.model is not model:
             raise ValueError("the embedding cache belongs to another model")
         self.cache = cache
+        self.views_match = True  # the views are those the decoder was fine-tuned on (or it was not)
         if model.finetuned:
             trained = _views_name(model.finetuned.get("context"), model.finetuned.get("grid", self.settings.grid))
             current = _views_name(self.settings.context, self.settings.grid)
-            if model.finetuned.get("context") and trained != current:
+            self.views_match = not model.finetuned.get("context") or trained == current
+            if not self.views_match:
                 logger.warning("the SAM decoder in %s was fine-tuned on %s views but refinement uses %s; pass the "
-                               "same --context (and --grid)", model.checkpoint, trained, current)
+                               "same --context (and --grid)%s", model.checkpoint, trained, current,
+                               "; its class prompts recover no slices on other views" if model.class_prompts else "")
             if self.settings.prompts != "box":
                 logger.warning("the SAM decoder in %s was fine-tuned with box prompts only; --prompts %s also "
                                "gives it points it was not fine-tuned on", model.checkpoint, self.settings.prompts)
@@ -158,6 +163,7 @@ class SamRefiner:
             for index in plan.regions:
                 recover_at.setdefault(index, []).append(plan)
         found: dict[int, set[int]] = {plan.label: set() for plan in plans}
+        pending: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
 
         refined = np.zeros_like(initial)
         order = sorted({views.input_of(index) for index in [*by_slice, *recover_at]})
@@ -181,17 +187,27 @@ class SamRefiner:
                     scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
                                                 [cleaned[p.label][index] for p in prompts], stats) if prompts else []
                     slice_labels = [p.label for p in prompts]
-                    for label, score in self._recover_slice(embeddings[j:j + 1], candidates, index, geometry):
+                    recovered = self._recover_slice(embeddings[j:j + 1], candidates, index, geometry)
+                    for label, score in recovered:
                         found[label].add(index)
                         slice_labels.append(label)
                         scores.append(score)
+                    if recovered:  # kept until it is known which recovered slices continue their object
+                        pending[index] = (slice_labels, [score.cpu() for score in scores])
                     if scores:
                         refined[index] = _assemble(slice_labels, scores, refined.dtype)
+        dropped: dict[int, set[int]] = {}
         for plan in plans:  # beyond the ends, only slices that continue the object stay
             kept = plan.connected(found[plan.label])
             for index in found[plan.label] - kept:
-                refined[index][refined[index] == plan.label] = 0
+                dropped.setdefault(index, set()).add(plan.label)
             stats[plan.label].slices_recovered = len(kept)
+        for index, labels_dropped in dropped.items():  # assembled again: other classes get their pixels back
+            slice_labels, scores = pending[index]
+            keep = [k for k, label in enumerate(slice_labels) if label not in labels_dropped or
+                    k < len(by_slice.get(index, []))]
+            refined[index] = (_assemble([slice_labels[k] for k in keep], [scores[k] for k in keep], refined.dtype)
+                              if keep else 0)
 
         for label, stat in stats.items():
             stat.voxels_after = int((refined == label).sum())
@@ -223,7 +239,7 @@ class SamRefiner:
                         labels: list[int]) -> list[RecoveryPlan]:
         """Where the model's class prompts may look for each class (none without class prompts)."""
         class_prompts = self.model.class_prompts
-        if class_prompts is None or self.settings.recover_reach < 0:
+        if class_prompts is None or self.settings.recover_reach < 0 or not self.views_match:
             return []
         plans = []
         for label in labels:

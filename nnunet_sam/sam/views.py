@@ -139,7 +139,7 @@ def resize_view(view: np.ndarray, geometry: ViewGeometry) -> np.ndarray:
 
 @dataclass
 class VolumeViews:
-    """A volume made ready for SAM: normalised, its slicing axis moved first, one geometry for its slices.
+    """A volume made ready for SAM: normalised, its slicing axis moved first, its slices' model inputs.
 
     The refiner and the fine-tuner both build their model inputs here, so a decoder fine-tuned on these
     views sees exactly what refinement will show it."""
