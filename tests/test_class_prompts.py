@@ -176,3 +176,26 @@ def test_stability_score_prefers_sharp_masks():
     blurred[2:6, 6:9] = 0.5
     assert stability_score(blurred) == pytest.approx(16 / 28)
     assert stability_score(torch.full((4, 4), -5.0)) == 0.0
+
+
+def test_a_dropped_recovered_slice_gives_other_classes_their_pixels_back(litemedsam, phantom, monkeypatch):
+    labels = np.zeros(phantom.labels.shape, dtype=np.uint8)
+    labels[2:13, 10:30, 10:24] = 2
+    labels[6:13, 10:30, 24:38] = 1  # touching class 2 in-plane
+    initial = labels.copy()
+    initial[6:8][initial[6:8] == 1] = 0  # class 1 starts at slice 8 in the initial mask
+    settings = RefineSettings(ct_window=CT_WINDOW, recover_reach=5)
+    monkeypatch.setattr(litemedsam, "class_prompts", SimpleNamespace(labels=[1, 2]))
+
+    def found_on_slice_4_only(self, embedding, plans, index, geometry):  # not next to slice 8: dropped later
+        if index != 4 or not plans:
+            return []
+        return [(1, torch.full(geometry.slice_shape, 20.0))]
+
+    monkeypatch.setattr(SamRefiner, "_recover_slice", found_on_slice_4_only)
+    result = SamRefiner(litemedsam, settings).refine(phantom.image, initial, phantom.spacing)
+    reference = SamRefiner(litemedsam, RefineSettings(ct_window=CT_WINDOW, recover_reach=-1)).refine(
+        phantom.image, initial, phantom.spacing)
+    assert result.classes[1].slices_recovered == 0 and not (result.mask[4] == 1).any()
+    assert (reference.mask[4, 10:30, 18:24] == 2).any()  # class 2 inside class 1's search box on slice 4
+    assert np.array_equal(result.mask, reference.mask)
