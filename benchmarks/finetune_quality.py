@@ -9,7 +9,8 @@ measured on the held-out case against its truth:
   `degrade_labels` as in refine_quality.py), zero-shot vs fine-tuned;
 - control: the truth itself refined (a correct mask should stay correct);
 - with class prompts (`--context tile` or `--prompts fewshot`): prompt-free Dice (the class prompts alone,
-  no box, on the slices with the tumour and up to 3 slices beyond) and *ends cut*: the truth with the
+  no box, on the slices with the tumour and up to 3 slices beyond; on the held-out case, and on the
+  training cases to show whether they could fit them) and *ends cut*: the truth with the
   first and last fifth of the tumour's slices removed (an initial model that stops too early), refined
   zero-shot (no class prompts, nothing to recover with) and fine-tuned (recovering slices).
 `--pairs` trains each fold on the other case of the same anatomy only (brain1 <-> brain2, lung1 <-> lung2):
@@ -83,6 +84,7 @@ class Fold:
     fit_seconds: float
     loss_first: float
     loss_last: float
+    prompt_free_train: float | None = None  # the class prompts on their own training slices (can they fit?)
 
 
 def volume(case: Case) -> LabelledVolume:
@@ -142,11 +144,14 @@ def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSet
         started = time.perf_counter()
         result = finetuner.fit(examples)
         fit_seconds = time.perf_counter() - started
+        fitted = None
+        if settings.class_prompts:
+            fitted = float(np.mean([per_case[LABEL] for per_case in class_prompt_dice(model, cache, examples).values()]))
         finetuned = score(model, cache, refine_settings, held_out, seeds, negatives)
         fold = Fold(held_out=held_out.name, train_slices=len(examples), dice_before=zero_shot[held_out.name].before,
                     zero_shot=zero_shot[held_out.name], finetuned=finetuned,
                     seconds_per_epoch=result.seconds_per_epoch, fit_seconds=fit_seconds,
-                    loss_first=result.history[0].loss, loss_last=result.history[-1].loss)
+                    loss_first=result.history[0].loss, loss_last=result.history[-1].loss, prompt_free_train=fitted)
         logger.info("%s held out: decoder %.3f -> %.3f, refined %.3f -> %.3f, control %.3f -> %.3f, ends cut %.3f -> "
                     "%.3f (%.1f s/epoch)", held_out.name, fold.zero_shot.decoder, finetuned.decoder,
                     fold.zero_shot.refined_mean, finetuned.refined_mean, fold.zero_shot.control, finetuned.control,
@@ -161,13 +166,14 @@ def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSet
 def fold_table(folds: list[Fold]) -> str:
     with_prompts = folds[0].finetuned.prompt_free is not None
     header = ["held-out case", "training slices", "decoder zero-shot", "decoder fine-tuned",
-              *(["prompt-free fine-tuned"] if with_prompts else []),
+              *(["prompt-free on training slices", "prompt-free fine-tuned"] if with_prompts else []),
               "degraded (before)", "refined zero-shot", "refined fine-tuned", "control zero-shot",
               "control fine-tuned", "ends cut (before)", "ends cut zero-shot", "ends cut fine-tuned",
               *(["slices recovered"] if with_prompts else []), "loss first -> last epoch", "s / epoch"]
 
     def cells(f: Fold) -> list:
-        return [f.zero_shot.decoder, f.finetuned.decoder, *([f.finetuned.prompt_free] if with_prompts else []),
+        return [f.zero_shot.decoder, f.finetuned.decoder,
+                *([f.prompt_free_train, f.finetuned.prompt_free] if with_prompts else []),
                 float(np.mean(f.dice_before)), f.zero_shot.refined_mean, f.finetuned.refined_mean,
                 f.zero_shot.control, f.finetuned.control, f.zero_shot.ends_before, f.zero_shot.ends, f.finetuned.ends]
 
@@ -214,7 +220,8 @@ def section(args: argparse.Namespace, device: str, version: str, cases: list[Cas
         f"{list(args.seed_list)}. *control*: the true label refined (should stay at 1.0). *ends cut*: the true "
         f"label without the first and last {ENDS_CUT:.0%} of its slices, refined. Views: `--context "
         f"{args.context}`" + (f" (grid {args.grid})" if args.context == "tile" else "") + ". *prompt-free*: the "
-        "class prompts alone (no box), over the tumour's slices and 3 beyond each end.", "",
+        "class prompts alone (no box), over the tumour's slices and 3 beyond each end, of the held-out case and "
+        "(*on training slices*) of the cases they were trained on.", "",
         f"Fine-tuning settings: {', '.join(f'{k}={v!r}' for k, v in asdict(settings).items())}.", "",
         fold_table(folds), "",
         f"Fine-tuned refinement beat zero-shot on {wins} of {len(folds)} held-out cases.", "",
