@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIG, CT_WINDOW, make_phantom
+from conftest import CONFIG, CT_WINDOW, make_phantom, write_nifti
 from nnunet_sam.cli import finetune as finetune_cli
+from nnunet_sam.cli import refine as refine_cli
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
 from nnunet_sam.sam.class_prompts import ClassPrompts, class_prototypes
@@ -95,6 +96,21 @@ def test_class_prompts_round_trip_through_the_checkpoint(fewshot, tmp_path):
                                                                     fewshot.held_out.spacing)
     assert again.classes[1].slices_recovered == first.classes[1].slices_recovered >= 1
     assert dice(again.mask == 1, first.mask == 1) > 0.99  # float16 cache vs fresh float32 embeddings
+
+
+def test_nnsam_refine_recovers_slices_with_a_tile_checkpoint(fewshot, tmp_path):
+    held_out = fewshot.held_out
+    write_nifti(held_out.image, tmp_path / "images" / "case_0000.nii.gz", held_out.spacing)
+    write_nifti(_without_end_slices(held_out.labels, 1, 3), tmp_path / "masks" / "case.nii.gz", held_out.spacing,
+                dtype=np.uint8)
+    checkpoint = save_finetuned(fewshot.model, tmp_path / "tile.pth", {"context": "tile", "grid": 2})
+    argv = ["-i", str(tmp_path / "images"), "-m", str(tmp_path / "masks"), "--checkpoint", str(checkpoint),
+            "--ct-window", *map(str, CT_WINDOW), "-device", "cpu", "--context", "tile"]
+    refine_cli.main(argv + ["-o", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "refine_report.json").read_text())["summary"]
+    assert summary["1"]["slices_recovered"] >= 1 and summary["2"]["slices_recovered"] == 0
+    refine_cli.main(argv + ["-o", str(tmp_path / "off"), "--recover-reach", "-1"])
+    assert json.loads((tmp_path / "off" / "refine_report.json").read_text())["summary"]["1"]["slices_recovered"] == 0
 
 
 def test_learnt_prompts_start_as_a_whole_image_box_train_and_round_trip(tmp_path):
