@@ -37,6 +37,7 @@ import torch
 
 from nnunet_sam.demo import degrade
 from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
+from nnunet_sam.sam.class_prompts import class_prompt_mode
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.views import CONTEXTS, slicing_axis
 from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, attach_class_prompts,
@@ -131,7 +132,7 @@ def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSet
     model = load_sam("litemedsam", device=device)
     cache = EmbeddingCache(EMBEDDINGS, model)
     finetuner = DecoderFinetuner(model, cache, refine_settings, settings)
-    negatives = settings.negatives if settings.class_prompts else 0
+    negatives = settings.slices_beyond_foreground
     zero_shot = {case.name: score(model, cache, refine_settings, case, seeds, negatives) for case in cases}
     folds = []
     for held_out in cases:
@@ -268,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     version = code_version()
     cases = fetch_cases(args.cases)
-    class_prompts = "fewshot" if args.prompts == "fewshot" else ("learnt" if args.context == "tile" else None)
-    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, class_prompts=class_prompts)
+    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr,
+                                class_prompts=class_prompt_mode(args.context, args.prompts))
     refine_settings = RefineSettings(context=args.context, grid=args.grid)
     folds, cache = run_benchmark(cases, args.seed_list, settings, refine_settings, args.device, args.pairs)
     seconds = time.perf_counter() - started

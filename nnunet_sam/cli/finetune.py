@@ -8,6 +8,7 @@ from typing import Sequence
 
 from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, run, view_settings
 from nnunet_sam.errors import NnsamError
+from nnunet_sam.sam.class_prompts import class_prompt_mode
 from nnunet_sam.sam.finetune import FinetuneSettings
 
 
@@ -83,7 +84,6 @@ def _finetune(args: argparse.Namespace) -> None:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = FinetuneJob(dataset=args.dataset, configuration=args.configuration, fold=args.fold, plans=args.plans,
                       channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache)
-    class_prompts = "fewshot" if args.prompts == "fewshot" else ("learnt" if args.context == "tile" else None)
     views_name = args.context + ("_fewshot" if args.prompts == "fewshot" else "")
     plan = plan_finetune_job(job, args.sam, views_name, args.checkpoint)
     refine_settings = RefineSettings(**view_settings(args))
@@ -91,7 +91,8 @@ def _finetune(args: argparse.Namespace) -> None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
     settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, slices_per_step=args.slices_per_step,
-                                box_jitter=args.box_jitter, seed=args.seed, class_prompts=class_prompts)
+                                box_jitter=args.box_jitter, seed=args.seed,
+                                class_prompts=class_prompt_mode(args.context, args.prompts))
     model = load_sam(args.sam, args.checkpoint, args.device)
     finetune_dataset(plan, model, refine_settings, settings)
 

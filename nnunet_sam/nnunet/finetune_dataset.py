@@ -254,7 +254,7 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     cache = EmbeddingCache(plan.cache_dir, model)
     cases = _PreprocessedCases(folders, plan.train + plan.validation, plan.job.channel)
     volumes = [cases.data(identifier)[1] for identifier in plan.train]
-    negatives = settings.negatives if settings.class_prompts else 0
+    negatives = settings.slices_beyond_foreground
     examples = slice_examples(volumes, cache, refine_settings, cases.labels, settings.min_pixels, negatives,
                               progress=True)
     logger.info("%d labelled slices (%d class masks) from %d training case(s); embeddings in %s (%d model inputs "

@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 PROMPT_MODES = ("learnt", "fewshot")
 
 
+def class_prompt_mode(context: str, prompts: str) -> str | None:
+    """The class prompts fine-tuning trains for views `context` and `--prompts` `prompts` ("box" or
+    "fewshot"): few-shot ones when asked, learnt ones for tiles (CFR's prompt-free decoder), else none."""
+    if prompts == "fewshot":
+        return "fewshot"
+    return "learnt" if context == "tile" else None
+
+
 class ClassPrompts(nn.Module):
     """Prompt tokens (and, for few-shot, prototypes) of the classes `labels`, for one SAM model."""
 

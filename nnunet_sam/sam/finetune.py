@@ -77,6 +77,11 @@ class FinetuneSettings:
     negatives: int = 3  # with class prompts: also train on slices this close to foreground (where a class ends)
     seed: int = 0
 
+    @property
+    def slices_beyond_foreground(self) -> int:
+        """How far from foreground `slice_examples` should reach: `negatives` with class prompts, else 0."""
+        return self.negatives if self.class_prompts else 0
+
 
 @dataclass
 class EpochRecord:

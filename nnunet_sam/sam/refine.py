@@ -62,7 +62,8 @@ class RefineSettings:
 
 
 def encoder_batch_size(settings: RefineSettings, device) -> int:
-    """Slices per encoder call: the settings' choice, else 8 on GPU and 1 on CPU (batching does not help there)."""
+    """Model inputs per encoder call: the settings' choice, else 8 on GPU and 1 on CPU (batching does not help
+    there)."""
     if settings.batch_size:
         return settings.batch_size
     return 8 if device.type == "cuda" else 1
@@ -204,8 +205,7 @@ class SamRefiner:
             stats[plan.label].slices_recovered = len(kept)
         for index, labels_dropped in dropped.items():  # assembled again: other classes get their pixels back
             slice_labels, scores = pending[index]
-            keep = [k for k, label in enumerate(slice_labels) if label not in labels_dropped or
-                    k < len(by_slice.get(index, []))]
+            keep = [k for k, label in enumerate(slice_labels) if label not in labels_dropped]
             refined[index] = (_assemble([slice_labels[k] for k in keep], [scores[k] for k in keep], refined.dtype)
                               if keep else 0)
 
