@@ -136,5 +136,6 @@ def class_prototypes(cache: EmbeddingCache, examples: Sequence[SliceExample], la
         weights += grid.flatten(1).sum(dim=1)
     if sums is None or (weights == 0).any():
         absent = [name for name, w in zip(["background", *labels], weights.tolist()) if w == 0]
-        raise NnsamError(f"no labelled pixels of {absent} to pool few-shot prototypes from")
+        raise NnsamError(f"no labelled pixels of {absent} to pool few-shot prototypes from (every class needs "
+                         f"labelled pixels in the training cases; otherwise use --prompts box)")
     return sums / weights[:, None]
