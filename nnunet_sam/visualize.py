@@ -66,3 +66,24 @@ def save_case_overlay(path: Path, image: np.ndarray, masks: dict[str, np.ndarray
     path.parent.mkdir(parents=True, exist_ok=True)
     moved = {name: np.moveaxis(mask, axis, 0) for name, mask in masks.items() if mask is not None}
     save_overlay(path, np.moveaxis(image, axis, 0), moved, title=title or path.stem)
+
+
+def save_curves(path: Path, curves: dict[str, list[float]], title: str, ylabel: str) -> None:
+    """One line per named curve over epochs (1, 2, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
-from nnunet_sam.demo.pipeline import Demo, Schedule, trainers
+from nnunet_sam.demo.pipeline import Demo, DemoDataSpec, Schedule, trainers
 from nnunet_sam.demo.report import demo_report
 from nnunet_sam.errors import NnsamError
 
@@ -44,33 +44,38 @@ def restored_environment():
 
 
 def test_quick_demo_runs_reports_and_resumes(tmp_path, restored_environment):
-    spec = SyntheticDatasetSpec(dataset_id=993, name="DemoTest", labelled=2, unlabelled=2, test=1, organs=2,
-                                shape=(32, 48, 48), seed=3)
-    demo = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2), finetune=True)
+    spec = DemoDataSpec(dataset_id=993, name="DemoTest", cases=12, shape=(48, 48), organs=2, validation=2)
+    schedule = Schedule(2, 2, 1)
+    demo = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=schedule, finetune=True)
     results = demo.run()
     models = trainers(quick=True)
     assert set(models) == {"baseline", "SAM pseudo"}
+    assert results["dataset"]["split"] == {"labelled": 2, "validation": 2, "unlabelled": 4, "test": 4}
+    splits = json.loads((demo.out / "nnUNet_preprocessed" / spec.folder_name / "splits_final.json").read_text())
+    assert len(splits) == 1 and len(splits[0]["train"]) == 2 and len(splits[0]["val"]) == 2
     for name in models:
         assert set(results[f"evaluate {name}"]["dice"]) == {"1", "2"}
+        assert len(results[f"train {name}"]["curve"]["ema_fg_dice"]) == schedule.epochs
     summary = results["refine"]["summary"]
     assert set(summary) <= {"1", "2"} and all(s["mean_dice_before"] is not None for s in summary.values())
-    assert results["refine"]["slices_encoded"] > 0
+    assert results["refine"]["slices_encoded"] == 4  # one slice per unlabelled 2D case
     assert results["refine fine-tuned"]["slices_encoded"] == 0  # the same slices: embeddings from the cache
     assert set(results["refine fine-tuned"]["summary"]) == set(summary)
     assert len(results["fine-tune SAM"]["loss"]) == results["fine-tune SAM"]["epochs"] > 0
-    assert len(list((demo.out / "overlays").glob("pseudo_label_demo*.png"))) == 2
-    assert len(list((demo.out / "overlays").glob("pseudo_label_finetuned_*.png"))) == 2
-    assert [p.name for p in (demo.out / "overlays").glob("test_*.png")] == ["test_demotestTs_000.png"]
+    overlays = sorted(p.name for p in (demo.out / "overlays").iterdir())
+    assert overlays == ["pseudo_labels_0.png", "pseudo_labels_1.png", "pseudo_labels_2.png", "pseudo_labels_3.png",
+                        "pseudo_labels_finetuned_0.png", "pseudo_labels_finetuned_1.png",
+                        "pseudo_labels_finetuned_2.png", "pseudo_labels_finetuned_3.png", "test_cases.png",
+                        "validation_curves.png"]
     text = demo_report(results, models, ["liver", "kidney"], "CPU")
     assert "after SAM" in text and "`nnUNetTrainerSAMPseudoDemo`" in text and "vs baseline" in text
-    assert "after fine-tuned SAM" in text
+    assert "after fine-tuned SAM" in text and "its change, last quarter" in text
     stamps = {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()}
-    again = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2),
-                 finetune=True).run()
+    again = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=schedule, finetune=True).run()
     assert again == json.loads(json.dumps(results))  # every stage was finished: nothing is redone
     assert {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()} == stamps
     with pytest.raises(NnsamError, match="with --finetune"):
-        Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=Schedule(1, 2)).run()
+        Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=schedule).run()
 
 
 def test_demo_output_that_is_a_file_is_one_clear_line(tmp_path, capsys):

@@ -191,3 +191,40 @@ def test_continue_redoes_cases_made_by_another_model(planned_dataset, pseudo_lab
                                         model=ModelChoice("nnUNetTrainerShort", ("0",), tta=True)))
     assert all(_case_done(same, c) for c in same.cases)
     assert not any(_case_done(other, c) for c in other.cases)
+
+
+def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys):
+    """nnU-Net's `2d` configuration of the same dataset: nnsam_preprocess_unlabeled -c 2d, a 2d baseline,
+    nnsam_refine -d -c 2d (SAM) and --no-sam (the baseline's predictions as they are), then SAM-pseudo training."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+    from nnunetv2.run.run_training import run_training
+
+    from nnunet_sam.demo.nnunet_setup import spawn_pools_in_threads
+
+    dataset = str(planned_dataset.dataset_id)
+    with spawn_pools_in_threads():
+        preprocess([planned_dataset.dataset_id], configurations=("2d",), num_processes=(1,), show_progress_bar=False)
+    preprocess_cli.main(["-d", dataset, "-c", "2d"])
+    images = planned_dataset.preprocessed / "nnUNetPlans_2d_unlabeled"
+    assert sorted(p.name for p in images.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
+    run_training(dataset, "2d", "0", "nnUNetTrainerShort", device=torch.device("cpu"))
+    refine = ["-d", dataset, "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerShort", "--disable_tta", "-device", "cpu"]
+    refine_cli.main(refine + ["--gt", str(planned_dataset.raw / "labelsUnlabeledTruth")])
+    labels = planned_dataset.preprocessed / "nnUNetPlans_2d_pseudolabels"
+    report = json.loads((labels / "refine_report.json").read_text())
+    assert report["configuration"] == "2d" and len(report["cases"]) == 2
+    assert all(case["axis"] == 0 for case in report["cases"])  # slices along z, as the 2d network sees them
+    for case in ("pipelinetestUn_000", "pipelinetestUn_001"):
+        seg = blosc2.open(str(labels / f"{case}_seg.b2nd"))[:]
+        assert seg.shape == blosc2.open(str(images / f"{case}.b2nd")).shape[:1] + seg.shape[1:]
+    refine_cli.main(refine + ["--no-sam"])
+    report = json.loads((labels / "refine_report.json").read_text())
+    assert report["sam"] is None and report["source"] == "initial model"
+    assert not (labels / "refine_report_cases").exists()  # the SAM run's case reports went with its labels
+    assert sorted(p.name for p in labels.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
+    assert "--no-sam is for dataset mode" in error_of(refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--no-sam"],
+                                                      capsys)
+    with spawn_pools_in_threads():
+        run_training(dataset, "2d", "0", "nnUNetTrainerSAMPseudoShort", device=torch.device("cpu"))
+    fold = planned_dataset.results / planned_dataset.name / "nnUNetTrainerSAMPseudoShort__nnUNetPlans__2d" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--export", type=Path, default=None,
                     help="also write the pseudo labels in the raw images' geometry to this folder, to look at")
     ds.add_argument("-np", type=int, default=1, help="processes for preprocessing unlabelled cases not yet done")
+    ds.add_argument("--no-sam", dest="no_sam", action="store_true",
+                    help="pseudo labels without SAM: the initial model's predictions as they are (plain "
+                         "self-training, nnU-Net's train-predict-retrain; the control that shows what SAM adds)")
     io = p.add_argument_group("files mode (-i -m -o)")
     io.add_argument("-i", dest="images", type=Path, default=None, help="folder of images (CASE_XXXX.ending)")
     io.add_argument("-m", dest="masks", type=Path, default=None,
@@ -90,8 +93,11 @@ def settings_from_args(args: argparse.Namespace) -> RefineSettings:
 def _refine_dataset(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.predict import InitialModel, ModelChoice
     from nnunet_sam.nnunet.refine_dataset import (DatasetJob, ct_window_in_preprocessed_units, plan_dataset_job,
-                                                  refine_dataset)
+                                                  refine_dataset, write_unrefined_pseudo_labels)
     from nnunet_sam.sam.models import resolve_device
+
+    if args.no_sam and (args.num_parts > 1 or args.resume):
+        raise NnsamError("--no-sam writes every case in one run; leave out --num_parts and --continue")
 
     choice = ModelChoice(trainer=args.trainer, folds=tuple(args.folds) if args.folds else None,
                          checkpoint=args.checkpoint_name, tta=not args.disable_tta)
@@ -107,6 +113,9 @@ def _refine_dataset(args: argparse.Namespace) -> None:
             settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
     device = resolve_device(args.device)
     initial = InitialModel(plan.model_folder, plan.model, device)
+    if args.no_sam:
+        write_unrefined_pseudo_labels(plan, initial)
+        return
     model = load_sam(args.sam, args.checkpoint, device, compile_encoder=args.compile)
     refine_dataset(plan, SamRefiner(model, settings), initial)
 
@@ -117,6 +126,8 @@ def _refine(args: argparse.Namespace) -> None:
         if files:
             raise NnsamError("use either -d (dataset mode) or -i/-m/-o (files mode), not both")
         _refine_dataset(args)
+    elif args.no_sam:
+        raise NnsamError("--no-sam is for dataset mode (-d): in files mode the masks are already what it would write")
     elif len(files) == 3:
         _refine_files(args)
     else:

@@ -21,8 +21,8 @@ from nnunet_sam.trainers.nnUNetTrainerSAMPseudoMeanTeacher import nnUNetTrainerS
 def _shorten(trainer):
     trainer.num_epochs = {epochs}
     trainer.num_iterations_per_epoch = {iterations}
-    trainer.num_val_iterations_per_epoch = 1
-    trainer.save_every = 1
+    trainer.num_val_iterations_per_epoch = {val_iterations}
+    trainer.save_every = {save_every}
 '''
 SHORT_CLASS = '''
 
@@ -33,10 +33,14 @@ class {name}{suffix}({name}):
 '''
 
 
-def write_short_trainers(folder: Path, epochs: int = 2, iterations: int = 2, suffix: str = "Short") -> None:
-    """`folder/<suffix lower-case>_trainers.py` with `<Name><suffix>` for nnU-Net's trainer and ours."""
+def write_short_trainers(folder: Path, epochs: int = 2, iterations: int = 2, suffix: str = "Short",
+                         val_iterations: int = 1, save_every: int = 1) -> None:
+    """`folder/<suffix lower-case>_trainers.py` with `<Name><suffix>` for nnU-Net's trainer and ours: `epochs` x
+    `iterations` training iterations, `val_iterations` validation batches per epoch, the latest checkpoint
+    saved every `save_every` epochs."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = SHORT_TRAINERS.format(epochs=epochs, iterations=iterations)
+    text = SHORT_TRAINERS.format(epochs=epochs, iterations=iterations, val_iterations=val_iterations,
+                                 save_every=save_every)
     text += "".join(SHORT_CLASS.format(name=n, suffix=suffix) for n in ("nnUNetTrainer", *OUR_TRAINERS))
     (folder / f"{suffix.lower()}_trainers.py").write_text(text)
 

@@ -8,6 +8,12 @@ from nnunet_sam.demo.pipeline import BASELINE
 from nnunet_sam.utils.atomic import atomic_path
 
 
+# How far to trust one run: the spread over seeds of the same setting, from benchmarks/ssl_gain.py (dataset
+# "synthetic": this generator, other case splits and training seeds). Rewrite it when that benchmark is re-run.
+SEED_SPREAD = ["One run is one draw: see benchmarks/RESULTS.md, section *Semi-supervised gain*, for the spread of "
+               "each model's test Dice over seeds in this setting.", ""]
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -18,11 +24,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _setting(results: dict, device: str) -> list[str]:
-    spec, schedule = results["dataset"]["spec"], results["dataset"]["schedule"]
-    return [f"Synthetic CT-like dataset `{spec['name']}` (shape {tuple(spec['shape'])}): {spec['labelled']} "
-            f"labelled training cases, {spec['unlabelled']} unlabelled cases, {spec['test']} test cases. "
-            f"Device: {device}. Every model trains from scratch for {schedule['epochs']} epochs x "
-            f"{schedule['iterations']} iterations (fold `all`); the baseline is SAM's initial model.", ""]
+    spec, schedule, split = results["dataset"]["spec"], results["dataset"]["schedule"], results["dataset"]["split"]
+    return [f"Synthetic CT-like dataset `{spec['name']}`: {spec['cases']} patients of one anatomy, one "
+            f"{spec['shape'][0]}x{spec['shape'][1]} slice each, that differ in organ shape, size, position and "
+            f"contrast: {split['labelled']} labelled training cases, {split['validation']} labelled validation "
+            f"cases (nnU-Net's validation curve), {split['unlabelled']} unlabelled cases, {split['test']} test "
+            f"cases. Device: {device}. Every model trains from scratch with nnU-Net's `2d` configuration for "
+            f"{schedule['epochs']} epochs x {schedule['iterations']} iterations (fold 0); the baseline is SAM's "
+            f"initial model.", ""]
+
+
+def plateau_change(curve: list[float]) -> float:
+    """How much a validation curve still rose over the last quarter of its epochs (near 0: plateaued)."""
+    quarter = max(1, len(curve) // 4)
+    return curve[-1] - curve[min(len(curve) - 1, len(curve) - 1 - quarter)] if len(curve) > 1 else 0.0
 
 
 def _comparison(results: dict, models: dict[str, str]) -> list[str]:
@@ -62,19 +77,24 @@ def demo_report(results: dict, models: dict[str, str], organs: list[str], device
              "## Pseudo labels of the unlabelled cases (Dice against their hidden truth)", ""]
     lines += _pseudo_label_table(results, organs)
     lines += ["", "## Test cases (Dice, nnU-Net's evaluation)", ""]
-    header = ["model", "trainer", *organs, "mean"]
+    header = ["model", "trainer", *organs, "mean", "validation Dice, last epoch", "its change, last quarter"]
     rows = []
     for name, trainer in models.items():
         ev = results[f"evaluate {name}"]
+        curve = results[f"train {name}"]["curve"]["ema_fg_dice"]
         rows.append([name, f"`{trainer}`", *[_fmt(ev["dice"].get(str(i + 1))) for i in range(len(organs))],
-                     _fmt(ev["mean_dice"])])
+                     _fmt(ev["mean_dice"]), _fmt(curve[-1]), f"{plateau_change(curve):+.3f}"])
     lines += _table(header, rows)
-    lines += ["", *_comparison(results, models), "## Time per stage", ""]
+    lines += ["", "Validation Dice: nnU-Net's moving average of its per-epoch pseudo-Dice on the validation cases; "
+                  "a change near 0 over the last quarter of the epochs means the training has plateaued "
+                  "(curves: `overlays/validation_curves.png`).", "", *_comparison(results, models),
+              *SEED_SPREAD, "## Time per stage", ""]
     lines += _table(["stage", "seconds"], [[name, f"{r['seconds']:.0f}"] for name, r in results.items()])
     total = sum(r["seconds"] for r in results.values())
     lines += ["", f"Total: {total / 60:.1f} min (stages done in earlier runs count with their own time).", "",
-              "Pictures in `overlays/`: `pseudo_label_*.png` (image, baseline prediction, SAM-refined pseudo "
-              "label, truth) and `test_*.png` (truth and each model's prediction).", ""]
+              "Pictures in `overlays/`: `pseudo_labels_*.png` (unlabelled cases: baseline prediction, SAM-refined "
+              "pseudo label, truth), `test_cases.png` (truth and each model's prediction) and "
+              "`validation_curves.png`.", ""]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +23,12 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.pseudolabels import as_training_seg, export_to_raw, write_pseudo_label
-from nnunet_sam.nnunet.report import (case_report_path, class_rows, summary_table, warn_absent_classes,
+from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
                                          remove_stale_temporaries)
 from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.utils.atomic import write_json_atomic
 from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def ct_window_in_preprocessed_units(window: tuple[float, float], plans_manager: 
 class _CaseRefiner:
     """Refines one preprocessed unlabelled case after another; holds the models and managers."""
 
-    def __init__(self, plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> None:
+    def __init__(self, plan: DatasetPlan, refiner: SamRefiner | None, initial: InitialModel | None) -> None:
         self.plan, self.refiner, self.initial = plan, refiner, initial
         folders = plan.folders
         self.dataset_json = folders.dataset_json()
@@ -130,6 +132,17 @@ class _CaseRefiner:
         _, seg, _ = preprocessor.run_case(image_files, label_file, self.plans_manager, self.configuration_manager,
                                           self.dataset_json)
         return np.maximum(seg[0], 0)
+
+    def write_unrefined(self, case_id: str) -> None:
+        """The case's pseudo label without SAM: the initial model's prediction, or with no initial model
+        the true label of --gt (preprocessed like the case: the ceiling a benchmark compares with)."""
+        data, placeholder, _, properties = self.images.load_case(case_id)
+        if self.initial is None:
+            labels = self.truth(case_id)
+        else:
+            labels = self.initial.predict(np.asarray(data[:]))[0]
+        write_pseudo_label(self.plan.folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]),
+                           properties, self.label_manager, self.configuration_manager.patch_size)
 
     def __call__(self, case_id: str) -> dict:
         started = time.perf_counter()
@@ -212,3 +225,24 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
                 summary_table(report["summary"]))
     warn_absent_classes(report["summary"])
     return report
+
+
+def write_unrefined_pseudo_labels(plan: DatasetPlan, initial: InitialModel | None) -> list[str]:
+    """Replace the pseudo labels of every unlabelled case by unrefined ones: the initial model's predictions
+    (self-training without SAM, what isolates SAM's share), or with `initial=None` the true labels of
+    `plan.job.gt_dir` (the ceiling). Returns the cases written."""
+    folders = plan.folders
+    if initial is None and plan.job.gt_dir is None:
+        raise NnsamError("pseudo labels from the truth need --gt")
+    shutil.rmtree(folders.pseudo_labels, ignore_errors=True)  # our output folder: no SAM report may remain
+    folders.pseudo_labels.mkdir(parents=True)
+    write_case = _CaseRefiner(plan, None, initial)
+    for case_id in tqdm(plan.cases, desc="unrefined pseudo labels", unit="case"):
+        write_case.write_unrefined(case_id)
+    write_json_atomic({"mode": "dataset", "dataset": folders.name, "sam": None,
+                       "source": "truth" if initial is None else "initial model",
+                       "initial_model": None if initial is None else plan.model_record},
+                      folders.pseudo_labels / REPORT_NAME)
+    logger.info("pseudo labels without SAM (%s) in %s (%d cases)", "truth" if initial is None else "initial model",
+                folders.pseudo_labels, len(plan.cases))
+    return list(plan.cases)

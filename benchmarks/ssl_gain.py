@@ -1,0 +1,278 @@
+"""The semi-supervised gain, where training converges: does SAM-pseudo training beat nnU-Net on the labelled
+cases alone, and Mean Teacher? Every arm runs through nnU-Net's own training (`2d` configuration), per seed:
+
+- baseline:          nnUNetTrainer on the 2 labelled cases (also the initial model of every pseudo-label arm);
+- raw pseudo:        nnUNetTrainerSAMPseudo on the baseline's predictions of the unlabelled cases, no SAM
+                     (isolates what SAM adds);
+- SAM pseudo:        nnUNetTrainerSAMPseudo on `nnsam_refine -d` pseudo labels (zero-shot LiteMedSAM);
+- Mean Teacher:      nnUNetTrainerMeanTeacher on the labelled + unlabelled cases;
+- SAM pseudo + MT:   nnUNetTrainerSAMPseudoMeanTeacher on the SAM pseudo labels;
+- SAM pseudo, fine-tuned SAM: `nnsam_finetune` on the labelled cases, then `nnsam_refine -d --checkpoint`,
+                     then nnUNetTrainerSAMPseudo (CFR's order);
+- oracle:            nnUNetTrainerSAMPseudo on the unlabelled cases' true labels (the ceiling).
+
+Data (`benchmarks/ssl_data.py`): real MR (Colin27 T1 with the AAL labels drawn on it; axial slices as cases)
+and the demo's synthetic CT-like patients. A seed draws which 2 cases are labelled (among the draws that show
+every class), 4 validation cases (fold 0's validation set: the curves), and splits the rest into unlabelled
+and test cases; it also seeds nnU-Net's training. Every arm trains the same schedule (`--epochs` x
+`--iterations`, nnU-Net's poly learning rate, from scratch); the test Dice is nnU-Net's evaluation of
+`nnUNetv2_predict`'s output on the test cases.
+
+The two datasets run in parallel worker processes (one torch thread each: on 2 cores this trains faster
+than one process with 2 threads). Each finished arm is stored in the work folder; a re-run resumes after
+the last finished arm. Results: a table printed and written to benchmarks/RESULTS.md, and
+benchmarks/ssl_gain.png (test Dice per arm with each seed's point; validation curves).
+
+Run: `.venv/bin/python benchmarks/ssl_gain.py` (see `--help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.dont_write_bytecode = True
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".cache" / "ssl_gain"
+PLOT = HERE / "ssl_gain.png"
+TITLE = "Semi-supervised gain (benchmarks/ssl_gain.py)"
+ARMS = {  # arm -> (trainer class without the schedule suffix, pseudo labels it trains on)
+    "baseline": ("nnUNetTrainer", None),
+    "raw pseudo": ("nnUNetTrainerSAMPseudo", "raw"),
+    "SAM pseudo": ("nnUNetTrainerSAMPseudo", "sam"),
+    "Mean Teacher": ("nnUNetTrainerMeanTeacher", None),
+    "SAM pseudo + MT": ("nnUNetTrainerSAMPseudoMeanTeacher", "sam"),
+    "SAM pseudo, fine-tuned SAM": ("nnUNetTrainerSAMPseudo", "finetuned"),
+    "oracle": ("nnUNetTrainerSAMPseudo", "truth"),
+}
+SUFFIX = "Bench"
+LABELLED, VALIDATION = 2, 4
+
+logger = logging.getLogger("ssl_gain")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["brain", "synthetic"], choices=["brain", "synthetic"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
+                   help=f"arms to run (default: all): {', '.join(ARMS)}")
+    p.add_argument("--epochs", type=int, default=16, help="epochs of every training")
+    p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    p.add_argument("--val-iterations", type=int, default=3, help="validation batches per epoch (the curves)")
+    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of nnsam_finetune (decoder)")
+    p.add_argument("-o", dest="work", type=Path, default=WORK, help="work folder (resumable)")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder's results first")
+    p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md and the plot")
+    p.add_argument("--worker", choices=["brain", "synthetic"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# One dataset (a worker process)
+# ---------------------------------------------------------------------------------------------------
+
+def schedule_name(args) -> str:
+    return f"e{args.epochs}i{args.iterations}v{args.val_iterations}"
+
+
+def dataset_root(args, dataset: str) -> Path:
+    return args.work / f"{dataset}_{schedule_name(args)}"
+
+
+def run_worker(args) -> None:
+    """Every seed and arm of one dataset, in this process (nnU-Net's folders set before it is imported)."""
+    import torch
+
+    from nnunet_sam.demo.experiment import nnunet_environment
+
+    dataset = args.worker
+    root = dataset_root(args, dataset)
+    device = torch.device("cpu")
+    os.environ.update(nnunet_environment(root, [root / "trainers"], device))
+    from nnunet_sam.demo.nnunet_setup import write_short_trainers
+
+    write_short_trainers(root / "trainers", args.epochs, args.iterations, SUFFIX, args.val_iterations,
+                         save_every=args.epochs)  # the final checkpoint only: saving costs seconds
+    for seed in range(args.seeds):
+        run_seed(args, dataset, seed, root, device)
+
+
+def run_seed(args, dataset: str, seed: int, root: Path, device) -> None:
+    import torch
+
+    from nnunet_sam.demo.experiment import Experiment, validation_curve
+    from nnunet_sam.demo.slices import (SPLIT_FOLD, UNLABELED_TRUTH, draw_split, split_file_content,
+                                        write_slice_dataset)
+    from ssl_data import DATASETS
+
+    build, classes, channel, base_id, description = DATASETS[dataset]
+    results = root / "results" / f"seed{seed}"
+    results.mkdir(parents=True, exist_ok=True)
+    todo = [arm for arm in args.arms if not (results / f"{arm}.json").is_file()]
+    if not todo:
+        return
+    dataset_id = base_id + 10 * seed
+    experiment = Experiment(dataset_id, "2d", SPLIT_FOLD, device, root)
+    split_file = results / "split.json"
+    if not split_file.is_file():
+        pool = build()
+        split = draw_split(pool, len(classes), seed, LABELLED, VALIDATION)
+        raw = root / "nnUNet_raw"
+        for old in list(raw.glob(f"Dataset{dataset_id:03d}_*")) + list(
+                (root / "nnUNet_preprocessed").glob(f"Dataset{dataset_id:03d}_*")) + list(
+                (root / "nnUNet_results").glob(f"Dataset{dataset_id:03d}_*")):
+            shutil.rmtree(old)
+        write_slice_dataset(raw, dataset_id, f"{dataset.capitalize()}Seed{seed}", pool, split, classes, channel,
+                            description)
+        preprocessed = root / "nnUNet_preprocessed" / experiment.raw.name
+        preprocessed.mkdir(parents=True, exist_ok=True)
+        (preprocessed / "splits_final.json").write_text(json.dumps(split_file_content(split), indent=1))
+        experiment.plan()
+        experiment.preprocess_unlabeled()
+        split_file.write_text(json.dumps(split.to_dict(), indent=1))
+    truth = experiment.raw / UNLABELED_TRUTH
+    embeddings = root / "embeddings"
+
+    def trained(arm: str) -> Path:
+        """Train the arm's trainer from scratch (seeded), evaluate it on the test cases, store its result."""
+        trainer = ARMS[arm][0] + SUFFIX
+        folder = experiment.fold_folder(trainer)
+        if folder.exists():
+                shutil.rmtree(folder)  # a killed run's half-trained fold: never resumed into another arm's labels
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        experiment.train(trainer)
+        seconds = time.perf_counter() - started
+        evaluation = experiment.evaluate(trainer, experiment.raw / "imagesTs", experiment.raw / "labelsTs",
+                                         root / "predictions" / f"seed{seed}" / arm, len(classes))
+        record = {"arm": arm, "trainer": trainer, "seed": seed, "dataset": dataset, "train_seconds": seconds,
+                  **evaluation, "curve": validation_curve(folder), **pseudo_quality.get(ARMS[arm][1], {})}
+        target = experiment.archive(trainer, root / "arms" / f"seed{seed}" / arm.replace(" ", "_").replace(",", ""))
+        (results / f"{arm}.json").write_text(json.dumps(record, indent=1))
+        logger.info("%s seed %d %s: mean test Dice %.3f (%.0f s)", dataset, seed, arm, evaluation["mean_dice"],
+                    seconds)
+        return target
+
+    pseudo_quality: dict[str, dict] = {}
+    current_source = None  # whose pseudo labels the pseudo-label folder holds now
+    baseline_trainer = ARMS["baseline"][0] + SUFFIX
+    if not (results / "baseline.json").is_file() or any(ARMS[a][1] for a in todo):
+        baseline = root / "arms" / f"seed{seed}" / "baseline"
+        if not (results / "baseline.json").is_file():
+            trained("baseline")
+        # the pseudo-label arms need the baseline where nnU-Net looks for it
+        experiment.fold_folder(baseline_trainer).parent.mkdir(parents=True, exist_ok=True)
+        if not experiment.fold_folder(baseline_trainer).exists():
+                shutil.copytree(baseline, experiment.fold_folder(baseline_trainer))
+    for arm in todo:
+        if arm == "baseline" or (results / f"{arm}.json").is_file():
+            continue
+        source = ARMS[arm][1]
+        started = time.perf_counter()
+        if source is None or source == current_source:
+            pass  # no pseudo labels, or those in the folder already
+        elif source == "raw":
+            experiment.unrefined_pseudo_labels(baseline_trainer)
+        elif source == "truth":
+            experiment.unrefined_pseudo_labels(None, truth)
+        elif source == "sam":
+            report = experiment.sam_pseudo_labels(baseline_trainer, embeddings, truth)
+            pseudo_quality["sam"] = pseudo_label_dice(report)
+        elif source == "finetuned":
+            tuned = experiment.finetune_sam(args.finetune_epochs, embeddings)
+            report = experiment.sam_pseudo_labels(baseline_trainer, embeddings, truth, tuned["checkpoint"])
+            pseudo_quality["finetuned"] = pseudo_label_dice(report)
+        if source and source != current_source:
+            pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
+            current_source = source
+        trained(arm)
+
+
+def pseudo_label_dice(report: dict) -> dict:
+    """Per class: mean Dice of the initial model's predictions and of the refined pseudo labels vs the truth."""
+    summary = report["summary"]
+    return {"pseudo_dice_before": {k: s["mean_dice_before"] for k, s in summary.items()},
+            "pseudo_dice_after": {k: s["mean_dice_after"] for k, s in summary.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole benchmark
+# ---------------------------------------------------------------------------------------------------
+
+def run_workers(args) -> None:
+    """One worker process per dataset, in parallel, each with its share of the cores."""
+    threads = max(1, (os.cpu_count() or 2) // len(args.datasets))
+    passed = _without_values(args.argv, "--datasets")
+    processes = []
+    for dataset in args.datasets:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        log = dataset_root(args, dataset).with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, __file__, *passed, "--worker", dataset]
+        logger.info("worker %s: %s (log %s)", dataset, shlex.join(command), log)
+        processes.append((dataset, subprocess.Popen(command, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)))
+    failed = [d for d, p in processes if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"worker(s) {', '.join(failed)} failed; see {args.work}/<dataset>_*.log")
+
+
+def _without_values(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag` and the values that follow it."""
+    out, skipping = [], False
+    for a in argv:
+        if a == flag:
+            skipping = True
+            continue
+        if skipping and not a.startswith("-"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
+
+
+def load_results(args) -> dict[str, list[dict]]:
+    """dataset -> every finished arm record of the requested seeds."""
+    out = {}
+    for dataset in args.datasets:
+        folder = dataset_root(args, dataset) / "results"
+        out[dataset] = [json.loads(p.read_text()) for s in range(args.seeds)
+                        for p in sorted((folder / f"seed{s}").glob("*.json")) if p.name != "split.json"]
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.path.insert(0, str(HERE))
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        run_worker(args)
+        return
+    if args.fresh:
+        for dataset in args.datasets:
+            shutil.rmtree(dataset_root(args, dataset), ignore_errors=True)
+    started = time.perf_counter()
+    run_workers(args)
+    minutes = (time.perf_counter() - started) / 60
+    from ssl_data import DATASETS
+    from ssl_report import report
+
+    report(args, load_results(args), minutes, TITLE, PLOT, {name: spec[1] for name, spec in DATASETS.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The semi-supervised benchmark's report: tables (printed and written to RESULTS.md) and the plot."""
+
+from __future__ import annotations
+
+import shlex
+
+import numpy as np
+
+from results import machine_description, markdown_table, update_results_section
+
+TARGETS = "SAM pseudo >= baseline + 0.05, >= raw pseudo + 0.02, >= Mean Teacher, above the baseline in every seed"
+
+
+def _by_arm(records: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in records:
+        out.setdefault(r["arm"], {})[r["seed"]] = r
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def _plateau(curve: list[float]) -> float:
+    """Change of the moving-average validation Dice over the last quarter of the epochs."""
+    quarter = max(1, len(curve) // 4)
+    return curve[-1] - curve[-1 - quarter]
+
+
+def arm_table(records: list[dict], arms: list[str], classes: list[str]) -> str:
+    """Per arm: mean ± sd of the test Dice over seeds, per class, the difference to the baseline, the seeds
+    where it beats the baseline, the validation curve's last-quarter change, and the training time."""
+    by_arm = _by_arm(records)
+    baseline = {s: r["mean_dice"] for s, r in by_arm.get("baseline", {}).items()}
+    rows = []
+    for arm in arms:
+        runs = by_arm.get(arm, {})
+        if not runs:
+            continue
+        seeds = sorted(runs)
+        means = [runs[s]["mean_dice"] for s in seeds]
+        diffs = [runs[s]["mean_dice"] - baseline[s] for s in seeds if s in baseline]
+        wins = sum(d > 0 for d in diffs)
+        per_class = [_mean_sd([runs[s]["dice"][str(k + 1)] for s in seeds]) for k in range(len(classes))]
+        plateau = np.mean([_plateau(runs[s]["curve"]["ema_fg_dice"]) for s in seeds])
+        minutes = np.mean([runs[s]["train_seconds"] for s in seeds]) / 60
+        rows.append([arm, _mean_sd(means), *per_class,
+                     "-" if arm == "baseline" else f"{np.mean(diffs):+.3f}",
+                     "-" if arm == "baseline" else f"{wins}/{len(diffs)}", f"{plateau:+.3f}",
+                     f"{minutes:.1f}", str(len(seeds))])
+    return markdown_table(["arm", "mean test Dice", *classes, "vs baseline", "seeds above baseline",
+                           "val. Dice change, last quarter", "train min", "seeds"], rows)
+
+
+def pseudo_table(records: list[dict], classes: list[str]) -> str:
+    """Per class: Dice of the pseudo labels against the unlabelled cases' truth, before SAM (the baseline's
+    predictions = the raw pseudo labels), after zero-shot SAM and after fine-tuned SAM (mean over seeds)."""
+    by_arm = _by_arm(records)
+    sam = [r for r in by_arm.get("SAM pseudo", {}).values() if "pseudo_dice_after" in r]
+    tuned = [r for r in by_arm.get("SAM pseudo, fine-tuned SAM", {}).values() if "pseudo_dice_after" in r]
+    source = sam or tuned
+    if not source:
+        return "(no SAM arm run)"
+
+    def mean(rows: list[dict], key: str, label: str) -> str:
+        values = [r[key][label] for r in rows if r[key].get(label) is not None]
+        return f"{np.mean(values):.3f}" if values else "-"
+
+    rows = []
+    for k, name in enumerate(classes):
+        label = str(k + 1)
+        rows.append([name, mean(source, "pseudo_dice_before", label), mean(sam, "pseudo_dice_after", label),
+                     mean(tuned, "pseudo_dice_after", label)])
+    rows.append(["mean", *[f"{np.mean([float(c) for c in col if c != '-']):.3f}"
+                           if any(c != "-" for c in col) else "-" for col in zip(*[r[1:] for r in rows])]])
+    return markdown_table(["class", "before SAM (raw pseudo)", "after SAM", "after fine-tuned SAM"], rows)
+
+
+def verdict(records: list[dict]) -> str:
+    """The issue's targets, checked on the means over seeds."""
+    by_arm = _by_arm(records)
+
+    def mean(arm: str) -> float | None:
+        runs = by_arm.get(arm)
+        return float(np.mean([r["mean_dice"] for r in runs.values()])) if runs else None
+
+    sam, base, raw, mt = mean("SAM pseudo"), mean("baseline"), mean("raw pseudo"), mean("Mean Teacher")
+    if sam is None or base is None:
+        return "Targets: not measured (SAM pseudo or baseline missing)."
+    checks = [f"SAM pseudo - baseline {sam - base:+.3f} ({'met' if sam - base >= 0.05 else 'not met'}, target +0.05)"]
+    if raw is not None:
+        checks.append(f"SAM pseudo - raw pseudo {sam - raw:+.3f} ({'met' if sam - raw >= 0.02 else 'not met'}, "
+                      f"target +0.02)")
+    if mt is not None:
+        checks.append(f"SAM pseudo - Mean Teacher {sam - mt:+.3f} ({'met' if sam >= mt else 'not met'})")
+    seeds = by_arm["SAM pseudo"]
+    wins = sum(seeds[s]["mean_dice"] > by_arm["baseline"][s]["mean_dice"] for s in seeds if s in by_arm["baseline"])
+    checks.append(f"above the baseline in {wins}/{len(seeds)} seeds")
+    return "Targets: " + "; ".join(checks) + "."
+
+
+def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
+    """Per dataset: test Dice per arm (bar: mean; points: seeds) and the validation curves (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d, r in results.items() if r]
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.2 * len(datasets)), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for row, dataset in zip(axes, datasets):
+        by_arm = _by_arm(results[dataset])
+        present = [a for a in arms if a in by_arm]
+        for i, arm in enumerate(present):
+            values = [r["mean_dice"] for r in by_arm[arm].values()]
+            row[0].bar(i, np.mean(values), color=colours(i), alpha=0.5)
+            row[0].scatter(np.full(len(values), i), values, color=colours(i), edgecolor="black", zorder=3)
+            curves = [r["curve"]["ema_fg_dice"] for r in by_arm[arm].values()]
+            length = min(len(c) for c in curves)
+            row[1].plot(np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0), label=arm,
+                        color=colours(i))
+        row[0].set_xticks(range(len(present)), [a.replace(", ", ",\n") for a in present], rotation=30, ha="right",
+                          fontsize=8)
+        row[0].set_ylabel("mean test Dice")
+        row[0].set_title(f"{dataset}: test Dice per arm (points: seeds)")
+        row[1].set_xlabel("epoch")
+        row[1].set_ylabel("validation pseudo-Dice (nnU-Net's moving average)")
+        row[1].set_title(f"{dataset}: validation curves (mean over seeds)")
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(args, results: dict[str, list[dict]], minutes: float, title: str, plot_path, classes_of: dict) -> str:
+    """Print the tables; unless --no-results, write them with the plot into RESULTS.md."""
+    arms = list(args.arms)
+    lines = [f"Command: `.venv/bin/python benchmarks/ssl_gain.py {shlex.join(args.argv)}`. Machine: "
+             f"{machine_description('cpu')}; the two datasets ran in parallel worker processes, one torch thread "
+             f"each. Wall-clock {minutes:.1f} min (arms finished in earlier runs count with their own time).", "",
+             f"Every arm: nnU-Net `2d`, fold 0 (2 labelled training cases, 4 labelled validation cases), "
+             f"{args.epochs} epochs x {args.iterations} iterations from scratch, {args.val_iterations} validation "
+             f"batches per epoch; {args.seeds} seeds (a seed draws the labelled, validation, unlabelled and test "
+             f"cases and seeds the training). Test Dice: nnU-Net's evaluation of the predicted test cases, mean "
+             f"± sd over seeds. *val. Dice change*: how much nnU-Net's moving-average validation pseudo-Dice still "
+             f"rose over the last quarter of the epochs (near 0: plateaued).", ""]
+    for dataset, records in results.items():
+        if not records:
+            continue
+        classes = classes_of[dataset]
+        lines += [f"### {dataset}", "", arm_table(records, arms, classes), "", verdict(records), "",
+                  "Pseudo labels of the unlabelled cases (Dice against their truth, mean over cases and seeds):", "",
+                  pseudo_table(records, classes), ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_results:
+        plot(results, arms, plot_path)
+        text += f"\n![semi-supervised gain]({plot_path.name})\n"
+        update_results_section(title, text)
+    return text
