@@ -97,8 +97,7 @@ def run_worker(args) -> None:
 
     from nnunet_sam.demo.experiment import nnunet_environment
 
-    dataset = args.worker
-    root = dataset_root(args, dataset)
+    root = dataset_root(args, args.worker)
     device = torch.device("cpu")
     os.environ.update(nnunet_environment(root, [root / "trainers"], device))
     from nnunet_sam.demo.nnunet_setup import write_short_trainers
@@ -106,98 +105,117 @@ def run_worker(args) -> None:
     write_short_trainers(root / "trainers", args.epochs, args.iterations, SUFFIX, args.val_iterations,
                          save_every=args.epochs)  # the final checkpoint only: saving costs seconds
     for seed in range(args.seeds):
-        run_seed(args, dataset, seed, root, device)
+        SeedRun(args, args.worker, seed, root, device).run()
 
 
-def run_seed(args, dataset: str, seed: int, root: Path, device) -> None:
-    import torch
+class SeedRun:
+    """The arms of one dataset and seed: its split and nnU-Net dataset, then each arm's pseudo labels,
+    training and evaluation; each finished arm stored as results/seed<S>/<arm>.json."""
 
-    from nnunet_sam.demo.experiment import Experiment, validation_curve
-    from nnunet_sam.demo.slices import (SPLIT_FOLD, UNLABELED_TRUTH, draw_split, split_file_content,
-                                        write_slice_dataset)
-    from ssl_data import DATASETS
+    def __init__(self, args, dataset: str, seed: int, root: Path, device) -> None:
+        from nnunet_sam.demo.experiment import Experiment
+        from nnunet_sam.demo.slices import SPLIT_FOLD
+        from ssl_data import DATASETS
 
-    build, classes, channel, base_id, description = DATASETS[dataset]
-    results = root / "results" / f"seed{seed}"
-    results.mkdir(parents=True, exist_ok=True)
-    todo = [arm for arm in args.arms if not (results / f"{arm}.json").is_file()]
-    if not todo:
-        return
-    dataset_id = base_id + 10 * seed
-    experiment = Experiment(dataset_id, "2d", SPLIT_FOLD, device, root)
-    split_file = results / "split.json"
-    if not split_file.is_file():
-        pool = build()
-        split = draw_split(pool, len(classes), seed, LABELLED, VALIDATION)
-        raw = root / "nnUNet_raw"
-        for old in list(raw.glob(f"Dataset{dataset_id:03d}_*")) + list(
-                (root / "nnUNet_preprocessed").glob(f"Dataset{dataset_id:03d}_*")) + list(
-                (root / "nnUNet_results").glob(f"Dataset{dataset_id:03d}_*")):
-            shutil.rmtree(old)
-        write_slice_dataset(raw, dataset_id, f"{dataset.capitalize()}Seed{seed}", pool, split, classes, channel,
-                            description)
-        preprocessed = root / "nnUNet_preprocessed" / experiment.raw.name
-        preprocessed.mkdir(parents=True, exist_ok=True)
+        self.args, self.dataset, self.seed, self.root = args, dataset, seed, root
+        self.build, self.classes, self.channel, base_id, self.description = DATASETS[dataset]
+        self.dataset_id = base_id + 10 * seed
+        self.results = root / "results" / f"seed{seed}"
+        self.experiment = Experiment(self.dataset_id, "2d", SPLIT_FOLD, device, root)
+        self.baseline_trainer = ARMS["baseline"][0] + SUFFIX
+        self.pseudo_quality: dict[str, dict] = {}  # pseudo-label source -> Dice before/after SAM, seconds
+        self.current_source: str | None = None  # whose pseudo labels the pseudo-label folder holds now
+
+    def done(self, arm: str) -> bool:
+        return (self.results / f"{arm}.json").is_file()
+
+    def run(self) -> None:
+        todo = [arm for arm in self.args.arms if not self.done(arm)]
+        if not todo:
+            return
+        self.results.mkdir(parents=True, exist_ok=True)
+        if not (self.results / "split.json").is_file():
+            self.make_dataset()
+        if not self.done("baseline"):
+            self.train_and_evaluate("baseline")
+        self.restore_baseline()  # the initial model of every pseudo-label arm, where nnU-Net looks for it
+        for arm in todo:
+            if arm != "baseline":
+                self.make_pseudo_labels(ARMS[arm][1])
+                self.train_and_evaluate(arm)
+
+    def make_dataset(self) -> None:
+        """Draw the split, write the raw dataset and fold 0's split, plan and preprocess (labelled and unlabelled)."""
+        from nnunet_sam.demo.slices import draw_split, split_file_content, write_slice_dataset
+
+        pool = self.build()
+        split = draw_split(pool, len(self.classes), self.seed, LABELLED, VALIDATION)
+        for top in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # a killed run's leftovers
+            for old in (self.root / top).glob(f"Dataset{self.dataset_id:03d}_*"):
+                shutil.rmtree(old)
+        raw = write_slice_dataset(self.root / "nnUNet_raw", self.dataset_id, f"{self.dataset.capitalize()}Seed"
+                                  f"{self.seed}", pool, split, self.classes, self.channel, self.description)
+        preprocessed = self.root / "nnUNet_preprocessed" / raw.name
+        preprocessed.mkdir(parents=True)
         (preprocessed / "splits_final.json").write_text(json.dumps(split_file_content(split), indent=1))
-        experiment.plan()
-        experiment.preprocess_unlabeled()
-        split_file.write_text(json.dumps(split.to_dict(), indent=1))
-    truth = experiment.raw / UNLABELED_TRUTH
-    embeddings = root / "embeddings"
+        self.experiment.plan()
+        self.experiment.preprocess_unlabeled()
+        (self.results / "split.json").write_text(json.dumps(split.to_dict(), indent=1))
 
-    def trained(arm: str) -> Path:
-        """Train the arm's trainer from scratch (seeded), evaluate it on the test cases, store its result."""
-        trainer = ARMS[arm][0] + SUFFIX
-        folder = experiment.fold_folder(trainer)
-        if folder.exists():
-                shutil.rmtree(folder)  # a killed run's half-trained fold: never resumed into another arm's labels
-        torch.manual_seed(seed)
-        started = time.perf_counter()
-        experiment.train(trainer)
-        seconds = time.perf_counter() - started
-        evaluation = experiment.evaluate(trainer, experiment.raw / "imagesTs", experiment.raw / "labelsTs",
-                                         root / "predictions" / f"seed{seed}" / arm, len(classes))
-        record = {"arm": arm, "trainer": trainer, "seed": seed, "dataset": dataset, "train_seconds": seconds,
-                  **evaluation, "curve": validation_curve(folder), **pseudo_quality.get(ARMS[arm][1], {})}
-        target = experiment.archive(trainer, root / "arms" / f"seed{seed}" / arm.replace(" ", "_").replace(",", ""))
-        (results / f"{arm}.json").write_text(json.dumps(record, indent=1))
-        logger.info("%s seed %d %s: mean test Dice %.3f (%.0f s)", dataset, seed, arm, evaluation["mean_dice"],
-                    seconds)
-        return target
+    def archived(self, arm: str) -> Path:
+        return self.root / "arms" / f"seed{self.seed}" / arm.replace(" ", "_").replace(",", "")
 
-    pseudo_quality: dict[str, dict] = {}
-    current_source = None  # whose pseudo labels the pseudo-label folder holds now
-    baseline_trainer = ARMS["baseline"][0] + SUFFIX
-    if not (results / "baseline.json").is_file() or any(ARMS[a][1] for a in todo):
-        baseline = root / "arms" / f"seed{seed}" / "baseline"
-        if not (results / "baseline.json").is_file():
-            trained("baseline")
-        # the pseudo-label arms need the baseline where nnU-Net looks for it
-        experiment.fold_folder(baseline_trainer).parent.mkdir(parents=True, exist_ok=True)
-        if not experiment.fold_folder(baseline_trainer).exists():
-                shutil.copytree(baseline, experiment.fold_folder(baseline_trainer))
-    for arm in todo:
-        if arm == "baseline" or (results / f"{arm}.json").is_file():
-            continue
-        source = ARMS[arm][1]
+    def restore_baseline(self) -> None:
+        folder = self.experiment.fold_folder(self.baseline_trainer)
+        if not folder.exists():
+            shutil.copytree(self.archived("baseline"), folder)
+
+    def make_pseudo_labels(self, source: str | None) -> None:
+        """Put the arm's pseudo labels into the pseudo-label folder (unless they are there already)."""
+        if source is None or source == self.current_source:
+            return
+        from nnunet_sam.demo.slices import UNLABELED_TRUTH
+
+        experiment, truth = self.experiment, self.experiment.raw / UNLABELED_TRUTH
+        embeddings = self.root / "embeddings"
         started = time.perf_counter()
-        if source is None or source == current_source:
-            pass  # no pseudo labels, or those in the folder already
-        elif source == "raw":
-            experiment.unrefined_pseudo_labels(baseline_trainer)
+        if source == "raw":
+            experiment.unrefined_pseudo_labels(self.baseline_trainer)
         elif source == "truth":
             experiment.unrefined_pseudo_labels(None, truth)
-        elif source == "sam":
-            report = experiment.sam_pseudo_labels(baseline_trainer, embeddings, truth)
-            pseudo_quality["sam"] = pseudo_label_dice(report)
-        elif source == "finetuned":
-            tuned = experiment.finetune_sam(args.finetune_epochs, embeddings)
-            report = experiment.sam_pseudo_labels(baseline_trainer, embeddings, truth, tuned["checkpoint"])
-            pseudo_quality["finetuned"] = pseudo_label_dice(report)
-        if source and source != current_source:
-            pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
-            current_source = source
-        trained(arm)
+        else:
+            checkpoint = None
+            if source == "finetuned":
+                checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings)["checkpoint"]
+            report = experiment.sam_pseudo_labels(self.baseline_trainer, embeddings, truth, checkpoint)
+            self.pseudo_quality[source] = pseudo_label_dice(report)
+        self.pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
+        self.current_source = source
+
+    def train_and_evaluate(self, arm: str) -> None:
+        """Train the arm's trainer from scratch (seeded), evaluate it on the test cases, store its result."""
+        import torch
+
+        from nnunet_sam.demo.experiment import validation_curve
+
+        trainer = ARMS[arm][0] + SUFFIX
+        folder = self.experiment.fold_folder(trainer)
+        if folder.exists():
+            shutil.rmtree(folder)  # a killed run's half-trained fold: never resumed into another arm's labels
+        torch.manual_seed(self.seed)
+        started = time.perf_counter()
+        self.experiment.train(trainer)
+        seconds = time.perf_counter() - started
+        raw = self.experiment.raw
+        evaluation = self.experiment.evaluate(trainer, raw / "imagesTs", raw / "labelsTs",
+                                              self.root / "predictions" / f"seed{self.seed}" / arm, len(self.classes))
+        record = {"arm": arm, "trainer": trainer, "seed": self.seed, "dataset": self.dataset,
+                  "train_seconds": seconds, **evaluation, "curve": validation_curve(folder),
+                  **self.pseudo_quality.get(ARMS[arm][1], {})}
+        self.experiment.archive(trainer, self.archived(arm))
+        (self.results / f"{arm}.json").write_text(json.dumps(record, indent=1))
+        logger.info("%s seed %d %s: mean test Dice %.3f (%.0f s)", self.dataset, self.seed, arm,
+                    evaluation["mean_dice"], seconds)
 
 
 def pseudo_label_dice(report: dict) -> dict:

@@ -56,7 +56,7 @@ def test_split_is_seeded_disjoint_and_labels_every_class():
     assert {1, 2} <= shown
     assert draw_split(pool, 2, seed=3, labelled=2, validation=2) == split
     assert any(draw_split(pool, 2, seed=s, labelled=2, validation=2).labelled != split.labelled for s in range(5))
-    with pytest.raises(NnsamError, match="show all 3 classes"):
+    with pytest.raises(NnsamError, match="show all 3 classes together"):
         draw_split(pool, 3, seed=0)
 
 

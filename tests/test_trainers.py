@@ -402,3 +402,30 @@ def test_predict_uses_the_teacher(nnunet_env, trained):
     segmentation = predictor.predict_single_npy_array(data, properties)
     assert segmentation.shape == data.shape[1:]
     assert set(np.unique(segmentation)) <= {0, 1, 2}
+
+
+def test_warm_start_takes_every_weight_of_the_model_that_made_the_pseudo_labels(nnunet_env, trained):
+    """`warm_start`: the pseudo-label model's weights, segmentation heads included (nnU-Net's
+    -pretrained_weights would reset those); refused for a model of another fold (leakage)."""
+    import json
+
+    from nnunet_sam.nnunet.datasets import pseudo_label_model_checkpoint
+
+    source = trained["nnUNetTrainerSAMPseudoMeanTeacherShort"]  # fold 0, as if it had made the pseudo labels
+    pseudo = nnunet_env / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres_pseudolabels"
+    report = pseudo / "refine_report.json"
+    record = {"trainer": source.__class__.__name__, "folds": ["0"], "checkpoint": "checkpoint_final.pth",
+              "tta": False, "folder": str(Path(source.output_folder).parent)}
+    report.write_text(json.dumps({"initial_model": record}))
+    try:
+        trainer = make_trainer("nnUNetTrainerSAMPseudoShort", 0)
+        trainer.initialize()
+        trainer.load_initial_model_weights()
+        assert _same(unwrap_model(trainer.network).state_dict(), _checkpoint(source)["network_weights"])
+        with pytest.raises(NnsamError, match="not fold 1: starting from that model would leak"):
+            pseudo_label_model_checkpoint(trainer.preprocessed_dataset_folder, 1)
+        report.write_text(json.dumps({"initial_model": None, "source": "truth"}))
+        with pytest.raises(NnsamError, match="not made by a trained model"):
+            trainer.load_initial_model_weights()
+    finally:
+        report.unlink()

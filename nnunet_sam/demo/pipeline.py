@@ -75,7 +75,7 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     within the time budget on 2 CPU cores; longer on a GPU."""
     if device.type == "cuda":
         return Schedule(20, 50) if quick else Schedule(50, 50)
-    return Schedule(6, 25) if quick else Schedule(14, 25)
+    return Schedule(6, 25) if quick else Schedule(16, 25)
 
 
 def finetune_epochs(device: torch.device, quick: bool) -> int:

@@ -49,19 +49,23 @@ class CaseSplit:
 
 def draw_split(cases: list[SliceCase], n_classes: int, seed: int, labelled: int = 2, validation: int = 4,
                unlabelled_share: float = 0.5) -> CaseSplit:
-    """A seeded split: `labelled` cases drawn at random among the draws that show every class at least once
-    (a class no labelled case shows cannot be learnt), then `validation` cases, then the rest shared between
-    unlabelled (`unlabelled_share`) and test cases."""
+    """A seeded split. The labelled cases are spread over the pool as a person labelling a few slices would
+    spread them: the pool (in its order, e.g. slice position) is cut into `labelled` consecutive blocks and one
+    case is drawn from each, among the draws that show every class at least once (a class no labelled case
+    shows cannot be learnt). Then `validation` random cases, and the rest shared between unlabelled
+    (`unlabelled_share`) and test cases."""
     rng = np.random.default_rng(seed)
     ids = [c.case_id for c in cases]
     present = {c.case_id: set(np.unique(c.labels).tolist()) - {0} for c in cases}
     wanted = set(range(1, n_classes + 1))
+    blocks = np.array_split(np.arange(len(ids)), labelled)
     for _ in range(10000):
-        chosen = [str(x) for x in rng.choice(ids, size=labelled, replace=False)]
+        chosen = [ids[int(rng.choice(block))] for block in blocks]
         if wanted <= set().union(*(present[c] for c in chosen)):
             break
     else:
-        raise NnsamError(f"no {labelled} cases of the pool show all {n_classes} classes together")
+        raise NnsamError(f"no {labelled} cases of the pool, one per block of {len(ids) // labelled}, show all "
+                         f"{n_classes} classes together")
     rest = [ids[i] for i in rng.permutation(len(ids)) if ids[i] not in chosen]
     valid, rest = rest[:validation], rest[validation:]
     n_unlabelled = int(round(unlabelled_share * len(rest)))

@@ -197,3 +197,24 @@ def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, comma
             raise NnsamError(f"pseudo label {case} has shape {label_shape} but its preprocessed image {image_shape} "
                              f"(preprocessed again since?); make new pseudo labels: {command_hint}")
     return PseudoLabelDataset(images, labels, cases)
+
+
+def pseudo_label_model_checkpoint(preprocessed_data_folder: str | os.PathLike, fold: str | int) -> Path:
+    """The checkpoint of the nnU-Net whose predictions the pseudo labels refine (from their refine_report.json),
+    for a trainer that starts from it. It must be one model of the same fold: a model of another fold, or an
+    ensemble, has seen this fold's validation cases."""
+    folder = pseudo_label_folder(preprocessed_data_folder)
+    report = folder / "refine_report.json"
+    if not report.is_file():
+        raise NnsamError(f"{report} not found: the pseudo labels do not say which model made them; rerun nnsam_refine -d")
+    model = load_json(str(report)).get("initial_model")
+    if not model:
+        raise NnsamError(f"the pseudo labels in {folder} were not made by a trained model (see {report})")
+    if [str(f) for f in model["folds"]] != [str(fold)]:
+        raise NnsamError(f"the pseudo labels in {folder} come from fold(s) {', '.join(map(str, model['folds']))}, "
+                         f"not fold {fold}: starting from that model would leak its training cases into this fold's "
+                         f"validation; make them with nnsam_refine -d ... -f {fold}")
+    checkpoint = Path(model["folder"]) / f"fold_{fold}" / model["checkpoint"]
+    if not checkpoint.is_file():
+        raise NnsamError(f"{checkpoint} (the model that made the pseudo labels in {folder}) no longer exists")
+    return checkpoint

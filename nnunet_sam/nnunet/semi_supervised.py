@@ -37,7 +37,8 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import open_pseudo_label_dataset, open_unlabeled_dataset
+from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset,
+                                        pseudo_label_model_checkpoint)
 from nnunet_sam.utils.atomic import atomic_path
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
@@ -197,6 +198,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     consistency_rampup_fraction: float = 0.4  # of num_epochs
     teacher_noise_std: float = 0.1
     teacher_noise_clip: float = 0.2
+    warm_start: bool = False  # start from every weight of the model that made the pseudo labels (same fold;
+    # nnU-Net's -pretrained_weights would reset the segmentation heads), with a fresh learning-rate schedule
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -241,6 +244,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise NnsamError(f"{type(self).__name__} does not support cascade configurations "
                              f"({self.configuration_name}); use 3d_fullres, 3d_lowres or 2d")
         self.extra_dataset = self.open_extra_dataset()  # fail before any data loader or training starts
+        if self.warm_start and self.current_epoch == 0:
+            self.load_initial_model_weights()
         super().on_train_start()
         if self.teacher is not None and self.current_epoch == 0:
             # a fresh start (possibly from -pretrained_weights): the teacher starts as the student
@@ -250,6 +255,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                                f"{n_labelled} labelled + {n_extra} {self.extra_stream}; loss weight of the "
                                f"{self.extra_stream} samples {self.extra_loss_weight}; consistency weight "
                                f"{self.consistency_weight}")
+
+    def load_initial_model_weights(self) -> None:
+        """Every weight of the nnU-Net that made the pseudo labels (`warm_start`)."""
+        if self.extra_stream != "pseudo":
+            raise NnsamError(f"{type(self).__name__}.warm_start needs pseudo labels (extra_stream 'pseudo')")
+        path = pseudo_label_model_checkpoint(self.preprocessed_dataset_folder, self.fold)
+        weights = torch.load(path, map_location=self.device, weights_only=False)["network_weights"]
+        weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+        unwrap_model(self.network).load_state_dict(weights)
+        self.print_to_log_file(f"warm start: every weight from {path}")
 
     def get_dataloaders(self):
         """nnU-Net's labelled streams with the labelled share of the batch, plus the extra stream."""
