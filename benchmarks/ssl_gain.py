@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.dont_write_bytecode = True
@@ -45,15 +46,32 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / ".cache" / "ssl_gain"
 PLOT = HERE / "ssl_gain.png"
 TITLE = "Semi-supervised gain (benchmarks/ssl_gain.py)"
-ARMS = {  # arm -> (trainer class without the schedule suffix, pseudo labels it trains on)
-    "baseline": ("nnUNetTrainer", None),
-    "raw pseudo": ("nnUNetTrainerSAMPseudo", "raw"),
-    "SAM pseudo": ("nnUNetTrainerSAMPseudo", "sam"),
-    "Mean Teacher": ("nnUNetTrainerMeanTeacher", None),
-    "SAM pseudo + MT": ("nnUNetTrainerSAMPseudoMeanTeacher", "sam"),
-    "SAM pseudo, fine-tuned SAM": ("nnUNetTrainerSAMPseudo", "finetuned"),
-    "oracle": ("nnUNetTrainerSAMPseudo", "truth"),
+@dataclass(frozen=True)
+class Arm:
+    trainer: str  # the trainer class (our trainers' short variant is trainer + SUFFIX)
+    source: str | None = None  # the pseudo labels it trains on: raw, sam, finetuned, truth
+    variant: str = ""  # a lever: the name of a subclass of the short trainer with `attributes` set
+    attributes: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def trainer_class(self) -> str:
+        return f"{self.trainer}{self.variant}{SUFFIX}"
+
+
+ARMS = {  # the arms of the issue; every run compares them side by side
+    "baseline": Arm("nnUNetTrainer"),
+    "raw pseudo": Arm("nnUNetTrainerSAMPseudo", "raw"),
+    "SAM pseudo": Arm("nnUNetTrainerSAMPseudo", "sam"),
+    "Mean Teacher": Arm("nnUNetTrainerMeanTeacher"),
+    "SAM pseudo + MT": Arm("nnUNetTrainerSAMPseudoMeanTeacher", "sam"),
+    "SAM pseudo, fine-tuned SAM": Arm("nnUNetTrainerSAMPseudo", "finetuned"),
+    "oracle": Arm("nnUNetTrainerSAMPseudo", "truth"),
 }
+LEVERS = {  # changes of the method, measured on request (--arms): each a trainer attribute
+    "SAM pseudo, warm start": Arm("nnUNetTrainerSAMPseudo", "sam", "WarmStart", (("warm_start", True),)),
+    "SAM pseudo, pseudo weight 1": Arm("nnUNetTrainerSAMPseudo", "sam", "Weight1", (("pseudo_loss_weight", 1.0),)),
+}
+ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
 LABELLED, VALIDATION = 2, 4
 
@@ -64,12 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["brain", "synthetic"], choices=["brain", "synthetic"])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
-                   help=f"arms to run (default: all): {', '.join(ARMS)}")
-    p.add_argument("--epochs", type=int, default=16, help="epochs of every training")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ALL_ARMS), metavar="ARM",
+                   help=f"arms to run (default: the first {len(ARMS)}): {', '.join(ALL_ARMS)}")
+    p.add_argument("--epochs", type=int, default=40, help="epochs of every training")
     p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
-    p.add_argument("--val-iterations", type=int, default=3, help="validation batches per epoch (the curves)")
+    p.add_argument("--val-iterations", type=int, default=8, help="validation batches per epoch (the curves)")
     p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of nnsam_finetune (decoder)")
+    p.add_argument("--full-network", action="store_true",
+                   help="nnU-Net's planned 2d U-Net (32 to 512 features) instead of the CPU-sized one (16 to 128)")
     p.add_argument("-o", dest="work", type=Path, default=WORK, help="work folder (resumable)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder's results first")
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md and the plot")
@@ -84,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 
 def schedule_name(args) -> str:
-    return f"e{args.epochs}i{args.iterations}v{args.val_iterations}"
+    return f"e{args.epochs}i{args.iterations}v{args.val_iterations}" + ("full" if args.full_network else "")
 
 
 def dataset_root(args, dataset: str) -> Path:
@@ -102,8 +122,9 @@ def run_worker(args) -> None:
     os.environ.update(nnunet_environment(root, [root / "trainers"], device))
     from nnunet_sam.demo.nnunet_setup import write_short_trainers
 
+    variants = {arm.trainer_class: (arm.trainer + SUFFIX, dict(arm.attributes)) for arm in LEVERS.values()}
     write_short_trainers(root / "trainers", args.epochs, args.iterations, SUFFIX, args.val_iterations,
-                         save_every=args.epochs)  # the final checkpoint only: saving costs seconds
+                         save_every=args.epochs, variants=variants)  # final checkpoint only: saving costs seconds
     for seed in range(args.seeds):
         SeedRun(args, args.worker, seed, root, device).run()
 
@@ -122,7 +143,7 @@ class SeedRun:
         self.dataset_id = base_id + 10 * seed
         self.results = root / "results" / f"seed{seed}"
         self.experiment = Experiment(self.dataset_id, "2d", SPLIT_FOLD, device, root)
-        self.baseline_trainer = ARMS["baseline"][0] + SUFFIX
+        self.baseline_trainer = ARMS["baseline"].trainer_class
         self.pseudo_quality: dict[str, dict] = {}  # pseudo-label source -> Dice before/after SAM, seconds
         self.current_source: str | None = None  # whose pseudo labels the pseudo-label folder holds now
 
@@ -141,7 +162,7 @@ class SeedRun:
         self.restore_baseline()  # the initial model of every pseudo-label arm, where nnU-Net looks for it
         for arm in todo:
             if arm != "baseline":
-                self.make_pseudo_labels(ARMS[arm][1])
+                self.make_pseudo_labels(ALL_ARMS[arm].source)
                 self.train_and_evaluate(arm)
 
     def make_dataset(self) -> None:
@@ -158,7 +179,7 @@ class SeedRun:
         preprocessed = self.root / "nnUNet_preprocessed" / raw.name
         preprocessed.mkdir(parents=True)
         (preprocessed / "splits_final.json").write_text(json.dumps(split_file_content(split), indent=1))
-        self.experiment.plan()
+        self.experiment.plan(cpu_sized=not self.args.full_network)
         self.experiment.preprocess_unlabeled()
         (self.results / "split.json").write_text(json.dumps(split.to_dict(), indent=1))
 
@@ -198,7 +219,7 @@ class SeedRun:
 
         from nnunet_sam.demo.experiment import validation_curve
 
-        trainer = ARMS[arm][0] + SUFFIX
+        trainer = ALL_ARMS[arm].trainer_class
         folder = self.experiment.fold_folder(trainer)
         if folder.exists():
             shutil.rmtree(folder)  # a killed run's half-trained fold: never resumed into another arm's labels
@@ -211,7 +232,7 @@ class SeedRun:
                                               self.root / "predictions" / f"seed{self.seed}" / arm, len(self.classes))
         record = {"arm": arm, "trainer": trainer, "seed": self.seed, "dataset": self.dataset,
                   "train_seconds": seconds, **evaluation, "curve": validation_curve(folder),
-                  **self.pseudo_quality.get(ARMS[arm][1], {})}
+                  **self.pseudo_quality.get(ALL_ARMS[arm].source, {})}
         self.experiment.archive(trainer, self.archived(arm))
         (self.results / f"{arm}.json").write_text(json.dumps(record, indent=1))
         logger.info("%s seed %d %s: mean test Dice %.3f (%.0f s)", self.dataset, self.seed, arm,
@@ -289,7 +310,8 @@ def main(argv=None) -> None:
     from ssl_data import DATASETS
     from ssl_report import report
 
-    report(args, load_results(args), minutes, TITLE, PLOT, {name: spec[1] for name, spec in DATASETS.items()})
+    report(args, load_results(args), minutes, TITLE, PLOT, {name: spec[1] for name, spec in DATASETS.items()},
+           list(ALL_ARMS))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import shlex
 
 import numpy as np
 
+from nnunet_sam.demo.experiment import plateau_change
 from results import machine_description, markdown_table, update_results_section
 
 TARGETS = "SAM pseudo >= baseline + 0.05, >= raw pseudo + 0.02, >= Mean Teacher, above the baseline in every seed"
@@ -24,12 +25,6 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def _plateau(curve: list[float]) -> float:
-    """Change of the moving-average validation Dice over the last quarter of the epochs."""
-    quarter = max(1, len(curve) // 4)
-    return curve[-1] - curve[-1 - quarter]
-
-
 def arm_table(records: list[dict], arms: list[str], classes: list[str]) -> str:
     """Per arm: mean ± sd of the test Dice over seeds, per class, the difference to the baseline, the seeds
     where it beats the baseline, the validation curve's last-quarter change, and the training time."""
@@ -45,7 +40,7 @@ def arm_table(records: list[dict], arms: list[str], classes: list[str]) -> str:
         diffs = [runs[s]["mean_dice"] - baseline[s] for s in seeds if s in baseline]
         wins = sum(d > 0 for d in diffs)
         per_class = [_mean_sd([runs[s]["dice"][str(k + 1)] for s in seeds]) for k in range(len(classes))]
-        plateau = np.mean([_plateau(runs[s]["curve"]["ema_fg_dice"]) for s in seeds])
+        plateau = np.mean([plateau_change(runs[s]["curve"]["mean_fg_dice"]) for s in seeds])
         minutes = np.mean([runs[s]["train_seconds"] for s in seeds]) / 60
         rows.append([arm, _mean_sd(means), *per_class,
                      "-" if arm == "baseline" else f"{np.mean(diffs):+.3f}",
@@ -119,7 +114,7 @@ def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
             values = [r["mean_dice"] for r in by_arm[arm].values()]
             row[0].bar(i, np.mean(values), color=colours(i), alpha=0.5)
             row[0].scatter(np.full(len(values), i), values, color=colours(i), edgecolor="black", zorder=3)
-            curves = [r["curve"]["ema_fg_dice"] for r in by_arm[arm].values()]
+            curves = [r["curve"]["mean_fg_dice"] for r in by_arm[arm].values()]
             length = min(len(c) for c in curves)
             row[1].plot(np.arange(1, length + 1), np.mean([c[:length] for c in curves], axis=0), label=arm,
                         color=colours(i))
@@ -128,7 +123,7 @@ def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
         row[0].set_ylabel("mean test Dice")
         row[0].set_title(f"{dataset}: test Dice per arm (points: seeds)")
         row[1].set_xlabel("epoch")
-        row[1].set_ylabel("validation pseudo-Dice (nnU-Net's moving average)")
+        row[1].set_ylabel("validation pseudo-Dice (nnU-Net's, per epoch)")
         row[1].set_title(f"{dataset}: validation curves (mean over seeds)")
         row[1].legend(fontsize=7)
     fig.tight_layout()
@@ -136,18 +131,23 @@ def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
     plt.close(fig)
 
 
-def report(args, results: dict[str, list[dict]], minutes: float, title: str, plot_path, classes_of: dict) -> str:
-    """Print the tables; unless --no-results, write them with the plot into RESULTS.md."""
-    arms = list(args.arms)
+def report(args, results: dict[str, list[dict]], minutes: float, title: str, plot_path, classes_of: dict,
+           order: list[str]) -> str:
+    """Print the tables (every arm with results, in `order`); unless --no-results, write them with the plot into
+    RESULTS.md."""
+    found = {r["arm"] for records in results.values() for r in records}
+    arms = [a for a in order if a in found]
     lines = [f"Command: `.venv/bin/python benchmarks/ssl_gain.py {shlex.join(args.argv)}`. Machine: "
              f"{machine_description('cpu')}; the two datasets ran in parallel worker processes, one torch thread "
-             f"each. Wall-clock {minutes:.1f} min (arms finished in earlier runs count with their own time).", "",
-             f"Every arm: nnU-Net `2d`, fold 0 (2 labelled training cases, 4 labelled validation cases), "
+             f"each. This run's wall-clock: {minutes:.1f} min (arms finished in an earlier run of the same work folder "
+             f"are not redone: their time is in *train min*).", "",
+             f"Every arm: nnU-Net `2d` ({'the planned U-Net' if args.full_network else 'the CPU-sized U-Net: 16 to 128 features instead of 32 to 512, same stages, patch and batch'}), "
+             f"fold 0 (2 labelled training cases, 4 labelled validation cases), "
              f"{args.epochs} epochs x {args.iterations} iterations from scratch, {args.val_iterations} validation "
              f"batches per epoch; {args.seeds} seeds (a seed draws the labelled, validation, unlabelled and test "
              f"cases and seeds the training). Test Dice: nnU-Net's evaluation of the predicted test cases, mean "
-             f"± sd over seeds. *val. Dice change*: how much nnU-Net's moving-average validation pseudo-Dice still "
-             f"rose over the last quarter of the epochs (near 0: plateaued).", ""]
+             f"± sd over seeds. *val. Dice change*: nnU-Net's per-epoch validation pseudo-Dice, mean of the last quarter "
+             f"of the epochs minus the mean of the quarter before (near 0: plateaued).", ""]
     for dataset, records in results.items():
         if not records:
             continue

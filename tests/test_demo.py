@@ -69,7 +69,7 @@ def test_quick_demo_runs_reports_and_resumes(tmp_path, restored_environment):
                         "validation_curves.png"]
     text = demo_report(results, models, ["liver", "kidney"], "CPU")
     assert "after SAM" in text and "`nnUNetTrainerSAMPseudoDemo`" in text and "vs baseline" in text
-    assert "after fine-tuned SAM" in text and "its change, last quarter" in text
+    assert "after fine-tuned SAM" in text and "change from the quarter before" in text
     stamps = {p.name: p.stat().st_mtime_ns for p in (demo.out / "stages").iterdir()}
     again = Demo(tmp_path / "demo", torch.device("cpu"), quick=True, spec=spec, schedule=schedule, finetune=True).run()
     assert again == json.loads(json.dumps(results))  # every stage was finished: nothing is redone
@@ -93,3 +93,11 @@ def test_demo_output_that_is_a_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "-device gpu is not a device" in err[0]
     assert not (tmp_path / "demo").exists()
+
+
+def test_plateau_change_compares_the_last_two_quarters():
+    from nnunet_sam.demo.experiment import plateau_change
+
+    assert plateau_change([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) == pytest.approx(0.2)  # still rising
+    assert plateau_change([0.1, 0.5, 0.9, 0.8, 0.9, 0.8, 0.9, 0.8]) == pytest.approx(0.0)  # noisy plateau
+    assert plateau_change([0.5]) == 0.0

@@ -222,6 +222,7 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     assert report["sam"] is None and report["source"] == "initial model"
     assert not (labels / "refine_report_cases").exists()  # the SAM run's case reports went with its labels
     assert sorted(p.name for p in labels.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
+    capsys.readouterr()  # the progress bars so far
     assert "--no-sam is for dataset mode" in error_of(refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--no-sam"],
                                                       capsys)
     with spawn_pools_in_threads():

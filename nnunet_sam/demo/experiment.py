@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_sam.demo.nnunet_setup import plan_and_preprocess, spawn_pools_in_threads
+from nnunet_sam.demo.nnunet_setup import cpu_sized_2d_network, plan_and_preprocess, spawn_pools_in_threads
 
-__all__ = ["nnunet_environment", "Experiment", "validation_curve"]
+__all__ = ["nnunet_environment", "Experiment", "validation_curve", "plateau_change"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ def validation_curve(fold_folder: Path) -> dict[str, list[float]]:
             "train_losses": [float(v) for v in logged["train_losses"]]}
 
 
+def plateau_change(curve: list[float]) -> float:
+    """How much a per-epoch validation curve still rose at the end: the mean of its last quarter minus the mean
+    of the quarter before (near 0: plateaued; averaging quarters evens out nnU-Net's noisy pseudo-Dice)."""
+    quarter = max(1, len(curve) // 4)
+    if len(curve) < 2 * quarter:
+        return 0.0
+    return float(np.mean(curve[-quarter:]) - np.mean(curve[-2 * quarter:-quarter]))
+
+
 @dataclass
 class Experiment:
     """Runs on one dataset, one configuration and one fold."""
@@ -64,9 +73,10 @@ class Experiment:
 
         return self.root / "nnUNet_raw" / maybe_convert_to_dataset_name(self.dataset_id)
 
-    def plan(self) -> None:
-        """nnUNetv2_plan_and_preprocess -d ID -c CONFIGURATION."""
-        plan_and_preprocess(self.dataset_id, (self.configuration,))
+    def plan(self, cpu_sized: bool = False) -> None:
+        """nnUNetv2_plan_and_preprocess -d ID -c CONFIGURATION; `cpu_sized`: with the narrower 2d U-Net of
+        `cpu_sized_2d_network` (CPU runs)."""
+        plan_and_preprocess(self.dataset_id, (self.configuration,), cpu_sized_2d_network if cpu_sized else None)
 
     def preprocess_unlabeled(self) -> int:
         """nnsam_preprocess_unlabeled -d ID -c CONFIGURATION --overwrite; returns the number of cases."""

@@ -67,7 +67,7 @@ class DemoDataSpec:
 class Schedule:
     epochs: int
     iterations: int  # per epoch
-    val_iterations: int = 4  # validation batches per epoch
+    val_iterations: int = 8  # validation batches per epoch
 
 
 def schedule_for(device: torch.device, quick: bool) -> Schedule:
@@ -75,7 +75,7 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     within the time budget on 2 CPU cores; longer on a GPU."""
     if device.type == "cuda":
         return Schedule(20, 50) if quick else Schedule(50, 50)
-    return Schedule(6, 25) if quick else Schedule(16, 25)
+    return Schedule(10, 25, 4) if quick else Schedule(40, 25)
 
 
 def finetune_epochs(device: torch.device, quick: bool) -> int:
@@ -147,6 +147,12 @@ class Demo:
         return {"spec": asdict(spec), "schedule": asdict(self.schedule), "finetune": self.finetune,
                 "split": {part: len(ids) for part, ids in split.to_dict().items()}}
 
+    def plan(self) -> dict:
+        """nnUNetv2_plan_and_preprocess -d ID -c 2d; on CPU with the narrower 2d U-Net (`cpu_sized_2d_network`)."""
+        cpu_sized = self.device.type == "cpu"
+        self.experiment.plan(cpu_sized=cpu_sized)
+        return {"cpu_sized_network": cpu_sized}
+
     def train(self, trainer: str) -> dict:
         """nnUNetv2_train ID 2d 0 -tr TRAINER (with --c after an interruption); the validation curve."""
         folder = self.experiment.train(trainer)
@@ -208,8 +214,8 @@ class Demo:
         from nnunet_sam.visualize import save_curves
 
         path = self.out / "overlays" / "validation_curves.png"
-        save_curves(path, {name: results[f"train {name}"]["curve"]["ema_fg_dice"] for name in models},
-                    "validation Dice per epoch", "nnU-Net's moving-average pseudo-Dice")
+        save_curves(path, {name: results[f"train {name}"]["curve"]["mean_fg_dice"] for name in models},
+                    "validation Dice per epoch", "nnU-Net's pseudo-Dice on the validation cases")
         return {"overlays": [path.name]}
 
     # --- the whole run --------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ class Demo:
         if results["dataset"].get("finetune", False) != self.finetune:
             raise NnsamError(f"{self.out} holds a demo run {'without' if self.finetune else 'with'} --finetune; "
                              f"use the same flags or another -o")
-        results["plan"] = self._stage("plan", lambda: self.experiment.plan() or {})
+        results["plan"] = self._stage("plan", self.plan)
         results["unlabeled"] = self._stage("unlabeled", lambda: {"cases": self.experiment.preprocess_unlabeled()})
         models = trainers(self.quick)
         results["train baseline"] = self._stage("train_baseline", lambda: self.train(models[BASELINE]))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from nnunet_sam.demo.experiment import plateau_change
 from nnunet_sam.demo.pipeline import BASELINE
 from nnunet_sam.utils.atomic import atomic_path
 
@@ -25,19 +28,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _setting(results: dict, device: str) -> list[str]:
     spec, schedule, split = results["dataset"]["spec"], results["dataset"]["schedule"], results["dataset"]["split"]
+    network = (", with the CPU-sized U-Net (16 to 128 features instead of 32 to 512)"
+               if results["plan"].get("cpu_sized_network") else "")
     return [f"Synthetic CT-like dataset `{spec['name']}`: {spec['cases']} patients of one anatomy, one "
             f"{spec['shape'][0]}x{spec['shape'][1]} slice each, that differ in organ shape, size, position and "
             f"contrast: {split['labelled']} labelled training cases, {split['validation']} labelled validation "
             f"cases (nnU-Net's validation curve), {split['unlabelled']} unlabelled cases, {split['test']} test "
             f"cases. Device: {device}. Every model trains from scratch with nnU-Net's `2d` configuration for "
-            f"{schedule['epochs']} epochs x {schedule['iterations']} iterations (fold 0); the baseline is SAM's "
-            f"initial model.", ""]
-
-
-def plateau_change(curve: list[float]) -> float:
-    """How much a validation curve still rose over the last quarter of its epochs (near 0: plateaued)."""
-    quarter = max(1, len(curve) // 4)
-    return curve[-1] - curve[min(len(curve) - 1, len(curve) - 1 - quarter)] if len(curve) > 1 else 0.0
+            f"{schedule['epochs']} epochs x {schedule['iterations']} iterations (fold 0){network}; the baseline "
+            f"is SAM's initial model.", ""]
 
 
 def _comparison(results: dict, models: dict[str, str]) -> list[str]:
@@ -77,16 +76,17 @@ def demo_report(results: dict, models: dict[str, str], organs: list[str], device
              "## Pseudo labels of the unlabelled cases (Dice against their hidden truth)", ""]
     lines += _pseudo_label_table(results, organs)
     lines += ["", "## Test cases (Dice, nnU-Net's evaluation)", ""]
-    header = ["model", "trainer", *organs, "mean", "validation Dice, last epoch", "its change, last quarter"]
+    header = ["model", "trainer", *organs, "mean", "validation Dice, last quarter", "change from the quarter before"]
     rows = []
     for name, trainer in models.items():
         ev = results[f"evaluate {name}"]
-        curve = results[f"train {name}"]["curve"]["ema_fg_dice"]
+        curve = results[f"train {name}"]["curve"]["mean_fg_dice"]
+        quarter = curve[-max(1, len(curve) // 4):]
         rows.append([name, f"`{trainer}`", *[_fmt(ev["dice"].get(str(i + 1))) for i in range(len(organs))],
-                     _fmt(ev["mean_dice"]), _fmt(curve[-1]), f"{plateau_change(curve):+.3f}"])
+                     _fmt(ev["mean_dice"]), _fmt(float(np.mean(quarter))), f"{plateau_change(curve):+.3f}"])
     lines += _table(header, rows)
-    lines += ["", "Validation Dice: nnU-Net's moving average of its per-epoch pseudo-Dice on the validation cases; "
-                  "a change near 0 over the last quarter of the epochs means the training has plateaued "
+    lines += ["", "Validation Dice: nnU-Net's per-epoch pseudo-Dice on the validation cases, averaged over the last "
+                  "quarter of the epochs; a change near 0 from the quarter before means the training has plateaued "
                   "(curves: `overlays/validation_curves.png`).", "", *_comparison(results, models),
               *SEED_SPREAD, "## Time per stage", ""]
     lines += _table(["stage", "seconds"], [[name, f"{r['seconds']:.0f}"] for name, r in results.items()])
