@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-o", dest="work", type=Path, default=WORK, help="work folder (resumable)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder's results first")
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md and the plot")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the arms the work folder has finished (e.g. of an interrupted run)")
     p.add_argument("--worker", choices=["brain", "synthetic"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -305,7 +307,8 @@ def main(argv=None) -> None:
         for dataset in args.datasets:
             shutil.rmtree(dataset_root(args, dataset), ignore_errors=True)
     started = time.perf_counter()
-    run_workers(args)
+    if not args.report_only:
+        run_workers(args)
     minutes = (time.perf_counter() - started) / 60
     from ssl_data import DATASETS
     from ssl_report import report
