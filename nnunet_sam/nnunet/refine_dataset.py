@@ -28,7 +28,7 @@ from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows,
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
                                          remove_stale_temporaries)
 from nnunet_sam.sam.refine import SamRefiner
-from nnunet_sam.utils.atomic import write_json_atomic
+from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
 from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class _CaseRefiner:
                                           self.dataset_json)
         return np.maximum(seg[0], 0)
 
-    def write_unrefined(self, case_id: str) -> None:
+    def write_unrefined(self, case_id: str, folder: Path) -> None:
         """The case's pseudo label without SAM: the initial model's prediction, or with no initial model
         the true label of --gt (preprocessed like the case: the ceiling a benchmark compares with)."""
         data, placeholder, _, properties = self.images.load_case(case_id)
@@ -141,8 +141,8 @@ class _CaseRefiner:
             labels = self.truth(case_id)
         else:
             labels = self.initial.predict(np.asarray(data[:]))[0]
-        write_pseudo_label(self.plan.folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]),
-                           properties, self.label_manager, self.configuration_manager.patch_size)
+        write_pseudo_label(folder, case_id, as_training_seg(labels, placeholder[:]), properties, self.label_manager,
+                           self.configuration_manager.patch_size)
 
     def __call__(self, case_id: str) -> dict:
         started = time.perf_counter()
@@ -234,15 +234,19 @@ def write_unrefined_pseudo_labels(plan: DatasetPlan, initial: InitialModel | Non
     folders = plan.folders
     if initial is None and plan.job.gt_dir is None:
         raise NnsamError("pseudo labels from the truth need --gt")
-    shutil.rmtree(folders.pseudo_labels, ignore_errors=True)  # our output folder: no SAM report may remain
-    folders.pseudo_labels.mkdir(parents=True)
+    # written beside the pseudo-label folder, then swapped in: a killed run never leaves a partial set (our
+    # output folder, never user files; no SAM report of an earlier run may remain in it)
+    staging = folders.pseudo_labels.with_name(TEMP_PREFIX + folders.pseudo_labels.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     write_case = _CaseRefiner(plan, None, initial)
     for case_id in tqdm(plan.cases, desc="unrefined pseudo labels", unit="case"):
-        write_case.write_unrefined(case_id)
+        write_case.write_unrefined(case_id, staging)
     write_json_atomic({"mode": "dataset", "dataset": folders.name, "sam": None,
                        "source": "truth" if initial is None else "initial model",
-                       "initial_model": None if initial is None else plan.model_record},
-                      folders.pseudo_labels / REPORT_NAME)
+                       "initial_model": None if initial is None else plan.model_record}, staging / REPORT_NAME)
+    shutil.rmtree(folders.pseudo_labels, ignore_errors=True)
+    staging.rename(folders.pseudo_labels)
     logger.info("pseudo labels without SAM (%s) in %s (%d cases)", "truth" if initial is None else "initial model",
                 folders.pseudo_labels, len(plan.cases))
     return list(plan.cases)
