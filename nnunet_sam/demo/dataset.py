@@ -16,6 +16,11 @@ from nnunet_sam.nnunet.datasets import UNLABELED_IMAGES
 ORGAN_NAMES = ("liver", "kidney", "spleen", "pancreas", "stomach", "gallbladder")
 
 
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """nnU-Net's folder name of a dataset: DatasetXXX_Name."""
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
 @dataclass
 class SyntheticDatasetSpec:
     dataset_id: int = 990
@@ -30,7 +35,7 @@ class SyntheticDatasetSpec:
 
     @property
     def folder_name(self) -> str:
-        return f"Dataset{self.dataset_id:03d}_{self.name}"
+        return dataset_folder_name(self.dataset_id, self.name)
 
 
 def _write(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:

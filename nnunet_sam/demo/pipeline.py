@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nnunet_sam.demo.dataset import dataset_folder_name
 from nnunet_sam.demo.experiment import Experiment, nnunet_environment, validation_curve
 from nnunet_sam.demo.nnunet_setup import write_short_trainers
 from nnunet_sam.demo.slices import (SPLIT_FOLD, UNLABELED_TRUTH, draw_split, split_file_content,
@@ -60,7 +61,7 @@ class DemoDataSpec:
 
     @property
     def folder_name(self) -> str:
-        return f"Dataset{self.dataset_id:03d}_{self.name}"
+        return dataset_folder_name(self.dataset_id, self.name)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     return Schedule(10, 25, 4) if quick else Schedule(40, 25)
 
 
-def finetune_epochs(device: torch.device, quick: bool) -> int:
+def finetune_epochs(quick: bool) -> int:
     """Epochs of the optional SAM decoder fine-tuning (--finetune) on the 2 labelled slices."""
     return 10 if quick else 30
 
@@ -180,7 +181,7 @@ class Demo:
 
     def finetune_sam(self) -> dict:
         """nnsam_finetune -d ID -c 2d -f 0: LiteMedSAM's decoder fine-tuned on the 2 labelled cases."""
-        epochs = finetune_epochs(self.device, self.quick)
+        epochs = finetune_epochs(self.quick)
         report = self.experiment.finetune_sam(epochs, self.out / "embeddings")
         return {"checkpoint": report["checkpoint"], "epochs": epochs, **report["training"]}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_sam.demo.dataset import dataset_folder_name
 from nnunet_sam.demo.synthetic import PatientVariation, synthetic_ct_slice
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import UNLABELED_IMAGES
@@ -83,7 +84,7 @@ def write_slice_dataset(raw_root: Path, dataset_id: int, name: str, cases: list[
                         label_names: list[str], channel: str, description: str) -> Path:
     """Write `nnUNet_raw/DatasetXXX_name/` for `split` and return the folder. The fold-0 split (labelled cases
     train, validation cases validate) is `split_file_content(split)`: write it to the preprocessed folder."""
-    folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
+    folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
     by_id = {c.case_id: c for c in cases}
     groups = ((split.labelled + split.validation, "imagesTr", "labelsTr"),
               (split.unlabelled, UNLABELED_IMAGES, UNLABELED_TRUTH), (split.test, "imagesTs", "labelsTs"))
