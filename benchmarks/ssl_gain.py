@@ -14,8 +14,8 @@ cases alone, and Mean Teacher? Every arm runs through nnU-Net's own training (`2
 Data (`benchmarks/ssl_data.py`): real MR (Colin27 T1 with the AAL labels drawn on it; axial slices as cases)
 and the demo's synthetic CT-like patients. A seed draws which 2 cases are labelled (among the draws that show
 every class), 4 validation cases (fold 0's validation set: the curves), and splits the rest into unlabelled
-and test cases; it also seeds nnU-Net's training. Every arm trains the same schedule (`--epochs` x
-`--iterations`, nnU-Net's poly learning rate, from scratch); the test Dice is nnU-Net's evaluation of
+and test cases; it also seeds nnU-Net's training. Every arm of a dataset trains the same schedule (`SCHEDULES`,
+or `--epochs` x `--iterations`; nnU-Net's poly learning rate, from scratch); the test Dice is nnU-Net's evaluation of
 `nnUNetv2_predict`'s output on the test cases.
 
 The two datasets run in parallel worker processes (one torch thread each: on 2 cores this trains faster
@@ -49,7 +49,7 @@ TITLE = "Semi-supervised gain (benchmarks/ssl_gain.py)"
 @dataclass(frozen=True)
 class Arm:
     trainer: str  # the trainer class (our trainers' short variant is trainer + SUFFIX)
-    source: str | None = None  # the pseudo labels it trains on: raw, sam, finetuned, truth
+    source: str | None = None  # the pseudo labels it trains on: raw, truth, or a key of REFINE_SETTINGS
     variant: str = ""  # a lever: the name of a subclass of the short trainer with `attributes` set
     attributes: tuple[tuple[str, object], ...] = ()
 
@@ -70,10 +70,18 @@ ARMS = {  # the arms of the issue; every run compares them side by side
 LEVERS = {  # changes of the method, measured on request (--arms): each a trainer attribute
     "SAM pseudo, warm start": Arm("nnUNetTrainerSAMPseudo", "sam", "WarmStart", (("warm_start", True),)),
     "SAM pseudo, pseudo weight 1": Arm("nnUNetTrainerSAMPseudo", "sam", "Weight1", (("pseudo_loss_weight", 1.0),)),
+    "SAM pseudo, every piece": Arm("nnUNetTrainerSAMPseudo", "sam_pieces"),  # nnsam_refine --keep pieces
 }
+REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}}  # source -> RefineSettings
 ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
 LABELLED, VALIDATION = 2, 4
+SCHEDULES = {  # dataset -> (epochs, iterations per epoch) of every arm: long enough to plateau (the curves).
+    # The brain's 2 labelled slices need more iterations than the synthetic cases: at 40 x 25 its baseline's
+    # training loss was still falling (-0.25 at the end; -0.7 after 3000 iterations).
+    "brain": (40, 50),
+    "synthetic": (40, 25),
+}
 
 logger = logging.getLogger("ssl_gain")
 
@@ -84,8 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ALL_ARMS), metavar="ARM",
                    help=f"arms to run (default: the first {len(ARMS)}): {', '.join(ALL_ARMS)}")
-    p.add_argument("--epochs", type=int, default=40, help="epochs of every training")
-    p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    p.add_argument("--epochs", type=int, help="epochs of every training (default: per dataset, SCHEDULES: "
+                   + ", ".join(f"{d} {e}" for d, (e, _) in SCHEDULES.items()) + ")")
+    p.add_argument("--iterations", type=int, help="training iterations per epoch (default: per dataset: "
+                   + ", ".join(f"{d} {i}" for d, (_, i) in SCHEDULES.items()) + ")")
     p.add_argument("--val-iterations", type=int, default=8, help="validation batches per epoch (the curves)")
     p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of nnsam_finetune (decoder)")
     p.add_argument("--full-network", action="store_true",
@@ -96,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report the arms the work folder has finished (e.g. of an interrupted run)")
     p.add_argument("--worker", choices=["brain", "synthetic"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-seeds", type=int, nargs="+", help=argparse.SUPPRESS)  # a worker for these seeds only
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -105,12 +116,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 # One dataset (a worker process)
 # ---------------------------------------------------------------------------------------------------
 
-def schedule_name(args) -> str:
-    return f"e{args.epochs}i{args.iterations}v{args.val_iterations}" + ("full" if args.full_network else "")
+def schedule(args, dataset: str) -> tuple[int, int]:
+    """(epochs, iterations per epoch) of every arm on `dataset`: the flags, else the dataset's default."""
+    epochs, iterations = SCHEDULES[dataset]
+    return args.epochs or epochs, args.iterations or iterations
+
+
+def schedule_name(args, dataset: str) -> str:
+    epochs, iterations = schedule(args, dataset)
+    return f"e{epochs}i{iterations}v{args.val_iterations}" + ("full" if args.full_network else "")
 
 
 def dataset_root(args, dataset: str) -> Path:
-    return args.work / f"{dataset}_{schedule_name(args)}"
+    return args.work / f"{dataset}_{schedule_name(args, dataset)}"
 
 
 def run_worker(args) -> None:
@@ -125,9 +143,10 @@ def run_worker(args) -> None:
     from nnunet_sam.demo.nnunet_setup import write_short_trainers
 
     variants = {arm.trainer_class: (arm.trainer + SUFFIX, dict(arm.attributes)) for arm in LEVERS.values()}
-    write_short_trainers(root / "trainers", args.epochs, args.iterations, SUFFIX, args.val_iterations,
-                         save_every=args.epochs, variants=variants)  # final checkpoint only: saving costs seconds
-    for seed in range(args.seeds):
+    epochs, iterations = schedule(args, args.worker)
+    write_short_trainers(root / "trainers", epochs, iterations, SUFFIX, args.val_iterations,
+                         save_every=epochs, variants=variants)  # final checkpoint only: saving costs seconds
+    for seed in args.worker_seeds or range(args.seeds):
         SeedRun(args, args.worker, seed, root, device).run()
 
 
@@ -207,10 +226,13 @@ class SeedRun:
         elif source == "truth":
             experiment.unrefined_pseudo_labels(None, truth)
         else:
+            from nnunet_sam.sam import RefineSettings
+
             checkpoint = None
             if source == "finetuned":
                 checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings)["checkpoint"]
-            report = experiment.sam_pseudo_labels(self.baseline_trainer, embeddings, truth, checkpoint)
+            report = experiment.sam_pseudo_labels(self.baseline_trainer, embeddings, truth, checkpoint,
+                                                  settings=RefineSettings(**REFINE_SETTINGS[source]))
             self.pseudo_quality[source] = pseudo_label_dice(report)
         self.pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
         self.current_source = source
@@ -314,7 +336,7 @@ def main(argv=None) -> None:
     from ssl_report import report
 
     report(args, load_results(args), minutes, TITLE, PLOT, {name: spec[1] for name, spec in DATASETS.items()},
-           list(ALL_ARMS))
+           list(ALL_ARMS), {dataset: schedule(args, dataset) for dataset in args.datasets})
 
 
 if __name__ == "__main__":

@@ -50,13 +50,12 @@ def arm_table(records: list[dict], arms: list[str], classes: list[str]) -> str:
 
 def pseudo_table(records: list[dict], classes: list[str]) -> str:
     """Per class: Dice of the pseudo labels against the unlabelled cases' truth, before SAM (the baseline's
-    predictions = the raw pseudo labels), after zero-shot SAM and after fine-tuned SAM (mean over seeds)."""
-    by_arm = _by_arm(records)
-    sam = [r for r in by_arm.get("SAM pseudo", {}).values() if "pseudo_dice_after" in r]
-    tuned = [r for r in by_arm.get("SAM pseudo, fine-tuned SAM", {}).values() if "pseudo_dice_after" in r]
-    source = sam or tuned
-    if not source:
+    predictions = the raw pseudo labels) and after each arm's SAM refinement (mean over seeds)."""
+    refined = {arm: [r for r in seeds.values() if "pseudo_dice_after" in r] for arm, seeds in _by_arm(records).items()}
+    refined = {arm: rows for arm, rows in refined.items() if rows and arm != "SAM pseudo + MT"}  # same as SAM pseudo
+    if not refined:
         return "(no SAM arm run)"
+    before = next(iter(refined.values()))
 
     def mean(rows: list[dict], key: str, label: str) -> str:
         values = [r[key][label] for r in rows if r[key].get(label) is not None]
@@ -65,11 +64,11 @@ def pseudo_table(records: list[dict], classes: list[str]) -> str:
     rows = []
     for k, name in enumerate(classes):
         label = str(k + 1)
-        rows.append([name, mean(source, "pseudo_dice_before", label), mean(sam, "pseudo_dice_after", label),
-                     mean(tuned, "pseudo_dice_after", label)])
+        rows.append([name, mean(before, "pseudo_dice_before", label),
+                     *[mean(arm_rows, "pseudo_dice_after", label) for arm_rows in refined.values()]])
     rows.append(["mean", *[f"{np.mean([float(c) for c in col if c != '-']):.3f}"
                            if any(c != "-" for c in col) else "-" for col in zip(*[r[1:] for r in rows])]])
-    return markdown_table(["class", "before SAM (raw pseudo)", "after SAM", "after fine-tuned SAM"], rows)
+    return markdown_table(["class", "before SAM (raw pseudo)", *[f"after SAM: {arm}" for arm in refined]], rows)
 
 
 def verdict(records: list[dict]) -> str:
@@ -135,7 +134,7 @@ def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
 
 
 def report(args, results: dict[str, list[dict]], minutes: float, title: str, plot_path, classes_of: dict,
-           order: list[str]) -> str:
+           order: list[str], schedules: dict[str, tuple[int, int]]) -> str:
     """Print the tables (every arm with results, in `order`); unless --no-results, write them with the plot into
     RESULTS.md."""
     found = {r["arm"] for records in results.values() for r in records}
@@ -146,7 +145,7 @@ def report(args, results: dict[str, list[dict]], minutes: float, title: str, plo
              f"are not redone: their time is in *train min*).", "",
              f"Every arm: nnU-Net `2d` ({'the planned U-Net' if args.full_network else 'the CPU-sized U-Net: 16 to 128 features instead of 32 to 512, same stages, patch and batch'}), "
              f"fold 0 (2 labelled training cases, 4 labelled validation cases), "
-             f"{args.epochs} epochs x {args.iterations} iterations from scratch, {args.val_iterations} validation "
+             f"the dataset's schedule (its heading: epochs x iterations) from scratch, {args.val_iterations} validation "
              f"batches per epoch; up to {args.seeds} seeds (the *seeds* column: how many each arm finished; a seed draws the labelled, validation, unlabelled and test "
              f"cases and seeds the training). Test Dice: nnU-Net's evaluation of the predicted test cases, mean "
              f"± sd over seeds. *val. Dice change*: nnU-Net's per-epoch validation pseudo-Dice, mean of the last quarter "
@@ -155,7 +154,8 @@ def report(args, results: dict[str, list[dict]], minutes: float, title: str, plo
         if not records:
             continue
         classes = classes_of[dataset]
-        lines += [f"### {dataset}", "", arm_table(records, arms, classes), "", verdict(records), "",
+        epochs, iterations = schedules[dataset]
+        lines += [f"### {dataset} ({epochs} epochs x {iterations} iterations)", "", arm_table(records, arms, classes), "", verdict(records), "",
                   "Pseudo labels of the unlabelled cases (Dice against their truth, mean over cases and seeds):", "",
                   pseudo_table(records, classes), ""]
     text = "\n".join(lines)

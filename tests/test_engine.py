@@ -108,6 +108,36 @@ def test_probabilities_choose_the_component(phantom, litemedsam):
     assert not result.mask[2:5, 38:46, 2:10].any()
 
 
+def test_pieces_keeps_a_right_piece_that_is_smaller_than_a_wrong_one(litemedsam):
+    """A class mask in two pieces: a small one on the right organ, a larger one on a neighbour (the model's
+    identity error). keep="largest" keeps the wrong one; keep="pieces" refines each piece on its own, so the
+    right organ comes out whole instead of being traded away."""
+    from scipy import ndimage
+
+    p = make_phantom(shape=(16, 64, 64))
+    image, labels = p.image[8:9], p.labels[8:9]
+    organ, neighbour = labels[0] == 1, labels[0] == 2
+    mask = np.zeros_like(labels)
+    mask[0][ndimage.binary_erosion(organ, iterations=2)] = 1
+    mask[0][ndimage.binary_dilation(neighbour, iterations=2)] = 1
+    assert (mask == 1)[0][neighbour].sum() > (mask == 1)[0][organ].sum()  # the wrong piece is the larger one
+    near_organ = ndimage.binary_dilation(organ, iterations=4)[None]
+    spacing = (999.0, 1.0, 1.0)
+
+    largest = SamRefiner(litemedsam, RefineSettings(keep="largest")).refine(image, mask, spacing)
+    pieces = SamRefiner(litemedsam, RefineSettings(keep="pieces")).refine(image, mask, spacing)
+    assert not (largest.mask[near_organ] == 1).any()
+    initial_on_organ = dice(labels == 1, (mask == 1) & near_organ)
+    refined_on_organ = dice(labels == 1, (pieces.mask == 1) & near_organ)
+    assert refined_on_organ > max(0.85, initial_on_organ + 0.03), (initial_on_organ, refined_on_organ)
+    assert (pieces.mask[0][neighbour] == 1).mean() > 0.8  # the other piece is refined or kept, not dropped
+
+
+def test_an_unknown_keep_mode_is_refused():
+    with pytest.raises(ValueError, match="keep must be one of"):
+        RefineSettings(keep="biggest")
+
+
 def test_load_sam_errors_name_the_file(tmp_path):
     with pytest.raises(NnsamError, match="not found.*missing.pth"):
         load_sam("vit_b", tmp_path / "missing.pth", device="cpu")

@@ -10,6 +10,7 @@ from typing import Sequence
 from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, run, view_settings
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.models import load_sam
+from nnunet_sam.sam.prompts import KEEP_MODES
 from nnunet_sam.sam.refine import PROMPT_SETS, RefineSettings, SamRefiner
 
 
@@ -60,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="box (LiteMedSAM is box-trained) or box+points (box, then positive/negative points "
                           "with the first stage's mask; for SAM models that use points well)")
     add_view_arguments(ref)
-    ref.add_argument("--keep", default=defaults.keep, choices=("largest", "all"),
-                     help="connected components kept per class (largest: highest mean probability if known)")
+    ref.add_argument("--keep", default=defaults.keep, choices=KEEP_MODES,
+                     help="connected components kept per class: largest (highest mean probability if known), all "
+                          "(one box per slice around them), pieces (all, each slice's pieces prompted and guarded "
+                          "one by one)")
     ref.add_argument("--max-gap", type=int, default=defaults.max_gap,
                      help="fill up to this many slices missing inside an object with interpolated boxes")
     ref.add_argument("--min-iou", type=float, default=defaults.min_sam_iou,

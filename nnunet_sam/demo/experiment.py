@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from nnunet_sam.demo.nnunet_setup import cpu_sized_2d_network, plan_and_preprocess, spawn_pools_in_threads
+from nnunet_sam.sam.refine import RefineSettings
 
 __all__ = ["nnunet_environment", "Experiment", "validation_curve", "plateau_change"]
 
@@ -118,16 +119,18 @@ class Experiment:
         return InitialModel(plan.model_folder, plan.model, self.device)
 
     def sam_pseudo_labels(self, initial_trainer: str, embeddings: Path, gt_dir: Path | None = None,
-                          checkpoint: str | None = None, overlays: bool = False) -> dict:
+                          checkpoint: str | None = None, overlays: bool = False,
+                          settings: RefineSettings | None = None) -> dict:
         """nnsam_refine -d ID -c CONFIGURATION -f FOLD -tr INITIAL --disable_tta [--checkpoint] [--gt]; the report.
-        The slices' embeddings are cached in `embeddings`, so a second refinement only decodes."""
+        The slices' embeddings are cached in `embeddings`, so a second refinement only decodes. `settings`: the
+        refinement's flags (default: nnsam_refine's defaults)."""
         from nnunet_sam.nnunet.refine_dataset import refine_dataset
         from nnunet_sam.sam import SamRefiner, load_sam
         from nnunet_sam.sam.embedding_cache import EmbeddingCache
 
         plan = self._dataset_plan(initial_trainer, gt_dir, overlays)
         model = load_sam("litemedsam", checkpoint, self.device)
-        refiner = SamRefiner(model, cache=EmbeddingCache(embeddings, model))
+        refiner = SamRefiner(model, settings, cache=EmbeddingCache(embeddings, model))
         return refine_dataset(plan, refiner, self._initial_model(plan))
 
     def unrefined_pseudo_labels(self, initial_trainer: str | None, gt_dir: Path | None = None) -> int:

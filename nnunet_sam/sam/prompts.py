@@ -20,6 +20,18 @@ class SlicePrompt:
     point: np.ndarray | None = None  # (2,) positive point x, y, inside the mask
     negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (K, 2) negative points
     interpolated: bool = False  # box interpolated across slices the initial mask misses
+    region: np.ndarray | None = None  # (H, W) the initial piece this prompt stands for (keep="pieces");
+    # None: the class's whole slice mask
+
+
+KEEP_MODES = ("largest", "all", "pieces")
+
+
+def slice_pieces(mask2d: np.ndarray) -> list[np.ndarray]:
+    """The face-connected pieces of a 2D mask that `drop_small_components` keeps, largest first."""
+    labels, n = _components(drop_small_components(mask2d))
+    pieces = [labels == k for k in range(1, n + 1)]
+    return sorted(pieces, key=lambda piece: -int(piece.sum()))
 
 
 def _components(mask: np.ndarray, linking: np.ndarray | None = None) -> tuple[np.ndarray, int]:
@@ -40,11 +52,12 @@ def clean_mask(mask: np.ndarray, probabilities: np.ndarray | None = None, keep: 
       empty slices along `axis` count as one object (weak models drop slices).
     - Specks (smaller than `min_size` voxels or `speck_fraction` of the largest object) are dropped.
     - keep="largest": keep one object, the largest, or the one with the highest mean probability when
-      `probabilities` (same shape, this class's softmax) is given. keep="all": keep every non-speck.
+      `probabilities` (same shape, this class's softmax) is given. keep="all" or "pieces": keep every non-speck
+      (the two differ in how the refinement prompts them).
     - Holes are filled, slice by slice along `axis` when given, else in n-D.
     """
-    if keep not in ("largest", "all"):
-        raise ValueError(f"keep must be 'largest' or 'all', got {keep!r}")
+    if keep not in KEEP_MODES:
+        raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask.copy()

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
-from nnunet_sam.sam.prompts import (SlicePrompt, background_points, bounding_box, clean_mask, dice,
-                                    drop_small_components, interior_point, interpolate_boxes)
+from nnunet_sam.sam.prompts import (KEEP_MODES, SlicePrompt, background_points, bounding_box, clean_mask, dice,
+                                    drop_small_components, interior_point, interpolate_boxes, slice_pieces)
 from nnunet_sam.sam.recovery import MIN_STABILITY, RecoveryPlan, plan_recovery, region_mask, stability_score
 from nnunet_sam.sam.views import CONTEXTS, ViewGeometry, VolumeViews
 
@@ -44,7 +44,9 @@ class RefineSettings:
     axis: int | None = None  # slicing axis of the (z, y, x) array; None: through-plane axis
     ct_window: tuple[float, float] | None = None  # intensity window; None: robust percentiles
     box_margin: float = 6.0  # grow boxes by this many model-input pixels
-    keep: str = "largest"  # connected components kept per class: "largest" or "all"
+    keep: str = "largest"  # connected components kept per class: "largest" or "all" (one box around them per
+    # slice), or "pieces": all, each piece of a slice with its own box and its own guard decision, so that SAM
+    # cannot trade a piece on the right organ for one on a neighbour (see `_class_prompts`)
     max_gap: int = 3  # bridge up to this many missing slices (one object; interpolated boxes)
     background_points: int = 1  # negative points inside the box (box+points only)
     min_sam_iou: float = 0.5  # guard: keep the initial slice mask if SAM's IoU estimate is lower
@@ -59,6 +61,8 @@ class RefineSettings:
             raise ValueError(f"prompts must be one of {PROMPT_SETS}, got {self.prompts!r}")
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+        if self.keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {KEEP_MODES}, got {self.keep!r}")
 
 
 def encoder_batch_size(settings: RefineSettings, device) -> int:
@@ -153,8 +157,8 @@ class SamRefiner:
         for label in labels:
             cleaned[label], class_prompts = self._class_prompts(
                 initial == label, None if probs is None else probs[label], label)
-            for index, prompt in class_prompts.items():
-                by_slice.setdefault(index, []).append(prompt)
+            for index, prompts in class_prompts.items():
+                by_slice.setdefault(index, []).extend(prompts)
         if s.prompts == "box+points":
             _add_other_classes_as_negatives(by_slice)
 
@@ -186,7 +190,8 @@ class SamRefiner:
                         continue
                     geometry = views.geometry_of(index)
                     scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
-                                                [cleaned[p.label][index] for p in prompts], stats) if prompts else []
+                                                [cleaned[p.label][index] if p.region is None else p.region
+                                                 for p in prompts], stats) if prompts else []
                     slice_labels = [p.label for p in prompts]
                     recovered = self._recover_slice(embeddings[j:j + 1], candidates, index, geometry)
                     for label, score in recovered:
@@ -218,22 +223,31 @@ class SamRefiner:
 
     def _class_prompts(self, binary: np.ndarray, probabilities: np.ndarray | None,
                        label: int) -> tuple[np.ndarray, dict[int, SlicePrompt]]:
-        """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice."""
+        """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice: one box around
+        the slice's mask, or with keep="pieces" one per piece (a mask on two organs gives two prompts, each
+        refined or kept on its own; measured in benchmarks/RESULTS.md, "Semi-supervised gain")."""
         s = self.settings
         cleaned = clean_mask(binary, probabilities, keep=s.keep, axis=0, max_gap=s.max_gap)
-        with_points = s.prompts == "box+points"
-        prompts: dict[int, SlicePrompt] = {}
+        prompts: dict[int, list[SlicePrompt]] = {}
+        outline: dict[int, np.ndarray] = {}  # slice -> box around all its pieces (for the gaps between slices)
         for index in np.flatnonzero(cleaned.any(axis=(1, 2))):
-            piece = drop_small_components(cleaned[index])
-            box = bounding_box(piece)
-            prompts[int(index)] = SlicePrompt(
-                label=label, box=box,
-                point=interior_point(piece) if with_points else None,
-                negatives=background_points(piece, box, s.background_points if with_points else 0))
-        gaps = interpolate_boxes({i: p.box for i, p in prompts.items()}, s.max_gap)
-        for index, box in gaps.items():
-            prompts[index] = SlicePrompt(label=label, box=box, interpolated=True)
+            whole = drop_small_components(cleaned[index])
+            outline[int(index)] = bounding_box(whole)
+            if s.keep == "pieces":
+                prompts[int(index)] = [self._piece_prompt(piece, label, piece) for piece in slice_pieces(whole)]
+            else:
+                prompts[int(index)] = [self._piece_prompt(whole, label)]
+        for index, box in interpolate_boxes(outline, s.max_gap).items():
+            prompts[index] = [SlicePrompt(label=label, box=box, interpolated=True)]
         return cleaned, prompts
+
+    def _piece_prompt(self, piece: np.ndarray, label: int, region: np.ndarray | None = None) -> SlicePrompt:
+        """The box (and with box+points, the points) of one piece of a class's slice mask."""
+        with_points = self.settings.prompts == "box+points"
+        box = bounding_box(piece)
+        return SlicePrompt(label=label, box=box, point=interior_point(piece) if with_points else None,
+                           negatives=background_points(piece, box, self.settings.background_points if with_points
+                                                       else 0), region=region)
 
     def _recovery_plans(self, by_slice: dict[int, list[SlicePrompt]], cleaned: dict[int, np.ndarray],
                         labels: list[int]) -> list[RecoveryPlan]:
