@@ -71,8 +71,12 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "SAM pseudo, warm start": Arm("nnUNetTrainerSAMPseudo", "sam", "WarmStart", (("warm_start", True),)),
     "SAM pseudo, pseudo weight 1": Arm("nnUNetTrainerSAMPseudo", "sam", "Weight1", (("pseudo_loss_weight", 1.0),)),
     "SAM pseudo, every piece": Arm("nnUNetTrainerSAMPseudo", "sam_pieces"),  # nnsam_refine --keep pieces
+    # a second round (CFR's re-training, iterative self-training): SAM refines the SAM-pseudo model's predictions
+    "SAM pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "sam_round2"),
 }
-REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}}  # source -> RefineSettings
+REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {}}  # source ->
+# RefineSettings of nnsam_refine
+INITIAL_ARM = {"sam_round2": "SAM pseudo"}  # source -> the arm whose model makes its pseudo labels (else baseline)
 ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
 LABELLED, VALIDATION = 2, 4
@@ -212,6 +216,17 @@ class SeedRun:
         if not folder.exists():
             shutil.copytree(self.archived("baseline"), folder)
 
+    def restore_arm(self, arm: str) -> str:
+        """Put a finished arm's trained fold back where nnU-Net looks for its trainer; the trainer's name."""
+        if not self.done(arm):
+            raise SystemExit(f"{self.dataset} seed {self.seed}: the arm {arm!r} must run first (add it to --arms)")
+        trainer = ALL_ARMS[arm].trainer_class
+        folder = self.experiment.fold_folder(trainer)
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(self.archived(arm), folder)
+        return trainer
+
     def make_pseudo_labels(self, source: str | None) -> None:
         """Put the arm's pseudo labels into the pseudo-label folder (unless they are there already)."""
         if source is None or source == self.current_source:
@@ -231,7 +246,8 @@ class SeedRun:
             checkpoint = None
             if source == "finetuned":
                 checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings)["checkpoint"]
-            report = experiment.sam_pseudo_labels(self.baseline_trainer, embeddings, truth, checkpoint,
+            initial = self.restore_arm(INITIAL_ARM[source]) if source in INITIAL_ARM else self.baseline_trainer
+            report = experiment.sam_pseudo_labels(initial, embeddings, truth, checkpoint,
                                                   settings=RefineSettings(**REFINE_SETTINGS[source]))
             self.pseudo_quality[source] = pseudo_label_dice(report)
         self.pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
