@@ -48,14 +48,16 @@ def arm_table(records: list[dict], arms: list[str], classes: list[str]) -> str:
                            "val. Dice change, last quarter", "train min", "seeds"], rows)
 
 
-def pseudo_table(records: list[dict], classes: list[str]) -> str:
+def pseudo_table(records: list[dict], classes: list[str], arms: list[str]) -> str:
     """Per class: Dice of the pseudo labels against the unlabelled cases' truth, before SAM (the baseline's
-    predictions = the raw pseudo labels) and after each arm's SAM refinement (mean over seeds)."""
-    refined = {arm: [r for r in seeds.values() if "pseudo_dice_after" in r] for arm, seeds in _by_arm(records).items()}
-    refined = {arm: rows for arm, rows in refined.items() if rows and arm != "SAM pseudo + MT"}  # same as SAM pseudo
+    predictions = the raw pseudo labels) and after each arm's SAM refinement (mean over seeds), arms in order."""
+    by_arm = _by_arm(records)
+    refined = {arm: [r for r in by_arm.get(arm, {}).values() if "pseudo_dice_after" in r] for arm in arms
+               if arm != "SAM pseudo + MT"}  # the same pseudo labels as SAM pseudo
+    refined = {arm: rows for arm, rows in refined.items() if rows}
     if not refined:
         return "(no SAM arm run)"
-    before = next(iter(refined.values()))
+    before = refined.get("SAM pseudo") or next(iter(refined.values()))  # refined from the baseline's predictions
 
     def mean(rows: list[dict], key: str, label: str) -> str:
         values = [r[key][label] for r in rows if r[key].get(label) is not None]
@@ -157,7 +159,7 @@ def report(args, results: dict[str, list[dict]], minutes: float, title: str, plo
         epochs, iterations = schedules[dataset]
         lines += [f"### {dataset} ({epochs} epochs x {iterations} iterations)", "", arm_table(records, arms, classes), "", verdict(records), "",
                   "Pseudo labels of the unlabelled cases (Dice against their truth, mean over cases and seeds):", "",
-                  pseudo_table(records, classes), ""]
+                  pseudo_table(records, classes, arms), ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_results:
