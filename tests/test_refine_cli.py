@@ -184,3 +184,10 @@ def test_a_class_empty_in_every_pseudo_label_is_warned_about(caplog):
     with caplog.at_level("WARNING"):
         assert warn_absent_classes(summary) == ["2"]
     assert "label 2 is empty in all 2 pseudo labels" in caplog.text and "label 1 " not in caplog.text
+
+
+def test_keep_pieces_reaches_the_engine():
+    from nnunet_sam.cli.refine import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["-i", "in", "-m", "masks", "-o", "out", "--keep", "pieces"])
+    assert settings_from_args(args).keep == "pieces"
