@@ -185,7 +185,7 @@ class SeedRun:
             self.make_dataset()
         if not self.done("baseline"):
             self.train_and_evaluate("baseline")
-        self.restore_baseline()  # the initial model of every pseudo-label arm, where nnU-Net looks for it
+        self.restore_arm("baseline", replace=False)  # every pseudo-label arm's initial model, where nnU-Net looks
         for arm in todo:
             if arm != "baseline":
                 self.make_pseudo_labels(ALL_ARMS[arm].source)
@@ -212,20 +212,17 @@ class SeedRun:
     def archived(self, arm: str) -> Path:
         return self.root / "arms" / f"seed{self.seed}" / arm.replace(" ", "_").replace(",", "")
 
-    def restore_baseline(self) -> None:
-        folder = self.experiment.fold_folder(self.baseline_trainer)
-        if not folder.exists():
-            shutil.copytree(self.archived("baseline"), folder)
-
-    def restore_arm(self, arm: str) -> str:
-        """Put a finished arm's trained fold back where nnU-Net looks for its trainer; the trainer's name."""
+    def restore_arm(self, arm: str, replace: bool = True) -> str:
+        """Put a finished arm's trained fold back where nnU-Net looks for its trainer (`replace`: over whatever
+        fold that trainer holds; else only if it holds none); the trainer's name."""
         if not self.done(arm):
             raise SystemExit(f"{self.dataset} seed {self.seed}: the arm {arm!r} must run first (add it to --arms)")
         trainer = ALL_ARMS[arm].trainer_class
         folder = self.experiment.fold_folder(trainer)
-        if folder.exists():
+        if folder.exists() and replace:
             shutil.rmtree(folder)
-        shutil.copytree(self.archived(arm), folder)
+        if not folder.exists():
+            shutil.copytree(self.archived(arm), folder)
         return trainer
 
     def make_pseudo_labels(self, source: str | None) -> None:

@@ -28,8 +28,8 @@ KEEP_MODES = ("largest", "all", "pieces")
 
 
 def slice_pieces(mask2d: np.ndarray) -> list[np.ndarray]:
-    """The face-connected pieces of a 2D mask that `drop_small_components` keeps, largest first."""
-    labels, n = _components(drop_small_components(mask2d))
+    """The face-connected pieces of a 2D mask, largest first (drop specks first: `drop_small_components`)."""
+    labels, n = _components(np.asarray(mask2d, dtype=bool))
     pieces = [labels == k for k in range(1, n + 1)]
     return sorted(pieces, key=lambda piece: -int(piece.sum()))
 

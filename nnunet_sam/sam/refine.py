@@ -222,7 +222,7 @@ class SamRefiner:
                             slices_encoded=encoded)
 
     def _class_prompts(self, binary: np.ndarray, probabilities: np.ndarray | None,
-                       label: int) -> tuple[np.ndarray, dict[int, SlicePrompt]]:
+                       label: int) -> tuple[np.ndarray, dict[int, list[SlicePrompt]]]:
         """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice: one box around
         the slice's mask, or with keep="pieces" one per piece (a mask on two organs gives two prompts, each
         refined or kept on its own; measured in benchmarks/RESULTS.md, "Semi-supervised gain")."""
