@@ -215,14 +215,19 @@ class SeedRun:
     def restore_arm(self, arm: str, replace: bool = True) -> str:
         """Put a finished arm's trained fold back where nnU-Net looks for its trainer (`replace`: over whatever
         fold that trainer holds; else only if it holds none); the trainer's name."""
+        from nnunet_sam.utils.atomic import TEMP_PREFIX
+
         if not self.done(arm):
             raise SystemExit(f"{self.dataset} seed {self.seed}: the arm {arm!r} must run first (add it to --arms)")
         trainer = ALL_ARMS[arm].trainer_class
         folder = self.experiment.fold_folder(trainer)
         if folder.exists() and replace:
             shutil.rmtree(folder)
-        if not folder.exists():
-            shutil.copytree(self.archived(arm), folder)
+        if not folder.exists():  # copied under a temporary name, then renamed: a killed copy is never trusted
+            partial = folder.with_name(TEMP_PREFIX + folder.name)
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(self.archived(arm), partial)
+            partial.rename(folder)
         return trainer
 
     def make_pseudo_labels(self, source: str | None) -> None:
