@@ -52,6 +52,7 @@ class Arm:
     source: str | None = None  # the pseudo labels it trains on: raw, truth, or a key of REFINE_SETTINGS
     variant: str = ""  # a lever: the name of a subclass of the short trainer with `attributes` set
     attributes: tuple[tuple[str, object], ...] = ()
+    seed_offset: int = 0  # added to the seed of the training (torch): a repeat of an arm measures training noise
 
     @property
     def trainer_class(self) -> str:
@@ -73,9 +74,14 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "SAM pseudo, every piece": Arm("nnUNetTrainerSAMPseudo", "sam_pieces"),  # nnsam_refine --keep pieces
     # a second round (CFR's re-training, iterative self-training): SAM refines the SAM-pseudo model's predictions
     "SAM pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "sam_round2"),
+    # voxel level (SCtB's reliability at voxel level): no pseudo-label loss where SAM changed the model's label
+    "SAM pseudo, ignore disagreement": Arm("nnUNetTrainerSAMPseudo", "sam_unsure"),
+    # the baseline trained again on the same split with another training seed: the noise of one training
+    "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
 }
-REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {}}  # source ->
-# RefineSettings of nnsam_refine
+REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {},
+                   "sam_unsure": {}}  # source -> RefineSettings of nnsam_refine
+IGNORE_DISAGREEMENT = {"sam_unsure"}  # sources refined with nnsam_refine --ignore-disagreement
 INITIAL_ARM = {"sam_round2": "SAM pseudo"}  # source -> the arm whose model makes its pseudo labels (else baseline)
 ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
@@ -251,7 +257,8 @@ class SeedRun:
                 checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings)["checkpoint"]
             initial = self.restore_arm(INITIAL_ARM[source]) if source in INITIAL_ARM else self.baseline_trainer
             report = experiment.sam_pseudo_labels(initial, embeddings, truth, checkpoint,
-                                                  settings=RefineSettings(**REFINE_SETTINGS[source]))
+                                                  settings=RefineSettings(**REFINE_SETTINGS[source]),
+                                                  ignore_disagreement=source in IGNORE_DISAGREEMENT)
             self.pseudo_quality[source] = pseudo_label_dice(report)
         self.pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
         self.current_source = source
@@ -266,7 +273,7 @@ class SeedRun:
         folder = self.experiment.fold_folder(trainer)
         if folder.exists():
             shutil.rmtree(folder)  # a killed run's half-trained fold: never resumed into another arm's labels
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + ALL_ARMS[arm].seed_offset)
         started = time.perf_counter()
         self.experiment.train(trainer)
         seconds = time.perf_counter() - started
@@ -285,8 +292,12 @@ class SeedRun:
 def pseudo_label_dice(report: dict) -> dict:
     """Per class: mean Dice of the initial model's predictions and of the refined pseudo labels vs the truth."""
     summary = report["summary"]
-    return {"pseudo_dice_before": {k: s["mean_dice_before"] for k, s in summary.items()},
-            "pseudo_dice_after": {k: s["mean_dice_after"] for k, s in summary.items()}}
+    out = {"pseudo_dice_before": {k: s["mean_dice_before"] for k, s in summary.items()},
+           "pseudo_dice_after": {k: s["mean_dice_after"] for k, s in summary.items()}}
+    unsure = [case["unsure_fraction"] for case in report["cases"] if "unsure_fraction" in case]
+    if unsure:  # --ignore-disagreement: the share of the voxels left out of the pseudo-label loss
+        out["unsure_fraction"] = sum(unsure) / len(unsure)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

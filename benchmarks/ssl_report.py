@@ -99,6 +99,22 @@ def verdict(records: list[dict]) -> str:
     return "Targets: " + "; ".join(checks) + "."
 
 
+def training_noise(records: list[dict]) -> str:
+    """The baseline trained twice per seed (arm *baseline, repeat*): the differences, and the standard deviation of
+    one training's test Dice they imply (RMS difference / sqrt 2)."""
+    by_arm = _by_arm(records)
+    base, repeat = by_arm.get("baseline", {}), by_arm.get("baseline, repeat", {})
+    seeds = sorted(set(base) & set(repeat))
+    if not seeds:
+        return ""
+    diffs = [repeat[s]["mean_dice"] - base[s]["mean_dice"] for s in seeds]
+    sd = float(np.sqrt(np.mean(np.square(diffs)) / 2))
+    return (f"Training noise: the baseline trained again with another training seed on the same cases differs by "
+            f"{', '.join(f'{d:+.3f}' for d in diffs)} (seeds {', '.join(map(str, seeds))}): one training's test Dice "
+            f"varies by about ±{sd:.3f}, a paired difference of two arms by ±{sd * np.sqrt(2):.3f}, its mean over "
+            f"{len(seeds)} seeds by ±{sd * np.sqrt(2 / len(seeds)):.3f}.")
+
+
 def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
     """Per dataset: test Dice per arm (bar: mean; points: seeds) and the validation curves (mean over seeds)."""
     import matplotlib
@@ -157,7 +173,9 @@ def report(args, results: dict[str, list[dict]], minutes: float, title: str, plo
             continue
         classes = classes_of[dataset]
         epochs, iterations = schedules[dataset]
+        noise = training_noise(records)
         lines += [f"### {dataset} ({epochs} epochs x {iterations} iterations)", "", arm_table(records, arms, classes), "", verdict(records), "",
+                  *([noise, ""] if noise else []),
                   "Pseudo labels of the unlabelled cases (Dice against their truth, mean over cases and seeds):", "",
                   pseudo_table(records, classes, arms), ""]
     text = "\n".join(lines)

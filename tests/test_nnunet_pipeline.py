@@ -214,17 +214,32 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     report = json.loads((labels / "refine_report.json").read_text())
     assert report["configuration"] == "2d" and len(report["cases"]) == 2
     assert all(case["axis"] == 0 for case in report["cases"])  # slices along z, as the 2d network sees them
-    for case in ("pipelinetestUn_000", "pipelinetestUn_001"):
-        seg = blosc2.open(str(labels / f"{case}_seg.b2nd"))[:]
+    cases = ("pipelinetestUn_000", "pipelinetestUn_001")
+    segs = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
+    for case, seg in segs.items():
         assert seg.shape == blosc2.open(str(images / f"{case}.b2nd")).shape[:1] + seg.shape[1:]
     refine_cli.main(refine + ["--no-sam"])
     report = json.loads((labels / "refine_report.json").read_text())
     assert report["sam"] is None and report["source"] == "initial model"
     assert not (labels / "refine_report_cases").exists()  # the SAM run's case reports went with its labels
     assert sorted(p.name for p in labels.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
+    predictions = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
+    # --ignore-disagreement: SAM's pseudo label where it equals the model's prediction, else the unsure label
+    refine_cli.main(refine + ["--ignore-disagreement"])
+    unsure = 1 + max(int(k) for k in json.loads((planned_dataset.raw / "dataset.json").read_text())["labels"].values())
+    fractions = {case["case"]: case["unsure_fraction"] for case in
+                 json.loads((labels / "refine_report.json").read_text())["cases"]}
+    for case in cases:
+        seg = blosc2.open(str(labels / f"{case}_seg.b2nd"))[:]
+        np.testing.assert_array_equal(seg, np.where(segs[case] == predictions[case], segs[case], unsure))
+        assert fractions[case] == pytest.approx(float(np.mean(seg == unsure)), abs=1e-6)
+    assert sum(fractions.values()) > 0  # SAM changed the short model's masks: the training below meets the label
     capsys.readouterr()  # the progress bars so far
     assert "--no-sam is for dataset mode" in error_of(refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--no-sam"],
                                                       capsys)
+    assert "--ignore-disagreement is for dataset mode" in error_of(
+        refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--ignore-disagreement"], capsys)
+    assert "leave one of them out" in error_of(refine_cli.main, refine + ["--no-sam", "--ignore-disagreement"], capsys)
     with spawn_pools_in_threads():
         run_training(dataset, "2d", "0", "nnUNetTrainerSAMPseudoShort", device=torch.device("cpu"))
     fold = planned_dataset.results / planned_dataset.name / "nnUNetTrainerSAMPseudoShort__nnUNetPlans__2d" / "fold_0"

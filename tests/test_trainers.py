@@ -330,6 +330,33 @@ def test_pseudo_cases_only_train(nnunet_env, trained, name):
         assert val_keys == ["syntheticctTr_001"]
 
 
+def test_pseudo_label_loss_ignores_the_unsure_label(nnunet_env, trained):
+    """Voxels with the unsure label (nnsam_refine --ignore-disagreement) carry no pseudo-label loss; the same
+    voxels as a class do, and the labelled part's loss is nnU-Net's own."""
+    from nnunet_sam.nnunet.pseudolabels import unsure_label
+
+    trainer = trained["nnUNetTrainerSAMPseudoShort"]
+    unsure = unsure_label(trainer.label_manager)
+    assert unsure == max(trainer.label_manager.all_labels) + 1 and not trainer.label_manager.has_ignore_label
+    network = unwrap_model(trainer.network)
+    with torch.no_grad():
+        outputs = network(torch.randn(1, 1, *trainer.configuration_manager.patch_size))
+    targets = [torch.zeros(1, 1, *o.shape[2:]) for o in outputs]
+    for t in targets:
+        t[..., : t.shape[-1] // 2] = unsure  # half of every scale unsure
+
+    def gradient(loss_fn, target):
+        logits = [o.clone().requires_grad_(True) for o in outputs]
+        loss_fn(logits, target).backward()
+        return logits[0].grad[..., : logits[0].shape[-1] // 2], logits[0].grad[..., logits[0].shape[-1] // 2:]
+
+    ignored, kept = gradient(trainer.loss.extra_supervised, targets)
+    assert ignored.abs().sum() == 0 and kept.abs().sum() > 0
+    as_class = [torch.where(t == unsure, torch.ones_like(t), t) for t in targets]  # label 1 there instead
+    assert gradient(trainer.loss.extra_supervised, as_class)[0].abs().sum() > 0
+    assert trainer.loss.supervised is not trainer.loss.extra_supervised
+
+
 def test_validation_uses_teacher_and_restores_student(nnunet_env, trained):
     trainer = trained["nnUNetTrainerMeanTeacherShort"]
     student = {k: v.clone() for k, v in unwrap_model(trainer.network).state_dict().items()}

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--no-sam", dest="no_sam", action="store_true",
                     help="pseudo labels without SAM: the initial model's predictions as they are (plain "
                          "self-training, nnU-Net's train-predict-retrain; the control that shows what SAM adds)")
+    ds.add_argument("--ignore-disagreement", dest="ignore_disagreement", action="store_true",
+                    help="where the refined pseudo label differs from the initial model's prediction, write the "
+                         "unsure label instead (the highest label + 1, nnU-Net's ignore-label value): the SAM-pseudo "
+                         "trainers leave those voxels out of the loss, so they learn only where SAM and the model agree")
     io = p.add_argument_group("files mode (-i -m -o)")
     io.add_argument("-i", dest="images", type=Path, default=None, help="folder of images (CASE_XXXX.ending)")
     io.add_argument("-m", dest="masks", type=Path, default=None,
@@ -101,12 +105,16 @@ def _refine_dataset(args: argparse.Namespace) -> None:
 
     if args.no_sam and (args.num_parts > 1 or args.resume):
         raise NnsamError("--no-sam writes every case in one run; leave out --num_parts and --continue")
+    if args.no_sam and args.ignore_disagreement:
+        raise NnsamError("--ignore-disagreement marks where SAM changed the model's prediction; with --no-sam "
+                         "nothing changes: leave one of them out")
 
     choice = ModelChoice(trainer=args.trainer, folds=tuple(args.folds) if args.folds else None,
                          checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = DatasetJob(dataset=args.dataset, configuration=args.configuration, plans=args.plans, model=choice,
                      channel=args.channel, export_dir=args.export, gt_dir=args.gt, overlays=args.overlays,
-                     resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, num_processes=args.np)
+                     resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, num_processes=args.np,
+                     ignore_disagreement=args.ignore_disagreement)
     plan = plan_dataset_job(job)
     settings = settings_from_args(args)
     if settings.ct_window is not None:
@@ -131,6 +139,8 @@ def _refine(args: argparse.Namespace) -> None:
         _refine_dataset(args)
     elif args.no_sam:
         raise NnsamError("--no-sam is for dataset mode (-d): in files mode the masks are already what it would write")
+    elif args.ignore_disagreement:
+        raise NnsamError("--ignore-disagreement is for dataset mode (-d): it writes pseudo labels for the trainers")
     elif len(files) == 3:
         _refine_files(args)
     else:

@@ -27,6 +27,20 @@ def as_training_seg(labels: np.ndarray, placeholder_seg: np.ndarray) -> np.ndarr
     return seg
 
 
+def unsure_label(label_manager: LabelManager) -> int:
+    """The pseudo-label value for 'unsure: no loss here': the label after the highest class, which is where
+    nnU-Net puts its ignore label (and is that label when the dataset has one). The SAM-pseudo trainers leave
+    these voxels out of the pseudo-label loss (`SemiSupervisedTrainer`)."""
+    if label_manager.has_ignore_label:
+        return int(label_manager.ignore_label)
+    return int(max(label_manager.all_labels)) + 1
+
+
+def mark_disagreement(labels: np.ndarray, initial: np.ndarray, unsure: int) -> np.ndarray:
+    """`labels` with `unsure` wherever they differ from the initial model's prediction `initial`."""
+    return np.where(labels == initial, labels, unsure).astype(labels.dtype)
+
+
 def oversampling_keys(label_manager: LabelManager) -> list:
     """The `class_locations` keys nnU-Net's data loader reads: the foreground labels, and with an ignore
     label also the 'annotated' key (-1, *all labels), exactly as nnU-Net's preprocessor collects them."""

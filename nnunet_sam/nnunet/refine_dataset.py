@@ -22,7 +22,8 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
-from nnunet_sam.nnunet.pseudolabels import as_training_seg, export_to_raw, write_pseudo_label
+from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark_disagreement, unsure_label,
+                                           write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
@@ -50,6 +51,7 @@ class DatasetJob:
     num_parts: int = 1
     part_id: int = 0
     num_processes: int = 1  # for preprocessing unlabelled cases that are not done yet
+    ignore_disagreement: bool = False  # --ignore-disagreement: unsure label where SAM's label and the model's differ
 
 
 @dataclass
@@ -153,12 +155,16 @@ class _CaseRefiner:
         spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
         result = self.refiner.refine(data[job.channel], initial, spacing, probabilities=probabilities,
                                      labels=self.label_manager.foreground_labels, progress=True)
-        seg = as_training_seg(result.mask, placeholder[:])
-        write_pseudo_label(folders.pseudo_labels, case_id, seg, properties, self.label_manager,
-                           self.configuration_manager.patch_size)
+        labels = result.mask
+        if job.ignore_disagreement:
+            labels = mark_disagreement(result.mask, initial, unsure_label(self.label_manager))
+        write_pseudo_label(folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
+                           self.label_manager, self.configuration_manager.patch_size)
         truth = self.truth(case_id) if job.gt_dir is not None else None
         report = {"case": case_id, "initial_model": self.plan.model_record, "axis": result.axis,
                   "slices_encoded": result.slices_encoded, "classes": class_rows(case_id, result, initial, truth)}
+        if job.ignore_disagreement:
+            report["unsure_fraction"] = round(float(np.mean(labels != result.mask)), 6)
         if job.export_dir is not None:
             job.export_dir.mkdir(exist_ok=True)
             target = job.export_dir / f"{case_id}{self.dataset_json['file_ending']}"

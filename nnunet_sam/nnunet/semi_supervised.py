@@ -4,7 +4,7 @@
 batch from a second stream, built with nnU-Net's own data loader and training augmentation:
 
 - ``extra_stream = "pseudo"``: pseudo-labelled cases (`nnsam_refine -d`), supervised with
-  ``pseudo_loss_weight``;
+  ``pseudo_loss_weight``; voxels with the unsure label (`nnsam_refine --ignore-disagreement`) carry no loss;
 - ``extra_stream = "unlabeled"``: preprocessed unlabelled cases (`nnsam_preprocess_unlabeled`),
   used only by the Mean Teacher consistency.
 
@@ -39,6 +39,7 @@ from torch import nn
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset,
                                         pseudo_label_model_checkpoint)
+from nnunet_sam.nnunet.pseudolabels import unsure_label
 from nnunet_sam.utils.atomic import atomic_path
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
@@ -161,9 +162,10 @@ class SemiSupervisedLoss(nn.Module):
     Without a step context (validation) it is nnU-Net's plain loss."""
 
     def __init__(self, supervised: Callable, probabilities: Callable[[torch.Tensor], torch.Tensor],
-                 extra_weight: float) -> None:
+                 extra_weight: float, extra_supervised: Callable | None = None) -> None:
         super().__init__()
         self.supervised = supervised
+        self.extra_supervised = extra_supervised or supervised  # the loss on pseudo labels (may ignore a label)
         self.probabilities = probabilities
         self.extra_weight = extra_weight
         self.step: StepContext | None = None
@@ -174,8 +176,8 @@ class SemiSupervisedLoss(nn.Module):
         labelled, extra = slice(0, self.step.n_labelled), slice(self.step.n_labelled, None)
         loss = self.supervised(slice_outputs(output, labelled), slice_outputs(target, labelled))
         if self.extra_weight > 0:
-            loss = loss + self.extra_weight * self.supervised(slice_outputs(output, extra),
-                                                              slice_outputs(target, extra))
+            loss = loss + self.extra_weight * self.extra_supervised(slice_outputs(output, extra),
+                                                                    slice_outputs(target, extra))
         if self.step.teacher_probabilities is not None and self.step.consistency_weight > 0:
             student = self.probabilities(highest_resolution(output)[extra].float())
             loss = loss + self.step.consistency_weight * F.mse_loss(student, self.step.teacher_probabilities)
@@ -224,9 +226,23 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def initialize(self) -> None:
         super().initialize()
         self.loss = SemiSupervisedLoss(self.loss, probabilities_fn(self.label_manager.has_regions),
-                                       self.extra_loss_weight)
+                                       self.extra_loss_weight, self._loss_ignoring_unsure())
         if self.consistency_weight > 0:
             self.teacher = make_teacher(unwrap_model(self.network))
+
+    def _loss_ignoring_unsure(self):
+        """nnU-Net's loss, built by nnU-Net with the pseudo labels' unsure label (`unsure_label`: `nnsam_refine
+        --ignore-disagreement`) as its ignore label, for the pseudo-labelled part of the batch; None where the
+        plain loss already ignores it (a dataset with an ignore label) or where regions are trained."""
+        if self.extra_stream != "pseudo" or self.label_manager.has_regions or self.label_manager.has_ignore_label:
+            return None
+        labels = {**self.dataset_json["labels"], "ignore": unsure_label(self.label_manager)}
+        planned = self.label_manager
+        self.label_manager = self.plans_manager.get_label_manager({**self.dataset_json, "labels": labels})
+        try:
+            return self._build_loss()
+        finally:
+            self.label_manager = planned
 
     def open_extra_dataset(self):
         """The extra stream's cases; NnsamError naming the command that makes them when there are none."""
