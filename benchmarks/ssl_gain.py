@@ -76,12 +76,15 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "SAM pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "sam_round2"),
     # voxel level (SCtB's reliability at voxel level): no pseudo-label loss where SAM changed the model's label
     "SAM pseudo, ignore disagreement": Arm("nnUNetTrainerSAMPseudo", "sam_unsure"),
+    # SAM decides only where the initial model is unsure (its softmax below 0.9, fixed before measuring)
+    "SAM pseudo, keep confident": Arm("nnUNetTrainerSAMPseudo", "sam_confident"),
     # the baseline trained again on the same split with another training seed: the noise of one training
     "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
 }
 REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {},
-                   "sam_unsure": {}}  # source -> RefineSettings of nnsam_refine
-IGNORE_DISAGREEMENT = {"sam_unsure"}  # sources refined with nnsam_refine --ignore-disagreement
+                   "sam_unsure": {}, "sam_confident": {}}  # source -> RefineSettings of nnsam_refine
+PSEUDO_OPTIONS = {"sam_unsure": {"ignore_disagreement": True},  # source -> nnsam_refine -d's pseudo-label options
+                  "sam_confident": {"keep_confident": 0.9}}
 INITIAL_ARM = {"sam_round2": "SAM pseudo"}  # source -> the arm whose model makes its pseudo labels (else baseline)
 ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
@@ -258,7 +261,7 @@ class SeedRun:
             initial = self.restore_arm(INITIAL_ARM[source]) if source in INITIAL_ARM else self.baseline_trainer
             report = experiment.sam_pseudo_labels(initial, embeddings, truth, checkpoint,
                                                   settings=RefineSettings(**REFINE_SETTINGS[source]),
-                                                  ignore_disagreement=source in IGNORE_DISAGREEMENT)
+                                                  **PSEUDO_OPTIONS.get(source, {}))
             self.pseudo_quality[source] = pseudo_label_dice(report)
         self.pseudo_quality.setdefault(source, {})["pseudo_seconds"] = time.perf_counter() - started
         self.current_source = source

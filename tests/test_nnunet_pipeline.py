@@ -234,12 +234,18 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
         np.testing.assert_array_equal(seg, np.where(segs[case] == predictions[case], segs[case], unsure))
         assert fractions[case] == pytest.approx(float(np.mean(seg == unsure)), abs=1e-6)
     assert sum(fractions.values()) > 0  # SAM changed the short model's masks: the training below meets the label
+    # --keep-confident P: the model's label where its top probability >= P; at 0.01 that is everywhere
+    refine_cli.main(refine + ["--keep-confident", "0.01"])
+    for case in cases:
+        np.testing.assert_array_equal(blosc2.open(str(labels / f"{case}_seg.b2nd"))[:], predictions[case])
+    refine_cli.main(refine + ["--ignore-disagreement"])  # the training below uses the unsure labels again
     capsys.readouterr()  # the progress bars so far
     assert "--no-sam is for dataset mode" in error_of(refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--no-sam"],
                                                       capsys)
-    assert "--ignore-disagreement is for dataset mode" in error_of(
+    assert "are for dataset mode" in error_of(
         refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--ignore-disagreement"], capsys)
     assert "leave one of them out" in error_of(refine_cli.main, refine + ["--no-sam", "--ignore-disagreement"], capsys)
+    assert "must be a probability" in error_of(refine_cli.main, refine + ["--keep-confident", "90"], capsys)
     with spawn_pools_in_threads():
         run_training(dataset, "2d", "0", "nnUNetTrainerSAMPseudoShort", device=torch.device("cpu"))
     fold = planned_dataset.results / planned_dataset.name / "nnUNetTrainerSAMPseudoShort__nnUNetPlans__2d" / "fold_0"

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--no-sam", dest="no_sam", action="store_true",
                     help="pseudo labels without SAM: the initial model's predictions as they are (plain "
                          "self-training, nnU-Net's train-predict-retrain; the control that shows what SAM adds)")
+    ds.add_argument("--keep-confident", dest="keep_confident", type=float, default=None, metavar="P",
+                    help="keep the initial model's label wherever its softmax probability is at least P (e.g. 0.9): "
+                         "SAM decides only where the model is unsure (default: SAM's mask, after the guard)")
     ds.add_argument("--ignore-disagreement", dest="ignore_disagreement", action="store_true",
                     help="where the refined pseudo label differs from the initial model's prediction, write the "
                          "unsure label instead (the highest label + 1, nnU-Net's ignore-label value): the SAM-pseudo "
@@ -105,16 +108,18 @@ def _refine_dataset(args: argparse.Namespace) -> None:
 
     if args.no_sam and (args.num_parts > 1 or args.resume):
         raise NnsamError("--no-sam writes every case in one run; leave out --num_parts and --continue")
-    if args.no_sam and args.ignore_disagreement:
-        raise NnsamError("--ignore-disagreement marks where SAM changed the model's prediction; with --no-sam "
-                         "nothing changes: leave one of them out")
+    if args.no_sam and (args.ignore_disagreement or args.keep_confident is not None):
+        raise NnsamError("--ignore-disagreement and --keep-confident compare SAM's label with the model's; with "
+                         "--no-sam there is no SAM label: leave one of them out")
+    if args.keep_confident is not None and not 0.0 < args.keep_confident <= 1.0:
+        raise NnsamError(f"--keep-confident {args.keep_confident} must be a probability in (0, 1], e.g. 0.9")
 
     choice = ModelChoice(trainer=args.trainer, folds=tuple(args.folds) if args.folds else None,
                          checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = DatasetJob(dataset=args.dataset, configuration=args.configuration, plans=args.plans, model=choice,
                      channel=args.channel, export_dir=args.export, gt_dir=args.gt, overlays=args.overlays,
                      resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, num_processes=args.np,
-                     ignore_disagreement=args.ignore_disagreement)
+                     keep_confident=args.keep_confident, ignore_disagreement=args.ignore_disagreement)
     plan = plan_dataset_job(job)
     settings = settings_from_args(args)
     if settings.ct_window is not None:
@@ -139,8 +144,9 @@ def _refine(args: argparse.Namespace) -> None:
         _refine_dataset(args)
     elif args.no_sam:
         raise NnsamError("--no-sam is for dataset mode (-d): in files mode the masks are already what it would write")
-    elif args.ignore_disagreement:
-        raise NnsamError("--ignore-disagreement is for dataset mode (-d): it writes pseudo labels for the trainers")
+    elif args.ignore_disagreement or args.keep_confident is not None:
+        raise NnsamError("--ignore-disagreement and --keep-confident are for dataset mode (-d): they need the "
+                         "initial model's prediction")
     elif len(files) == 3:
         _refine_files(args)
     else:

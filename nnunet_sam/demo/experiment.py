@@ -104,14 +104,13 @@ class Experiment:
                          device=self.device)
         return fold_dir
 
-    def _dataset_plan(self, initial_trainer: str, gt_dir: Path | None, overlays: bool = False,
-                      ignore_disagreement: bool = False):
+    def _dataset_plan(self, initial_trainer: str, gt_dir: Path | None, overlays: bool = False, **pseudo_options):
         from nnunet_sam.nnunet.predict import ModelChoice
         from nnunet_sam.nnunet.refine_dataset import DatasetJob, plan_dataset_job
 
         job = DatasetJob(dataset=str(self.dataset_id), configuration=self.configuration,
                          model=ModelChoice(trainer=initial_trainer, folds=(self.fold,), tta=False), gt_dir=gt_dir,
-                         overlays=overlays, ignore_disagreement=ignore_disagreement)
+                         overlays=overlays, **pseudo_options)
         return plan_dataset_job(job)
 
     def _initial_model(self, plan):
@@ -121,15 +120,16 @@ class Experiment:
 
     def sam_pseudo_labels(self, initial_trainer: str, embeddings: Path, gt_dir: Path | None = None,
                           checkpoint: str | None = None, overlays: bool = False,
-                          settings: RefineSettings | None = None, ignore_disagreement: bool = False) -> dict:
-        """nnsam_refine -d ID -c CONFIGURATION -f FOLD -tr INITIAL --disable_tta [--checkpoint] [--gt]
-        [--ignore-disagreement]; the report. The slices' embeddings are cached in `embeddings`, so a second
-        refinement only decodes. `settings`: the refinement's flags (default: nnsam_refine's defaults)."""
+                          settings: RefineSettings | None = None, **pseudo_options) -> dict:
+        """nnsam_refine -d ID -c CONFIGURATION -f FOLD -tr INITIAL --disable_tta [--checkpoint] [--gt]; the report.
+        The slices' embeddings are cached in `embeddings`, so a second refinement only decodes. `settings`: the
+        refinement's flags (default: nnsam_refine's defaults); `pseudo_options`: DatasetJob's keep_confident,
+        ignore_disagreement."""
         from nnunet_sam.nnunet.refine_dataset import refine_dataset
         from nnunet_sam.sam import SamRefiner, load_sam
         from nnunet_sam.sam.embedding_cache import EmbeddingCache
 
-        plan = self._dataset_plan(initial_trainer, gt_dir, overlays, ignore_disagreement)
+        plan = self._dataset_plan(initial_trainer, gt_dir, overlays, **pseudo_options)
         model = load_sam("litemedsam", checkpoint, self.device)
         refiner = SamRefiner(model, settings, cache=EmbeddingCache(embeddings, model))
         return refine_dataset(plan, refiner, self._initial_model(plan))

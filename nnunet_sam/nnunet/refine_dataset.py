@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,8 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
-from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark_disagreement, unsure_label,
-                                           write_pseudo_label)
+from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, keep_confident, mark_disagreement,
+                                           unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
@@ -51,6 +51,7 @@ class DatasetJob:
     num_parts: int = 1
     part_id: int = 0
     num_processes: int = 1  # for preprocessing unlabelled cases that are not done yet
+    keep_confident: float | None = None  # --keep-confident P: the model's label where its probability is >= P
     ignore_disagreement: bool = False  # --ignore-disagreement: unsure label where SAM's label and the model's differ
 
 
@@ -155,9 +156,11 @@ class _CaseRefiner:
         spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
         result = self.refiner.refine(data[job.channel], initial, spacing, probabilities=probabilities,
                                      labels=self.label_manager.foreground_labels, progress=True)
+        if job.keep_confident is not None:  # the pseudo label from here on (report, export, overlays)
+            result = replace(result, mask=keep_confident(result.mask, initial, probabilities, job.keep_confident))
         labels = result.mask
         if job.ignore_disagreement:
-            labels = mark_disagreement(result.mask, initial, unsure_label(self.label_manager))
+            labels = mark_disagreement(labels, initial, unsure_label(self.label_manager))
         write_pseudo_label(folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
                            self.label_manager, self.configuration_manager.patch_size)
         truth = self.truth(case_id) if job.gt_dir is not None else None
