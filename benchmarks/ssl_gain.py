@@ -26,8 +26,8 @@ or `--epochs` x `--iterations`; nnU-Net's poly learning rate, from scratch); the
 The two datasets run in parallel worker processes (one torch thread each: on 2 cores this trains faster
 than one process with 2 threads). One arm trains in about 4.5 min (synthetic) or 7.5 min (brain) per thread,
 so the default (2 datasets x 3 seeds x 7 arms) takes about 2.5 hours on 2 cores, not the hour the issue
-asked for: shorter schedules do not plateau (RESULTS.md). `--seeds 1` takes about 50 minutes. Each finished arm is stored in the work folder; a re-run resumes after
-the last finished arm. Results: a table printed and written to benchmarks/RESULTS.md, and
+asked for: shorter schedules do not plateau (RESULTS.md). `--seeds 1` takes about 50 minutes. Each finished
+arm is stored in the work folder; a re-run resumes after the last finished arm. Results: a table printed and written to benchmarks/RESULTS.md, and
 benchmarks/ssl_gain.png (test Dice per arm with each seed's point; validation curves).
 
 Run: `.venv/bin/python benchmarks/ssl_gain.py` (see `--help`).

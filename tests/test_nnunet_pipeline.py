@@ -224,6 +224,10 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     assert not (labels / "refine_report_cases").exists()  # the SAM run's case reports went with its labels
     assert sorted(p.name for p in labels.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
     predictions = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
+    # --keep-confident P: the model's label where its top probability >= P; at 0.01 that is everywhere
+    refine_cli.main(refine + ["--keep-confident", "0.01"])
+    for case in cases:
+        np.testing.assert_array_equal(blosc2.open(str(labels / f"{case}_seg.b2nd"))[:], predictions[case])
     # --ignore-disagreement: SAM's pseudo label where it equals the model's prediction, else the unsure label
     refine_cli.main(refine + ["--ignore-disagreement"])
     unsure = 1 + max(int(k) for k in json.loads((planned_dataset.raw / "dataset.json").read_text())["labels"].values())
@@ -234,11 +238,6 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
         np.testing.assert_array_equal(seg, np.where(segs[case] == predictions[case], segs[case], unsure))
         assert fractions[case] == pytest.approx(float(np.mean(seg == unsure)), abs=1e-6)
     assert sum(fractions.values()) > 0  # SAM changed the short model's masks: the training below meets the label
-    # --keep-confident P: the model's label where its top probability >= P; at 0.01 that is everywhere
-    refine_cli.main(refine + ["--keep-confident", "0.01"])
-    for case in cases:
-        np.testing.assert_array_equal(blosc2.open(str(labels / f"{case}_seg.b2nd"))[:], predictions[case])
-    refine_cli.main(refine + ["--ignore-disagreement"])  # the training below uses the unsure labels again
     capsys.readouterr()  # the progress bars so far
     assert "--no-sam is for dataset mode" in error_of(refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--no-sam"],
                                                       capsys)
