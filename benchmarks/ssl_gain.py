@@ -12,9 +12,10 @@ cases alone, and Mean Teacher? Every arm runs through nnU-Net's own training (`2
 - oracle:            nnUNetTrainerSAMPseudo on the unlabelled cases' true labels (the ceiling).
 
 Levers (`--arms NAME ...`, `LEVERS`): every piece (`--keep pieces`), 2nd round (SAM refines the SAM-pseudo
-model's predictions), keep confident (`--keep-confident 0.9`), ignore disagreement (`--ignore-disagreement`),
-warm start, pseudo weight 1, and *baseline, repeat* (the baseline trained again with another training seed:
-the noise of one training, printed under each dataset's table).
+model's predictions) and its control without SAM, keep confident (`--keep-confident 0.9`), ignore disagreement
+(`--ignore-disagreement`), selected cases (`--min-case-agreement 0.85`) and its control (the same cases with the
+baseline's predictions), warm start, pseudo weight 1, and *baseline, repeat* (the baseline trained again with
+another training seed: the noise of one training, printed under each dataset's table).
 
 Data (`benchmarks/ssl_data.py`): real MR (Colin27 T1 with the AAL labels drawn on it; axial slices as cases)
 and the demo's synthetic CT-like patients. A seed draws which 2 cases are labelled (among the draws that show
@@ -85,14 +86,21 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "SAM pseudo, ignore disagreement": Arm("nnUNetTrainerSAMPseudo", "sam_unsure"),
     # SAM decides only where the initial model is unsure (its softmax below 0.9, fixed before measuring)
     "SAM pseudo, keep confident": Arm("nnUNetTrainerSAMPseudo", "sam_confident"),
+    # case level (SCtB's selection): only the unlabelled cases whose SAM agreement is >= 0.85 (SCtB's threshold)
+    "SAM pseudo, selected cases": Arm("nnUNetTrainerSAMPseudo", "sam_selected"),
+    # its control: the same cases selected, the baseline's predictions as their labels (SAM selects, does not refine)
+    "raw pseudo, selected cases": Arm("nnUNetTrainerSAMPseudo", "raw_selected"),
+    # the 2nd round's control: the raw-pseudo model's own predictions, no SAM in either round
+    "raw pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "raw_round2"),
     # the baseline trained again on the same split with another training seed: the noise of one training
     "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
 }
 REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {},
-                   "sam_unsure": {}, "sam_confident": {}}  # source -> RefineSettings of nnsam_refine
+                   "sam_unsure": {}, "sam_confident": {}, "sam_selected": {}}  # source -> RefineSettings
 PSEUDO_OPTIONS = {"sam_unsure": {"ignore_disagreement": True},  # source -> nnsam_refine -d's pseudo-label options
-                  "sam_confident": {"keep_confident": 0.9}}
-INITIAL_ARM = {"sam_round2": "SAM pseudo"}  # source -> the arm whose model makes its pseudo labels (else baseline)
+                  "sam_confident": {"keep_confident": 0.9}, "sam_selected": {"min_case_agreement": 0.85}}
+INITIAL_ARM = {"sam_round2": "SAM pseudo", "raw_round2": "raw pseudo"}  # source -> the arm whose model makes its
+# pseudo labels (else the baseline)
 ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
 LABELLED, VALIDATION = 2, 4
@@ -255,8 +263,12 @@ class SeedRun:
         experiment, truth = self.experiment, self.experiment.raw / UNLABELED_TRUTH
         embeddings = self.root / "embeddings"
         started = time.perf_counter()
-        if source == "raw":
-            experiment.unrefined_pseudo_labels(self.baseline_trainer)
+        initial = self.restore_arm(INITIAL_ARM[source]) if source in INITIAL_ARM else self.baseline_trainer
+        if source in ("raw", "raw_round2"):
+            experiment.unrefined_pseudo_labels(initial)
+        elif source == "raw_selected":  # SAM's case selection, the initial model's labels
+            self.make_pseudo_labels("sam_selected")
+            experiment.unrefined_pseudo_labels(initial, cases=self.pseudo_quality["sam_selected"]["selected_cases"])
         elif source == "truth":
             experiment.unrefined_pseudo_labels(None, truth)
         else:
@@ -265,7 +277,6 @@ class SeedRun:
             checkpoint = None
             if source == "finetuned":
                 checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings)["checkpoint"]
-            initial = self.restore_arm(INITIAL_ARM[source]) if source in INITIAL_ARM else self.baseline_trainer
             report = experiment.sam_pseudo_labels(initial, embeddings, truth, checkpoint,
                                                   settings=RefineSettings(**REFINE_SETTINGS[source]),
                                                   **PSEUDO_OPTIONS.get(source, {}))
@@ -301,12 +312,20 @@ class SeedRun:
 
 def pseudo_label_dice(report: dict) -> dict:
     """Per class: mean Dice of the initial model's predictions and of the refined pseudo labels vs the truth."""
+    from nnunet_sam.nnunet.report import summarize
+
     summary = report["summary"]
     out = {"pseudo_dice_before": {k: s["mean_dice_before"] for k, s in summary.items()},
            "pseudo_dice_after": {k: s["mean_dice_after"] for k, s in summary.items()}}
     unsure = [case["unsure_fraction"] for case in report["cases"] if "unsure_fraction" in case]
     if unsure:  # --ignore-disagreement: the share of the voxels left out of the pseudo-label loss
         out["unsure_fraction"] = sum(unsure) / len(unsure)
+    selected = [case for case in report["cases"] if case.get("selected", True)]
+    if len(selected) < len(report["cases"]):  # --min-case-agreement: the cases kept, and their pseudo labels' Dice
+        out["selected_fraction"] = len(selected) / len(report["cases"])
+        out["selected_cases"] = [case["case"] for case in selected]
+        out["pseudo_dice_selected"] = {label: summary["mean_dice_after"] for label, summary in
+                                       summarize(selected).items()}
     return out
 
 

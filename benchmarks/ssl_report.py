@@ -73,6 +73,21 @@ def pseudo_table(records: list[dict], classes: list[str], arms: list[str]) -> st
     return markdown_table(["class", "before SAM (raw pseudo)", *[f"after SAM: {arm}" for arm in refined]], rows)
 
 
+def selection_line(records: list[dict]) -> str:
+    """The case-level selection (arm *SAM pseudo, selected cases*): how many unlabelled cases it kept and how
+    good their pseudo labels are, beside the same arm's pseudo labels of every case."""
+    rows = [r for r in _by_arm(records).get("SAM pseudo, selected cases", {}).values() if "selected_fraction" in r]
+    if not rows:
+        return ""
+
+    def mean_dice(key: str) -> float:
+        return float(np.mean([np.mean([v for v in r[key].values() if v is not None]) for r in rows]))
+
+    return (f"Case-level selection (SAM agreement >= 0.85): {np.mean([r['selected_fraction'] for r in rows]):.0%} "
+            f"of the unlabelled cases kept (mean over {len(rows)} seed(s)); their pseudo labels' mean Dice "
+            f"{mean_dice('pseudo_dice_selected'):.3f} against {mean_dice('pseudo_dice_after'):.3f} over every case.")
+
+
 def verdict(records: list[dict]) -> str:
     """The issue's targets, checked on the mean paired difference over the seeds both arms finished."""
     by_arm = _by_arm(records)
@@ -178,6 +193,8 @@ def report(args, results: dict[str, list[dict]], minutes: float, title: str, plo
                   *([noise, ""] if noise else []),
                   "Pseudo labels of the unlabelled cases (Dice against their truth, mean over cases and seeds):", "",
                   pseudo_table(records, classes, arms), ""]
+        selection = selection_line(records)
+        lines += [selection, ""] if selection else []
     text = "\n".join(lines)
     print(text)
     if not args.no_results:

@@ -4,6 +4,7 @@ a baseline, nnsam_refine -d, each of our trainers, and nnUNetv2_predict on what 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import shutil
 import subprocess
@@ -180,26 +181,31 @@ def test_pseudo_labels_that_no_longer_fit_their_images_are_refused(planned_datas
         open_pseudo_label_dataset(data, "nnsam_refine -d X")
 
 
-def test_continue_redoes_cases_made_by_another_model(planned_dataset, pseudo_labels):
-    """A re-run with another initial model, resumed with --continue, never keeps the old model's labels."""
+def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset, pseudo_labels):
+    """A re-run with another initial model or other pseudo-label options, resumed with --continue, never keeps
+    the old run's labels."""
     from nnunet_sam.nnunet.predict import ModelChoice
     from nnunet_sam.nnunet.refine_dataset import DatasetJob, _case_done, plan_dataset_job
 
-    same = plan_dataset_job(DatasetJob(dataset=str(planned_dataset.dataset_id), resume=True,
-                                       model=ModelChoice("nnUNetTrainerShort", ("0",), tta=False)))
-    other = plan_dataset_job(DatasetJob(dataset=str(planned_dataset.dataset_id), resume=True,
-                                        model=ModelChoice("nnUNetTrainerShort", ("0",), tta=True)))
+    def plan(tta: bool = False, **options):
+        return plan_dataset_job(DatasetJob(dataset=str(planned_dataset.dataset_id), resume=True,
+                                           model=ModelChoice("nnUNetTrainerShort", ("0",), tta=tta), **options))
+
+    same = plan()
     assert all(_case_done(same, c) for c in same.cases)
-    assert not any(_case_done(other, c) for c in other.cases)
+    for other in (plan(tta=True), plan(keep_confident=0.9), plan(ignore_disagreement=True),
+                  plan(min_case_agreement=0.5)):
+        assert not any(_case_done(other, c) for c in other.cases)
 
 
-def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys):
+def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys, caplog):
     """nnU-Net's `2d` configuration of the same dataset: nnsam_preprocess_unlabeled -c 2d, a 2d baseline,
     nnsam_refine -d -c 2d (SAM) and --no-sam (the baseline's predictions as they are), then SAM-pseudo training."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
     from nnunetv2.run.run_training import run_training
 
     from nnunet_sam.demo.nnunet_setup import spawn_pools_in_threads
+    from nnunet_sam.nnunet.pseudolabels import sam_agreement
 
     dataset = str(planned_dataset.dataset_id)
     with spawn_pools_in_threads():
@@ -218,33 +224,46 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     segs = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
     for case, seg in segs.items():
         assert seg.shape == blosc2.open(str(images / f"{case}.b2nd")).shape[:1] + seg.shape[1:]
+    agreements = {case["case"]: case["sam_agreement"] for case in report["cases"]}
+    assert all(case["selected"] for case in report["cases"])  # no --min-case-agreement: every case
     refine_cli.main(refine + ["--no-sam"])
     report = json.loads((labels / "refine_report.json").read_text())
     assert report["sam"] is None and report["source"] == "initial model"
     assert not (labels / "refine_report_cases").exists()  # the SAM run's case reports went with its labels
     assert sorted(p.name for p in labels.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
     predictions = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
+    for case in cases:  # the report's SAM agreement: Dice between SAM's pseudo label and the model's prediction
+        assert agreements[case] == pytest.approx(sam_agreement(segs[case], predictions[case], [1, 2]), abs=1e-4)
     # --keep-confident P: the model's label where its top probability >= P; at 0.01 that is everywhere
     refine_cli.main(refine + ["--keep-confident", "0.01"])
     for case in cases:
         np.testing.assert_array_equal(blosc2.open(str(labels / f"{case}_seg.b2nd"))[:], predictions[case])
-    # --ignore-disagreement: SAM's pseudo label where it equals the model's prediction, else the unsure label
-    refine_cli.main(refine + ["--ignore-disagreement"])
+    # --ignore-disagreement: SAM's pseudo label where it equals the model's prediction, else the unsure label;
+    # with --min-case-agreement between the two cases' agreements, the less agreeing case gets no pseudo label
+    worse, better = sorted(cases, key=agreements.get)
+    assert agreements[worse] < agreements[better]
+    threshold = (agreements[worse] + agreements[better]) / 2
+    refine_cli.main(refine + ["--ignore-disagreement", "--min-case-agreement", str(threshold)])
     unsure = 1 + max(int(k) for k in json.loads((planned_dataset.raw / "dataset.json").read_text())["labels"].values())
-    fractions = {case["case"]: case["unsure_fraction"] for case in
-                 json.loads((labels / "refine_report.json").read_text())["cases"]}
-    for case in cases:
-        seg = blosc2.open(str(labels / f"{case}_seg.b2nd"))[:]
-        np.testing.assert_array_equal(seg, np.where(segs[case] == predictions[case], segs[case], unsure))
-        assert fractions[case] == pytest.approx(float(np.mean(seg == unsure)), abs=1e-6)
-    assert sum(fractions.values()) > 0  # SAM changed the short model's masks: the training below meets the label
+    report = json.loads((labels / "refine_report.json").read_text())
+    assert {case["case"]: case["selected"] for case in report["cases"]} == {worse: False, better: True}
+    assert not (labels / f"{worse}.pkl").exists() and not (labels / f"{worse}_seg.b2nd").exists()
+    fractions = {case["case"]: case["unsure_fraction"] for case in report["cases"]}
+    seg = blosc2.open(str(labels / f"{better}_seg.b2nd"))[:]
+    np.testing.assert_array_equal(seg, np.where(segs[better] == predictions[better], segs[better], unsure))
+    assert fractions[better] == pytest.approx(float(np.mean(seg == unsure)), abs=1e-6)
+    assert fractions[better] > 0  # SAM changed the short model's mask: the training below meets the label
+    with caplog.at_level(logging.INFO):
+        refine_cli.main(refine + ["--ignore-disagreement", "--min-case-agreement", str(threshold), "--continue"])
+    assert "2 of 2 cases already done" in caplog.text  # the left-out case counts as done
     capsys.readouterr()  # the progress bars so far
     assert "--no-sam is for dataset mode" in error_of(refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--no-sam"],
                                                       capsys)
-    assert "are for dataset mode" in error_of(
+    assert "is for dataset mode" in error_of(
         refine_cli.main, ["-i", "a", "-m", "b", "-o", "c", "--ignore-disagreement"], capsys)
     assert "leave one of them out" in error_of(refine_cli.main, refine + ["--no-sam", "--ignore-disagreement"], capsys)
     assert "must be a probability" in error_of(refine_cli.main, refine + ["--keep-confident", "90"], capsys)
+    assert "must be a Dice in [0, 1]" in error_of(refine_cli.main, refine + ["--min-case-agreement", "85"], capsys)
     with spawn_pools_in_threads():
         run_training(dataset, "2d", "0", "nnUNetTrainerSAMPseudoShort", device=torch.device("cpu"))
     fold = planned_dataset.results / planned_dataset.name / "nnUNetTrainerSAMPseudoShort__nnUNetPlans__2d" / "fold_0"

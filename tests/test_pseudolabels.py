@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_sam.nnunet.pseudolabels import keep_confident, mark_disagreement, unsure_label
+from nnunet_sam.nnunet.pseudolabels import keep_confident, mark_disagreement, sam_agreement, unsure_label
 
 
 def _labels(*values: int) -> np.ndarray:
@@ -32,3 +33,12 @@ def test_mark_disagreement_and_the_unsure_value():
     assert unsure_label(with_ignore) == 3
     marked = mark_disagreement(_labels(0, 1, 2, 2), _labels(0, 1, 1, 0), unsure=3)
     np.testing.assert_array_equal(marked, _labels(0, 1, 3, 3))
+
+
+def test_sam_agreement_is_the_mean_dice_over_the_classes_either_map_has():
+    sam = _labels(1, 1, 0, 0, 0, 0)
+    initial = _labels(1, 0, 0, 2, 2, 0)
+    # class 1: Dice 2*1/(2+1) = 2/3; class 2: only in the model's map, Dice 0; class 3: in neither, left out
+    assert sam_agreement(sam, initial, [1, 2, 3]) == pytest.approx((2 / 3 + 0) / 2)
+    assert sam_agreement(initial, initial, [1, 2, 3]) == 1.0
+    assert sam_agreement(_labels(0, 0), _labels(0, 0), [1, 2]) == 1.0  # nothing to disagree on

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the refined pseudo label differs from the initial model's prediction, write the "
                          "unsure label instead (the highest label + 1, nnU-Net's ignore-label value): the SAM-pseudo "
                          "trainers leave those voxels out of the loss, so they learn only where SAM and the model agree")
+    ds.add_argument("--min-case-agreement", dest="min_case_agreement", type=float, default=None, metavar="A",
+                    help="train only on reliable pseudo labels (SAM Carries the Burden's selection, which used 0.85): "
+                         "a case whose SAM agreement (mean Dice over classes between the refined label and the "
+                         "initial prediction) is below A gets no pseudo label; every case's agreement is in the report")
     io = p.add_argument_group("files mode (-i -m -o)")
     io.add_argument("-i", dest="images", type=Path, default=None, help="folder of images (CASE_XXXX.ending)")
     io.add_argument("-m", dest="masks", type=Path, default=None,
@@ -108,18 +112,21 @@ def _refine_dataset(args: argparse.Namespace) -> None:
 
     if args.no_sam and (args.num_parts > 1 or args.resume):
         raise NnsamError("--no-sam writes every case in one run; leave out --num_parts and --continue")
-    if args.no_sam and (args.ignore_disagreement or args.keep_confident is not None):
-        raise NnsamError("--ignore-disagreement and --keep-confident compare SAM's label with the model's; with "
-                         "--no-sam there is no SAM label: leave one of them out")
+    if args.no_sam and _sam_label_options(args):
+        raise NnsamError(f"{_sam_label_options(args)[0]} compares SAM's label with the model's; with --no-sam there "
+                         f"is no SAM label: leave one of them out")
     if args.keep_confident is not None and not 0.0 < args.keep_confident <= 1.0:
         raise NnsamError(f"--keep-confident {args.keep_confident} must be a probability in (0, 1], e.g. 0.9")
+    if args.min_case_agreement is not None and not 0.0 <= args.min_case_agreement <= 1.0:
+        raise NnsamError(f"--min-case-agreement {args.min_case_agreement} must be a Dice in [0, 1], e.g. 0.85")
 
     choice = ModelChoice(trainer=args.trainer, folds=tuple(args.folds) if args.folds else None,
                          checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = DatasetJob(dataset=args.dataset, configuration=args.configuration, plans=args.plans, model=choice,
                      channel=args.channel, export_dir=args.export, gt_dir=args.gt, overlays=args.overlays,
                      resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, num_processes=args.np,
-                     keep_confident=args.keep_confident, ignore_disagreement=args.ignore_disagreement)
+                     keep_confident=args.keep_confident, ignore_disagreement=args.ignore_disagreement,
+                     min_case_agreement=args.min_case_agreement)
     plan = plan_dataset_job(job)
     settings = settings_from_args(args)
     if settings.ct_window is not None:
@@ -136,6 +143,13 @@ def _refine_dataset(args: argparse.Namespace) -> None:
     refine_dataset(plan, SamRefiner(model, settings), initial)
 
 
+def _sam_label_options(args: argparse.Namespace) -> list[str]:
+    """The dataset-mode flags given that compare SAM's pseudo label with the initial model's prediction."""
+    given = {"--keep-confident": args.keep_confident is not None, "--ignore-disagreement": args.ignore_disagreement,
+             "--min-case-agreement": args.min_case_agreement is not None}
+    return [flag for flag, on in given.items() if on]
+
+
 def _refine(args: argparse.Namespace) -> None:
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
@@ -144,9 +158,9 @@ def _refine(args: argparse.Namespace) -> None:
         _refine_dataset(args)
     elif args.no_sam:
         raise NnsamError("--no-sam is for dataset mode (-d): in files mode the masks are already what it would write")
-    elif args.ignore_disagreement or args.keep_confident is not None:
-        raise NnsamError("--ignore-disagreement and --keep-confident are for dataset mode (-d): they need the "
-                         "initial model's prediction")
+    elif _sam_label_options(args):
+        raise NnsamError(f"{_sam_label_options(args)[0]} is for dataset mode (-d): it needs the initial model's "
+                         f"prediction")
     elif len(files) == 3:
         _refine_files(args)
     else:

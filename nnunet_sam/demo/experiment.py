@@ -134,8 +134,11 @@ class Experiment:
         refiner = SamRefiner(model, settings, cache=EmbeddingCache(embeddings, model))
         return refine_dataset(plan, refiner, self._initial_model(plan))
 
-    def unrefined_pseudo_labels(self, initial_trainer: str | None, gt_dir: Path | None = None) -> int:
-        """Pseudo labels without SAM: the initial model's predictions, or (`initial_trainer=None`) the truth."""
+    def unrefined_pseudo_labels(self, initial_trainer: str | None, gt_dir: Path | None = None,
+                                cases: list[str] | None = None) -> int:
+        """Pseudo labels without SAM: the initial model's predictions, or (`initial_trainer=None`) the truth; only
+        for `cases` if given (the others get none)."""
+        from nnunet_sam.nnunet.pseudolabels import remove_pseudo_label
         from nnunet_sam.nnunet.refine_dataset import write_unrefined_pseudo_labels
 
         if initial_trainer is None:
@@ -143,7 +146,10 @@ class Experiment:
         else:
             plan = self._dataset_plan(initial_trainer, gt_dir)
             initial = self._initial_model(plan)
-        return len(write_unrefined_pseudo_labels(plan, initial))
+        written = write_unrefined_pseudo_labels(plan, initial)
+        for case_id in set(written) - set(cases or written):
+            remove_pseudo_label(plan.folders.pseudo_labels, case_id)
+        return len(written) if cases is None else len(cases)
 
     def _truth_plan(self, gt_dir: Path | None):
         from nnunet_sam.nnunet.datasets import dataset_folders

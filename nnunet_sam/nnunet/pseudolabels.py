@@ -50,6 +50,25 @@ def mark_disagreement(labels: np.ndarray, initial: np.ndarray, unsure: int) -> n
     return np.where(labels == initial, labels, unsure).astype(labels.dtype)
 
 
+def sam_agreement(labels: np.ndarray, initial: np.ndarray, foreground_labels: list[int]) -> float:
+    """How far SAM's pseudo label agrees with the initial model's prediction on one case (SCtB's "SAM
+    agreement"): the mean Dice over the foreground labels present in either map, 1.0 where neither has any
+    (nothing to disagree on). A low value flags a case whose pseudo label is unreliable."""
+    scores = []
+    for label in foreground_labels:
+        a, b = labels == label, initial == label
+        total = int(a.sum()) + int(b.sum())
+        if total:
+            scores.append(2.0 * int(np.logical_and(a, b).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def remove_pseudo_label(folder: Path, case_id: str) -> None:
+    """Remove one case's pseudo label, the .pkl first (a case without it is not finished, so never trained on)."""
+    for part in (f"{case_id}.pkl", f"{case_id}_seg.b2nd"):
+        (folder / part).unlink(missing_ok=True)
+
+
 def oversampling_keys(label_manager: LabelManager) -> list:
     """The `class_locations` keys nnU-Net's data loader reads: the foreground labels, and with an ignore
     label also the 'annotated' key (-1, *all labels), exactly as nnU-Net's preprocessor collects them."""

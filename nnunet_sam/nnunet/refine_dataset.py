@@ -23,7 +23,7 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, keep_confident, mark_disagreement,
-                                           unsure_label, write_pseudo_label)
+                                            remove_pseudo_label, sam_agreement, unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
@@ -53,6 +53,14 @@ class DatasetJob:
     num_processes: int = 1  # for preprocessing unlabelled cases that are not done yet
     keep_confident: float | None = None  # --keep-confident P: the model's label where its probability is >= P
     ignore_disagreement: bool = False  # --ignore-disagreement: unsure label where SAM's label and the model's differ
+    min_case_agreement: float | None = None  # --min-case-agreement A: no pseudo label where SAM agreement < A
+
+    @property
+    def pseudo_options(self) -> dict:
+        """The options that change a pseudo label once SAM has refined it (reports record them; `--continue`
+        redoes a case made with other ones)."""
+        return {"keep_confident": self.keep_confident, "ignore_disagreement": self.ignore_disagreement,
+                "min_case_agreement": self.min_case_agreement}
 
 
 @dataclass
@@ -161,14 +169,21 @@ class _CaseRefiner:
         labels = result.mask
         if job.ignore_disagreement:
             labels = mark_disagreement(labels, initial, unsure_label(self.label_manager))
-        write_pseudo_label(folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
-                           self.label_manager, self.configuration_manager.patch_size)
+        agreement = sam_agreement(result.mask, initial, self.label_manager.foreground_labels)
+        selected = job.min_case_agreement is None or agreement >= job.min_case_agreement
+        if selected:
+            write_pseudo_label(folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
+                               self.label_manager, self.configuration_manager.patch_size)
+        else:  # never trained on (an earlier run's pseudo label of this case goes too)
+            remove_pseudo_label(folders.pseudo_labels, case_id)
         truth = self.truth(case_id) if job.gt_dir is not None else None
-        report = {"case": case_id, "initial_model": self.plan.model_record, "axis": result.axis,
-                  "slices_encoded": result.slices_encoded, "classes": class_rows(case_id, result, initial, truth)}
+        report = {"case": case_id, "initial_model": self.plan.model_record, "pseudo_options": job.pseudo_options,
+                  "axis": result.axis, "slices_encoded": result.slices_encoded,
+                  "sam_agreement": round(agreement, 4), "selected": selected,
+                  "classes": class_rows(case_id, result, initial, truth)}
         if job.ignore_disagreement:
             report["unsure_fraction"] = round(float(np.mean(labels != result.mask)), 6)
-        if job.export_dir is not None:
+        if job.export_dir is not None and selected:
             job.export_dir.mkdir(exist_ok=True)
             target = job.export_dir / f"{case_id}{self.dataset_json['file_ending']}"
             export_to_raw(result.mask, properties, self.plans_manager, self.configuration_manager,
@@ -183,12 +198,16 @@ class _CaseRefiner:
 
 
 def _case_done(plan: DatasetPlan, case_id: str) -> bool:
-    """Finished by a run with the same initial model (a resumed re-run never mixes two models)."""
+    """Finished by a run with the same initial model and pseudo-label options (a resumed re-run never mixes
+    two models or two settings). A case left out by --min-case-agreement is finished without a pseudo label."""
     folders = plan.folders
-    report = case_report_path(folders.pseudo_labels, case_id)
-    if not ((folders.pseudo_labels / f"{case_id}.pkl").is_file() and report.is_file()):
+    report_file = case_report_path(folders.pseudo_labels, case_id)
+    if not report_file.is_file():
         return False
-    return json.loads(report.read_text()).get("initial_model") == plan.model_record
+    report = json.loads(report_file.read_text())
+    if report.get("initial_model") != plan.model_record or report.get("pseudo_options") != plan.job.pseudo_options:
+        return False
+    return (folders.pseudo_labels / f"{case_id}.pkl").is_file() or report.get("selected") is False
 
 
 def remove_orphans(plan: DatasetPlan) -> None:
@@ -221,7 +240,8 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     refine_case = _CaseRefiner(plan, refiner, initial)
     for case_id in tqdm(todo, desc="unlabelled cases", unit="case"):
         report = refine_case(case_id)
-        logger.info("%s: %d slices encoded in %.1f s", case_id, report["slices_encoded"], report["seconds"])
+        logger.info("%s: %d slices encoded in %.1f s, SAM agreement %.3f%s", case_id, report["slices_encoded"],
+                    report["seconds"], report["sam_agreement"], "" if report["selected"] else " (left out)")
     header = {"mode": "dataset", "dataset": folders.name, "configuration": folders.configuration,
               "plans": folders.plans_identifier, "channel": job.channel,
               "initial_model": plan.model_record,
@@ -233,6 +253,11 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     logger.info("pseudo labels in %s (%d cases):\n%s", folders.pseudo_labels, len(report["cases"]),
                 summary_table(report["summary"]))
     warn_absent_classes(report["summary"])
+    left_out = [c["case"] for c in report["cases"] if c.get("selected") is False]
+    if left_out:
+        logger.warning("--min-case-agreement %s: %d of %d cases have no pseudo label (SAM agreement below it; see "
+                       "sam_agreement in %s)", job.min_case_agreement, len(left_out), len(report["cases"]),
+                       folders.pseudo_labels / REPORT_NAME)
     return report
 
 
