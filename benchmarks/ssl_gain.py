@@ -90,17 +90,21 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "SAM pseudo, selected cases": Arm("nnUNetTrainerSAMPseudo", "sam_selected"),
     # its control: the same cases selected, the baseline's predictions as their labels (SAM selects, does not refine)
     "raw pseudo, selected cases": Arm("nnUNetTrainerSAMPseudo", "raw_selected"),
+    # both: the selected-cases model's predictions refined by SAM, selected again, and a new training
+    "SAM pseudo, selected cases, 2nd round": Arm("nnUNetTrainerSAMPseudo", "sam_selected_round2"),
     # the 2nd round's control: the raw-pseudo model's own predictions, no SAM in either round
     "raw pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "raw_round2"),
     # the baseline trained again on the same split with another training seed: the noise of one training
     "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
 }
 REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {},
-                   "sam_unsure": {}, "sam_confident": {}, "sam_selected": {}}  # source -> RefineSettings
+                   "sam_unsure": {}, "sam_confident": {}, "sam_selected": {},
+                   "sam_selected_round2": {}}  # source -> RefineSettings of nnsam_refine
 PSEUDO_OPTIONS = {"sam_unsure": {"ignore_disagreement": True},  # source -> nnsam_refine -d's pseudo-label options
-                  "sam_confident": {"keep_confident": 0.9}, "sam_selected": {"min_case_agreement": 0.85}}
-INITIAL_ARM = {"sam_round2": "SAM pseudo", "raw_round2": "raw pseudo"}  # source -> the arm whose model makes its
-# pseudo labels (else the baseline)
+                  "sam_confident": {"keep_confident": 0.9}, "sam_selected": {"min_case_agreement": 0.85},
+                  "sam_selected_round2": {"min_case_agreement": 0.85}}
+INITIAL_ARM = {"sam_round2": "SAM pseudo", "raw_round2": "raw pseudo",  # source -> the arm whose model makes its
+               "sam_selected_round2": "SAM pseudo, selected cases"}  # pseudo labels (else the baseline)
 ALL_ARMS = {**ARMS, **LEVERS}
 SUFFIX = "Bench"
 LABELLED, VALIDATION = 2, 4

@@ -431,9 +431,19 @@ def test_predict_uses_the_teacher(nnunet_env, trained):
     assert set(np.unique(segmentation)) <= {0, 1, 2}
 
 
+def test_round2_trainer_is_found_by_nnunet_and_wants_a_first_round_model():
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    from nnunet_sam.cli.trainer_dir import trainer_dir
+
+    found = recursive_find_python_class(str(trainer_dir()), "nnUNetTrainerSAMPseudoRound2", "nnunet_sam.trainers")
+    assert found.pseudo_labels_from == "nnUNetTrainerSAMPseudo"
+
+
 def test_warm_start_takes_every_weight_of_the_model_that_made_the_pseudo_labels(nnunet_env, trained):
     """`warm_start`: the pseudo-label model's weights, segmentation heads included (nnU-Net's
-    -pretrained_weights would reset those); refused for a model of another fold (leakage)."""
+    -pretrained_weights would reset those); refused for a model of another fold (leakage); a later round's
+    check of the trainer that made them."""
     import json
 
     from nnunet_sam.nnunet.datasets import pseudo_label_model_checkpoint
@@ -451,6 +461,14 @@ def test_warm_start_takes_every_weight_of_the_model_that_made_the_pseudo_labels(
         assert _same(unwrap_model(trainer.network).state_dict(), _checkpoint(source)["network_weights"])
         with pytest.raises(NnsamError, match="not fold 1: starting from that model would leak"):
             pseudo_label_model_checkpoint(trainer.preprocessed_dataset_folder, 1)
+        # a later round (nnUNetTrainerSAMPseudoRound2) checks which trainer's model made the pseudo labels
+        trainer.pseudo_labels_from = source.__class__.__name__
+        trainer.check_pseudo_label_round()
+        trainer.pseudo_labels_from = "nnUNetTrainerSAMPseudo"
+        with pytest.raises(NnsamError, match="come from nnUNetTrainerSAMPseudoMeanTeacherShort .* first run "
+                                             "nnsam_refine -d Dataset990_SyntheticCT -c 3d_fullres -f 0 "
+                                             "-tr nnUNetTrainerSAMPseudo$"):
+            trainer.check_pseudo_label_round()
         report.write_text(json.dumps({"initial_model": None, "source": "truth"}))
         with pytest.raises(NnsamError, match="not made by a trained model"):
             trainer.load_initial_model_weights()

@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "unsure label instead (the highest label + 1, nnU-Net's ignore-label value): the SAM-pseudo "
                          "trainers leave those voxels out of the loss, so they learn only where SAM and the model agree")
     ds.add_argument("--min-case-agreement", dest="min_case_agreement", type=float, default=None, metavar="A",
-                    help="train only on reliable pseudo labels (SAM Carries the Burden's selection, which used 0.85): "
-                         "a case whose SAM agreement (mean Dice over classes between the refined label and the "
-                         "initial prediction) is below A gets no pseudo label; every case's agreement is in the report")
+                    help="train only on reliable pseudo labels (SAM Carries the Burden's selection, which used "
+                         "0.85): a case whose SAM agreement (mean Dice over classes between the refined label and "
+                         "the initial prediction) is below A gets no pseudo label; every case's agreement is in the "
+                         "report")
     io = p.add_argument_group("files mode (-i -m -o)")
     io.add_argument("-i", dest="images", type=Path, default=None, help="folder of images (CASE_XXXX.ending)")
     io.add_argument("-m", dest="masks", type=Path, default=None,

@@ -203,6 +203,12 @@ def pseudo_label_model_checkpoint(preprocessed_data_folder: str | os.PathLike, f
     """The checkpoint of the nnU-Net whose predictions the pseudo labels refine (from their refine_report.json),
     for a trainer that starts from it. It must be one model of the same fold: a model of another fold, or an
     ensemble, has seen this fold's validation cases."""
+    return pseudo_label_model(preprocessed_data_folder, fold)[1]
+
+
+def pseudo_label_model(preprocessed_data_folder: str | os.PathLike, fold: str | int) -> tuple[str, Path]:
+    """The trainer name and checkpoint of the one model of this fold that made the pseudo labels (see
+    `pseudo_label_model_checkpoint`)."""
     folder = pseudo_label_folder(preprocessed_data_folder)
     report = folder / "refine_report.json"
     if not report.is_file():
@@ -217,4 +223,4 @@ def pseudo_label_model_checkpoint(preprocessed_data_folder: str | os.PathLike, f
     checkpoint = Path(model["folder"]) / f"fold_{fold}" / model["checkpoint"]
     if not checkpoint.is_file():
         raise NnsamError(f"{checkpoint} (the model that made the pseudo labels in {folder}) no longer exists")
-    return checkpoint
+    return model["trainer"], checkpoint

@@ -37,7 +37,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset,
+from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset, pseudo_label_model,
                                         pseudo_label_model_checkpoint)
 from nnunet_sam.nnunet.pseudolabels import unsure_label
 from nnunet_sam.utils.atomic import atomic_path
@@ -202,6 +202,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     teacher_noise_clip: float = 0.2
     warm_start: bool = False  # start from every weight of the model that made the pseudo labels (same fold;
     # nnU-Net's -pretrained_weights would reset the segmentation heads), with a fresh learning-rate schedule
+    pseudo_labels_from: str | None = None  # a later round: the trainer whose model of this fold must have made
+    # the pseudo labels (None: any model)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -260,6 +262,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise NnsamError(f"{type(self).__name__} does not support cascade configurations "
                              f"({self.configuration_name}); use 3d_fullres, 3d_lowres or 2d")
         self.extra_dataset = self.open_extra_dataset()  # fail before any data loader or training starts
+        if self.pseudo_labels_from is not None:
+            self.check_pseudo_label_round()
         if self.warm_start and self.current_epoch == 0:
             self.load_initial_model_weights()
         super().on_train_start()
@@ -271,6 +275,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                                f"{n_labelled} labelled + {n_extra} {self.extra_stream}; loss weight of the "
                                f"{self.extra_stream} samples {self.extra_loss_weight}; consistency weight "
                                f"{self.consistency_weight}")
+
+    def check_pseudo_label_round(self) -> None:
+        """A later round trains only on pseudo labels refined from the previous round's model of the same fold."""
+        trainer, checkpoint = pseudo_label_model(self.preprocessed_dataset_folder, self.fold)
+        if trainer != self.pseudo_labels_from:
+            raise NnsamError(
+                f"{type(self).__name__} trains on pseudo labels made from a {self.pseudo_labels_from} model, but "
+                f"these come from {trainer} ({checkpoint}); first run nnsam_refine -d "
+                f"{self.plans_manager.dataset_name} -c {self.configuration_name} -f {self.fold} "
+                f"-tr {self.pseudo_labels_from}")
+        self.print_to_log_file(f"pseudo labels refined from the previous round's model {checkpoint}")
 
     def load_initial_model_weights(self) -> None:
         """Every weight of the nnU-Net that made the pseudo labels (`warm_start`)."""
