@@ -272,7 +272,8 @@ class SeedRun:
             experiment.unrefined_pseudo_labels(initial)
         elif source == "raw_selected":  # SAM's case selection, the initial model's labels
             self.make_pseudo_labels("sam_selected")
-            experiment.unrefined_pseudo_labels(initial, cases=self.pseudo_quality["sam_selected"]["selected_cases"])
+            selected = self.pseudo_quality["sam_selected"].get("selected_cases")  # None: every case was kept
+            experiment.unrefined_pseudo_labels(initial, cases=selected)
         elif source == "truth":
             experiment.unrefined_pseudo_labels(None, truth)
         else:

@@ -147,7 +147,7 @@ class Experiment:
             plan = self._dataset_plan(initial_trainer, gt_dir)
             initial = self._initial_model(plan)
         written = write_unrefined_pseudo_labels(plan, initial)
-        for case_id in set(written) - set(cases or written):
+        for case_id in set(written) - set(written if cases is None else cases):
             remove_pseudo_label(plan.folders.pseudo_labels, case_id)
         return len(written) if cases is None else len(cases)
 
