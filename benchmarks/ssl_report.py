@@ -138,8 +138,12 @@ def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = [d for d, r in results.items() if r]
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(14, 4.2 * len(datasets)), squeeze=False)
-    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(16, 5 * len(datasets)), squeeze=False)
+    palette = plt.get_cmap("tab20")
+
+    def colours(i: int):  # one colour per arm, the same on every dataset
+        return palette(arms.index(present[i]) % 20)
+
     for row, dataset in zip(axes, datasets):
         by_arm = _by_arm(results[dataset])
         present = [a for a in arms if a in by_arm]
@@ -153,8 +157,7 @@ def plot(results: dict[str, list[dict]], arms: list[str], path) -> None:
             window = min(5, length)  # nnU-Net's per-epoch pseudo-Dice is noisy: a 5-epoch moving average
             smooth = np.convolve(mean_curve, np.ones(window) / window, mode="valid")
             row[1].plot(np.arange(window, length + 1), smooth, label=arm, color=colours(i))
-        row[0].set_xticks(range(len(present)), [a.replace(", ", ",\n") for a in present], rotation=30, ha="right",
-                          fontsize=8)
+        row[0].set_xticks(range(len(present)), present, rotation=40, ha="right", fontsize=7)
         row[0].set_ylabel("mean test Dice")
         row[0].set_title(f"{dataset}: test Dice per arm (points: seeds)")
         row[1].set_xlabel("epoch")
