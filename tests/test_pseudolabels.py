@@ -42,3 +42,25 @@ def test_sam_agreement_is_the_mean_dice_over_the_classes_either_map_has():
     assert sam_agreement(sam, initial, [1, 2, 3]) == pytest.approx((2 / 3 + 0) / 2)
     assert sam_agreement(initial, initial, [1, 2, 3]) == 1.0
     assert sam_agreement(_labels(0, 0), _labels(0, 0), [1, 2]) == 1.0  # nothing to disagree on
+
+
+def test_cases_no_longer_unlabelled_lose_their_preprocessed_files_and_reports(tmp_path):
+    from types import SimpleNamespace
+
+    from nnunet_sam.nnunet.datasets import finished_cases
+    from nnunet_sam.nnunet.refine_dataset import remove_orphans
+    from nnunet_sam.nnunet.report import case_report_path, write_case_report
+
+    labels, images = tmp_path / "pseudolabels", tmp_path / "unlabeled"
+    for case in ("kept", "gone"):
+        for folder, parts in ((labels, (".pkl", "_seg.b2nd")), (images, (".pkl", ".b2nd"))):
+            folder.mkdir(exist_ok=True)
+            for part in parts:
+                (folder / f"{case}{part}").write_bytes(b"x")
+        write_case_report(labels, case, {"case": case})
+    folders = SimpleNamespace(pseudo_labels=labels, unlabeled_data=images, unlabeled_images=tmp_path / "raw")
+    remove_orphans(SimpleNamespace(folders=folders, cases=["kept"]))
+    assert finished_cases(labels) == finished_cases(images) == ["kept"]
+    assert sorted(p.name for p in labels.iterdir() if p.is_file()) == ["kept.pkl", "kept_seg.b2nd"]
+    assert sorted(p.name for p in images.iterdir()) == ["kept.b2nd", "kept.pkl"]
+    assert case_report_path(labels, "kept").is_file() and not case_report_path(labels, "gone").exists()

@@ -138,7 +138,7 @@ class Experiment:
                                 cases: list[str] | None = None) -> int:
         """Pseudo labels without SAM: the initial model's predictions, or (`initial_trainer=None`) the truth; only
         for `cases` if given (the others get none)."""
-        from nnunet_sam.nnunet.pseudolabels import remove_pseudo_label
+        from nnunet_sam.nnunet.datasets import remove_case
         from nnunet_sam.nnunet.refine_dataset import write_unrefined_pseudo_labels
 
         if initial_trainer is None:
@@ -148,7 +148,7 @@ class Experiment:
             initial = self._initial_model(plan)
         written = write_unrefined_pseudo_labels(plan, initial)
         for case_id in set(written) - set(written if cases is None else cases):
-            remove_pseudo_label(plan.folders.pseudo_labels, case_id)
+            remove_case(plan.folders.pseudo_labels, case_id)
         return len(written) if cases is None else len(cases)
 
     def _truth_plan(self, gt_dir: Path | None):

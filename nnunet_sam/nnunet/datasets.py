@@ -57,6 +57,13 @@ def finished_cases(folder: Path) -> list[str]:
     return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".pkl") and not p.name.startswith("."))
 
 
+def remove_case(folder: Path, case_id: str) -> None:
+    """Remove one preprocessed case (image and/or segmentation) from `folder`, the .pkl first: a case without it
+    is not finished (`finished_cases`), so no trainer reads what remains if this is interrupted."""
+    for part in (f"{case_id}.pkl", f"{case_id}.b2nd", f"{case_id}_seg.b2nd"):
+        (folder / part).unlink(missing_ok=True)
+
+
 @dataclass
 class DatasetFolders:
     """A dataset's nnU-Net folders and one configuration's preprocessed data folder."""

@@ -63,12 +63,6 @@ def sam_agreement(labels: np.ndarray, initial: np.ndarray, foreground_labels: li
     return float(np.mean(scores)) if scores else 1.0
 
 
-def remove_pseudo_label(folder: Path, case_id: str) -> None:
-    """Remove one case's pseudo label, the .pkl first (a case without it is not finished, so never trained on)."""
-    for part in (f"{case_id}.pkl", f"{case_id}_seg.b2nd"):
-        (folder / part).unlink(missing_ok=True)
-
-
 def oversampling_keys(label_manager: LabelManager) -> list:
     """The `class_locations` keys nnU-Net's data loader reads: the foreground labels, and with an ignore
     label also the 'annotated' key (-1, *all labels), exactly as nnU-Net's preprocessor collects them."""

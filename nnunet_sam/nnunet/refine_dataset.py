@@ -20,10 +20,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases
+from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases, remove_case
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, keep_confident, mark_disagreement,
-                                            remove_pseudo_label, sam_agreement, unsure_label, write_pseudo_label)
+                                            sam_agreement, unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
@@ -175,7 +175,7 @@ class _CaseRefiner:
             write_pseudo_label(folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
                                self.label_manager, self.configuration_manager.patch_size)
         else:  # never trained on (an earlier run's pseudo label of this case goes too)
-            remove_pseudo_label(folders.pseudo_labels, case_id)
+            remove_case(folders.pseudo_labels, case_id)
         truth = self.truth(case_id) if job.gt_dir is not None else None
         report = {"case": case_id, "initial_model": self.plan.model_record, "pseudo_options": job.pseudo_options,
                   "axis": result.axis, "slices_encoded": result.slices_encoded,
@@ -219,8 +219,7 @@ def remove_orphans(plan: DatasetPlan) -> None:
         for case_id in sorted(set(finished_cases(folder)) - current):
             logger.warning("%s is no longer in %s: removing its files from %s", case_id, folders.unlabeled_images,
                            folder)
-            for part in (f"{case_id}.pkl", f"{case_id}.b2nd", f"{case_id}_seg.b2nd"):
-                (folder / part).unlink(missing_ok=True)
+            remove_case(folder, case_id)
             case_report_path(folder, case_id).unlink(missing_ok=True)
 
 
