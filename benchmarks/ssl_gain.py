@@ -86,6 +86,8 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "SAM pseudo, ignore disagreement": Arm("nnUNetTrainerSAMPseudo", "sam_unsure"),
     # SAM decides only where the initial model is unsure (its softmax below 0.9, fixed before measuring)
     "SAM pseudo, keep confident": Arm("nnUNetTrainerSAMPseudo", "sam_confident"),
+    # today's engine (issue 13): the band at 0.9 and the probability map's boxes for what the argmax misses
+    "SAM pseudo, probability-guided": Arm("nnUNetTrainerSAMPseudo", "sam_guided"),
     # case level (SCtB's selection): only the unlabelled cases whose SAM agreement is >= 0.85 (SCtB's threshold)
     "SAM pseudo, selected cases": Arm("nnUNetTrainerSAMPseudo", "sam_selected"),
     # its control: the same cases selected, the baseline's predictions as their labels (SAM selects, does not refine)
@@ -97,12 +99,14 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     # the baseline trained again on the same split with another training seed: the noise of one training
     "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
 }
-REFINE_SETTINGS = {"sam": {}, "finetuned": {}, "sam_pieces": {"keep": "pieces"}, "sam_round2": {},
-                   "sam_unsure": {}, "sam_confident": {}, "sam_selected": {},
-                   "sam_selected_round2": {}}  # source -> RefineSettings of nnsam_refine
+# source -> RefineSettings of nnsam_refine. The arms measured before the probability-guided engine (issue 13)
+# keep its settings (no band, no activation-map boxes); "sam_guided" is today's default
+UNGUIDED = {"confident": None, "activation": None}
+REFINE_SETTINGS = {"sam": UNGUIDED, "finetuned": UNGUIDED, "sam_pieces": {**UNGUIDED, "keep": "pieces"},
+                   "sam_round2": UNGUIDED, "sam_unsure": UNGUIDED, "sam_confident": {"activation": None},
+                   "sam_selected": UNGUIDED, "sam_selected_round2": UNGUIDED, "sam_guided": {}}
 PSEUDO_OPTIONS = {"sam_unsure": {"ignore_disagreement": True},  # source -> nnsam_refine -d's pseudo-label options
-                  "sam_confident": {"keep_confident": 0.9}, "sam_selected": {"min_case_agreement": 0.85},
-                  "sam_selected_round2": {"min_case_agreement": 0.85}}
+                  "sam_selected": {"min_case_agreement": 0.85}, "sam_selected_round2": {"min_case_agreement": 0.85}}
 INITIAL_ARM = {"sam_round2": "SAM pseudo", "raw_round2": "raw pseudo",  # source -> the arm whose model makes its
                "sam_selected_round2": "SAM pseudo, selected cases"}  # pseudo labels (else the baseline)
 ALL_ARMS = {**ARMS, **LEVERS}

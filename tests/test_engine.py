@@ -186,3 +186,103 @@ def test_compiled_encoder_gives_the_same_embeddings():
     compiled = model.encode(views)
     assert model.encoder_calls == 2
     assert torch.allclose(eager, compiled, atol=1e-3), (eager - compiled).abs().max()
+
+
+# --- probability-guided refinement (the initial model's softmax) --------------------------------------------
+
+def _one_slice(shape=(16, 64, 64)):
+    p = make_phantom(shape=shape)
+    return p.image[8:9], p.labels[8:9]
+
+
+def test_a_correct_mask_with_its_probabilities_stays_correct(phantom, litemedsam):
+    from nnunet_sam.demo.degrade import soft_probabilities
+
+    probabilities = soft_probabilities(phantom.labels, seed=0, n_classes=3, spacing=phantom.spacing)
+    result = SamRefiner(litemedsam).refine(phantom.image, phantom.labels, phantom.spacing, probabilities=probabilities)
+    for label, value in _dices(phantom.labels, result.mask).items():
+        assert value >= 0.99, (label, value)
+    for stats in result.classes.values():
+        assert stats.voxels_confident + stats.voxels_sam_decided == stats.voxels_after
+
+
+def test_where_the_model_is_sure_sam_changes_nothing(litemedsam):
+    image, labels = _one_slice()
+    weak = degrade(labels)
+    sure = (np.arange(3)[:, None, None, None] == weak[None]).astype(np.float32)  # probability 1 for its labels
+    loose = SamRefiner(litemedsam, RefineSettings(confident=None)).refine(image, weak, (999.0, 1.0, 1.0),
+                                                                          probabilities=sure)
+    assert not np.array_equal(loose.mask, weak)  # SAM alone does change this mask
+    result = SamRefiner(litemedsam).refine(image, weak, (999.0, 1.0, 1.0), probabilities=sure)
+    np.testing.assert_array_equal(result.mask, weak)
+    for stats in result.classes.values():
+        assert stats.voxels_sam_decided == 0 and stats.voxels_confident == stats.voxels_after
+    assert sum(s.voxels_overruled for s in result.classes.values()) == int((loose.mask != weak).sum())
+
+
+def test_probabilities_keep_the_right_piece_when_the_larger_one_is_wrong(litemedsam):
+    """The failure measured on real CT: a class mask in two pieces, the larger on a neighbouring organ. Size
+    keeps the wrong piece; the model's probability mass keeps the right one, which SAM then refines."""
+    from scipy import ndimage
+
+    image, labels = _one_slice()
+    organ, neighbour = labels[0] == 1, labels[0] == 2
+    mask = np.zeros_like(labels)
+    mask[0][ndimage.binary_erosion(organ, iterations=2)] = 1
+    mask[0][ndimage.binary_dilation(neighbour, iterations=2)] = 1
+    assert (mask == 1)[0][neighbour].sum() > (mask == 1)[0][organ].sum()
+    probabilities = np.zeros((2, *mask.shape), dtype=np.float32)
+    probabilities[1] = np.where(mask == 1, 0.6, 0.05)
+    probabilities[1][0][ndimage.binary_erosion(organ, iterations=2)] = 0.95
+    probabilities[0] = 1 - probabilities[1]
+    spacing = (999.0, 1.0, 1.0)
+    by_size = SamRefiner(litemedsam).refine(image, mask, spacing)
+    by_evidence = SamRefiner(litemedsam).refine(image, mask, spacing, probabilities=probabilities)
+    assert dice(organ, by_size.mask[0] == 1) < 0.2
+    assert dice(organ, by_evidence.mask[0] == 1) > max(0.8, dice(organ, mask[0] == 1) + 0.2)
+    assert not (by_evidence.mask[0][neighbour] == 1).any()
+
+
+def test_a_class_the_argmax_never_predicts_is_found_from_its_probability(litemedsam):
+    """SAM-Mix's activation-map prompts with the model's softmax: class 2 never wins the argmax (0.4 against
+    the background's 0.6 on the organ) but gets a box there, and SAM segments it."""
+    image, labels = _one_slice()
+    initial = np.where(labels == 1, 1, 0).astype(labels.dtype)
+    probabilities = np.zeros((3, *labels.shape), dtype=np.float32)
+    probabilities[1] = (labels == 1)
+    probabilities[2] = np.where(labels == 2, 0.4, 0.0)
+    probabilities[0] = 1 - probabilities[1] - probabilities[2]
+    assert not (probabilities.argmax(axis=0) == 2).any()
+    spacing = (999.0, 1.0, 1.0)
+    found = SamRefiner(litemedsam).refine(image, initial, spacing, probabilities=probabilities)
+    assert dice(labels == 2, found.mask == 2) > 0.8
+    stats = found.classes[2]
+    assert stats.voxels_before == 0 and stats.slices_from_probabilities == 1 and stats.found_by_probabilities
+    assert stats.to_dict()["found_by_probabilities"] is True
+    assert dice(labels == 1, found.mask == 1) > 0.95  # the other class is kept
+    off = SamRefiner(litemedsam, RefineSettings(activation=None)).refine(image, initial, spacing,
+                                                                         probabilities=probabilities)
+    assert not (off.mask == 2).any() and not off.classes[2].found_by_probabilities
+
+
+def test_fusion_gives_one_label_per_voxel(litemedsam):
+    from nnunet_sam.demo.degrade import soft_probabilities
+
+    image, labels = _one_slice()
+    weak = degrade(labels).astype(np.int16)
+    probabilities = soft_probabilities(weak, seed=1, n_classes=3)
+    result = SamRefiner(litemedsam, RefineSettings(fuse=True)).refine(image, weak, (999.0, 1.0, 1.0),
+                                                                      probabilities=probabilities)
+    assert result.mask.dtype == np.int16 and set(np.unique(result.mask)) <= {0, 1, 2}
+    assert dice(labels > 0, result.mask > 0) > dice(labels > 0, weak > 0)
+    assert result.classes[1].voxels_confident is None  # the band's counts belong to the band
+
+
+def test_probabilities_that_do_not_fit_the_mask_are_refused(phantom, litemedsam):
+    refiner = SamRefiner(litemedsam)
+    with pytest.raises(ValueError, match="do not match the mask"):
+        refiner.refine(phantom.image, phantom.labels, phantom.spacing,
+                       probabilities=np.zeros((3, 4, 48, 48), dtype=np.float32))
+    with pytest.raises(ValueError, match="only 2 classes"):
+        refiner.refine(phantom.image, phantom.labels, phantom.spacing,
+                       probabilities=np.zeros((2, *phantom.labels.shape), dtype=np.float32))

@@ -181,21 +181,23 @@ def test_pseudo_labels_that_no_longer_fit_their_images_are_refused(planned_datas
         open_pseudo_label_dataset(data, "nnsam_refine -d X")
 
 
-def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset, pseudo_labels):
-    """A re-run with another initial model or other pseudo-label options, resumed with --continue, never keeps
-    the old run's labels."""
+def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset, pseudo_labels, litemedsam):
+    """A re-run with another initial model, other engine settings or other pseudo-label options, resumed with
+    --continue, never keeps the old run's labels."""
     from nnunet_sam.nnunet.predict import ModelChoice
     from nnunet_sam.nnunet.refine_dataset import DatasetJob, _case_done, plan_dataset_job
+    from nnunet_sam.sam import RefineSettings, SamRefiner
 
     def plan(tta: bool = False, **options):
         return plan_dataset_job(DatasetJob(dataset=str(planned_dataset.dataset_id), resume=True,
                                            model=ModelChoice("nnUNetTrainerShort", ("0",), tta=tta), **options))
 
-    same = plan()
-    assert all(_case_done(same, c) for c in same.cases)
-    for other in (plan(tta=True), plan(keep_confident=0.9), plan(ignore_disagreement=True),
-                  plan(min_case_agreement=0.5)):
-        assert not any(_case_done(other, c) for c in other.cases)
+    same, refiner = plan(), SamRefiner(litemedsam)
+    assert all(_case_done(same, c, refiner) for c in same.cases)
+    for other in (plan(tta=True), plan(ignore_disagreement=True), plan(min_case_agreement=0.5)):
+        assert not any(_case_done(other, c, refiner) for c in other.cases)
+    for settings in (RefineSettings(confident=0.5), RefineSettings(fuse=True), RefineSettings(activation=None)):
+        assert not any(_case_done(same, c, SamRefiner(litemedsam, settings)) for c in same.cases)
 
 
 def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys, caplog):
@@ -234,10 +236,16 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     predictions = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
     for case in cases:  # the report's SAM agreement: Dice between SAM's pseudo label and the model's prediction
         assert agreements[case] == pytest.approx(sam_agreement(segs[case], predictions[case], [1, 2]), abs=1e-4)
-    # --keep-confident P: the model's label where its top probability >= P; at 0.01 that is everywhere
+    # --keep-confident P: the model's (cleaned) label where its top probability >= P; at 0.01 that is everywhere
     refine_cli.main(refine + ["--keep-confident", "0.01"])
+    report = json.loads((labels / "refine_report.json").read_text())
+    for case in report["cases"]:
+        assert case["settings"]["confident"] == 0.01
+        for row in case["classes"].values():
+            assert row["voxels_sam_decided"] == 0 and row["voxels_confident"] == row["voxels_after"]
     for case in cases:
-        np.testing.assert_array_equal(blosc2.open(str(labels / f"{case}_seg.b2nd"))[:], predictions[case])
+        seg = blosc2.open(str(labels / f"{case}_seg.b2nd"))[:]
+        assert sam_agreement(seg, predictions[case], [1, 2]) > 0.9  # only cleaning changed it
     # --ignore-disagreement: SAM's pseudo label where it equals the model's prediction, else the unsure label;
     # with --min-case-agreement between the two cases' agreements, the less agreeing case gets no pseudo label
     worse, better = sorted(cases, key=agreements.get)

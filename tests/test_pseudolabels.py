@@ -6,24 +6,11 @@ import numpy as np
 import pytest
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_sam.nnunet.pseudolabels import keep_confident, mark_disagreement, sam_agreement, unsure_label
+from nnunet_sam.nnunet.pseudolabels import mark_disagreement, sam_agreement, unsure_label
 
 
 def _labels(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int16).reshape(1, 1, -1)
-
-
-def test_keep_confident_lets_sam_decide_only_where_the_model_is_unsure():
-    initial = _labels(0, 1, 1, 2, 0)
-    sam = _labels(1, 0, 1, 1, 0)
-    probabilities = np.array([[0.95, 0.05, 0.50, 0.10, 0.60],   # background
-                              [0.03, 0.90, 0.40, 0.20, 0.30],   # class 1
-                              [0.02, 0.05, 0.10, 0.70, 0.10]],  # class 2
-                             dtype=np.float32).reshape(3, 1, 1, 5)
-    fused = keep_confident(sam, initial, probabilities, threshold=0.9)
-    np.testing.assert_array_equal(fused, _labels(0, 1, 1, 1, 0))  # voxels 0, 1 confident: the model's label
-    assert fused.dtype == sam.dtype
-    np.testing.assert_array_equal(keep_confident(sam, initial, probabilities, threshold=0.96), sam)
 
 
 def test_mark_disagreement_and_the_unsure_value():

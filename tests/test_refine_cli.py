@@ -191,3 +191,102 @@ def test_keep_pieces_reaches_the_engine():
 
     args = build_parser().parse_args(["-i", "in", "-m", "masks", "-o", "out", "--keep", "pieces"])
     assert settings_from_args(args).keep == "pieces"
+
+
+def _write_probabilities(folders: dict[str, Path], cases: int = 2, shape_change: bool = False) -> Path:
+    """CASE.npz as nnUNetv2_predict --save_probabilities writes it: the softmax under 'probabilities', in the
+    reader's (z, y, x) order; a map whose argmax is the mask."""
+    from nnunet_sam.demo.degrade import soft_probabilities
+
+    folder = folders["masks"].parent / "probabilities"
+    folder.mkdir(exist_ok=True)
+    for index in range(cases):
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folders["masks"] / f"case{index}.nii.gz")))
+        probabilities = soft_probabilities(mask, seed=index, n_classes=3, spacing=SPACING[::-1])
+        if shape_change:
+            probabilities = probabilities[:, :-1]
+        np.savez_compressed(folder / f"case{index}.npz", probabilities=probabilities)
+    return folder
+
+
+def test_probabilities_guide_files_mode_and_the_report_says_what_they_decided(tmp_path):
+    folders = _make_folders(tmp_path, cases=1)
+    probabilities = _write_probabilities(folders, cases=1)
+    out = tmp_path / "out"
+    _run(folders, out, "--gt", str(folders["gt"]), "--probabilities", str(probabilities))
+    report = json.loads((out / "refine_report.json").read_text())
+    assert report["probabilities"] == str(probabilities) and report["settings"]["confident"] == 0.9
+    case = report["cases"][0]
+    assert case["probabilities"] == str(probabilities / "case0.npz")
+    refined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case0.nii.gz")))
+    for label in ("1", "2"):
+        row = case["classes"][label]
+        assert row["voxels_confident"] > 0 and row["voxels_sam_decided"] > 0
+        assert row["voxels_confident"] + row["voxels_sam_decided"] == row["voxels_after"] == int(
+            (refined == int(label)).sum())
+        assert row["dice_after"] > row["dice_before"], (label, row)
+
+
+def _no_npz(f, probabilities):
+    (probabilities / "case0.npz").unlink()
+    return "has no case0.npz"
+
+
+def _not_a_zip(f, probabilities):
+    (probabilities / "case0.npz").write_bytes(b"not a zip")
+    return "case0.npz is not a .npz file"
+
+
+def _wrong_key(f, probabilities):
+    np.savez_compressed(probabilities / "case0.npz", softmax=np.zeros((3, 8, 48, 48), dtype=np.float32))
+    return "case0.npz has no 'probabilities' array"
+
+
+def _wrong_shape(f, probabilities):
+    np.savez_compressed(probabilities / "case0.npz", probabilities=np.zeros((3, 7, 48, 48), dtype=np.float32))
+    return "case0.npz holds probabilities of shape (7, 48, 48) but"
+
+
+def _too_few_classes(f, probabilities):
+    np.savez_compressed(probabilities / "case0.npz", probabilities=np.full((2, 8, 48, 48), 0.5, dtype=np.float32))
+    return "has label 2 but"
+
+
+def _not_probabilities(f, probabilities):
+    np.savez_compressed(probabilities / "case0.npz", probabilities=np.full((3, 8, 48, 48), 3.0, dtype=np.float32))
+    return "is not a softmax"
+
+
+@pytest.mark.parametrize("breaker", [_no_npz, _not_a_zip, _wrong_key, _wrong_shape, _too_few_classes,
+                                     _not_probabilities])
+def test_a_probability_file_that_does_not_fit_is_one_clear_line(tmp_path, capsys, breaker):
+    folders = _make_folders(tmp_path, cases=1)
+    probabilities = _write_probabilities(folders, cases=1)
+    expected = breaker(folders, probabilities)
+    before = {p: p.read_bytes() for p in _files_under(tmp_path)}
+    with pytest.raises(SystemExit) as exit_info:
+        _run(folders, tmp_path / "out", "--probabilities", str(probabilities))
+    assert exit_info.value.code == 2
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "out" / "case0.nii.gz").exists()
+    assert {p: p.read_bytes() for p in _files_under(tmp_path) if (tmp_path / "out") not in p.parents} == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--keep-confident", "90"], "--keep-confident: 90 must be a probability in (0, 1]"),
+    (["--activation", "high"], "--activation: 'high' is neither a probability"),
+    (["--probabilities", "/nonexistent/probabilities"], "--probabilities /nonexistent/probabilities is not a folder"),
+])
+def test_bad_probability_options_are_one_clear_line(tmp_path, capsys, args, expected):
+    folders = _make_folders(tmp_path, cases=1)
+    with pytest.raises(SystemExit) as exit_info:
+        _run(folders, tmp_path / "out", *args)
+    assert exit_info.value.code == 2
+    assert expected in _error_line(capsys)
+    assert _files_under(tmp_path / "out") == []
+
+
+def test_dataset_mode_refuses_a_probability_folder(capsys):
+    with pytest.raises(SystemExit):
+        main(["-d", "1", "--probabilities", "/tmp"])
+    assert "dataset mode computes the probabilities itself" in _error_line(capsys)

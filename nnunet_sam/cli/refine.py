@@ -43,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--no-sam", dest="no_sam", action="store_true",
                     help="pseudo labels without SAM: the initial model's predictions as they are (plain "
                          "self-training, nnU-Net's train-predict-retrain; the control that shows what SAM adds)")
-    ds.add_argument("--keep-confident", dest="keep_confident", type=float, default=None, metavar="P",
-                    help="keep the initial model's label wherever its softmax probability is at least P (e.g. 0.9): "
-                         "SAM decides only where the model is unsure (default: SAM's mask, after the guard)")
     ds.add_argument("--ignore-disagreement", dest="ignore_disagreement", action="store_true",
                     help="where the refined pseudo label differs from the initial model's prediction, write the "
                          "unsure label instead (the highest label + 1, nnU-Net's ignore-label value): the SAM-pseudo "
@@ -61,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of masks to refine (CASE.ending), e.g. predictions of a weak model")
     io.add_argument("-o", dest="output", type=Path, default=None,
                     help="output folder: refined masks (same geometry and pixel type), refine_report.json")
+    io.add_argument("--probabilities", type=Path, default=None, metavar="DIR",
+                    help="the softmax of the model that made the masks: CASE.npz as nnUNetv2_predict "
+                         "--save_probabilities writes them (same folder as its masks is fine); turns on the "
+                         "probability-guided refinement (--keep-confident, --fuse, --activation) that dataset "
+                         "mode always uses")
     both = p.add_argument_group("both modes")
     both.add_argument("--gt", type=Path, default=None,
                       help="folder of ground-truth labels (CASE.ending; in dataset mode: of the unlabelled "
@@ -86,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--no-evidence", dest="evidence", action="store_false",
                      help="guard: accept SAM's slice mask even where its border fits the image worse "
                           "(lower inside/outside contrast) than the initial mask's")
+    ref.add_argument("--keep-confident", dest="keep_confident", type=_probability_or_off,
+                     default=defaults.confident, metavar="P",
+                     help="with the model's probabilities: keep its label wherever its softmax is at least P, so SAM "
+                          "decides only where the model is unsure and cannot undo what it is sure of; 'off': SAM's "
+                          "mask (after the guard) everywhere")
+    ref.add_argument("--fuse", action="store_true",
+                     help="with the model's probabilities: instead of --keep-confident, label each pixel by the mean "
+                          "of SAM's probability and the model's (measured worse; see benchmarks/RESULTS.md)")
+    ref.add_argument("--activation", type=_probability_or_off, default=defaults.activation, metavar="T",
+                     help="with the model's probabilities: give SAM a box where a class's probability reaches T on a "
+                          "slice where the argmax misses it (gaps inside the class, or a class the argmax never "
+                          "predicts: SAM-Mix's activation-map prompts); 'off': no such boxes")
     ref.add_argument("--recover-reach", type=int, default=defaults.recover_reach,
                      help="with a checkpoint whose class prompts nnsam_finetune trained (--context tile or --prompts "
                           "fewshot): look for a class on slices without initial mask inside its extent and up to "
@@ -99,9 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _probability_or_off(text: str) -> float | None:
+    """A probability in (0, 1], or 'off' (None)."""
+    if text.lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a probability in (0, 1] nor 'off'") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be a probability in (0, 1] (e.g. 0.9) or 'off'")
+    return value
+
+
 def settings_from_args(args: argparse.Namespace) -> RefineSettings:
     return RefineSettings(prompts=args.prompts, keep=args.keep, max_gap=args.max_gap, min_sam_iou=args.min_iou,
                           min_agreement=args.min_agreement, evidence=args.evidence, recover_reach=args.recover_reach,
+                          confident=args.keep_confident, fuse=args.fuse, activation=args.activation,
                           **view_settings(args))
 
 
@@ -116,8 +144,6 @@ def _refine_dataset(args: argparse.Namespace) -> None:
     if args.no_sam and _sam_label_options(args):
         raise NnsamError(f"{_sam_label_options(args)[0]} compares SAM's label with the model's; with --no-sam there "
                          f"is no SAM label: leave one of them out")
-    if args.keep_confident is not None and not 0.0 < args.keep_confident <= 1.0:
-        raise NnsamError(f"--keep-confident {args.keep_confident} must be a probability in (0, 1], e.g. 0.9")
     if args.min_case_agreement is not None and not 0.0 <= args.min_case_agreement <= 1.0:
         raise NnsamError(f"--min-case-agreement {args.min_case_agreement} must be a Dice in [0, 1], e.g. 0.85")
 
@@ -126,7 +152,7 @@ def _refine_dataset(args: argparse.Namespace) -> None:
     job = DatasetJob(dataset=args.dataset, configuration=args.configuration, plans=args.plans, model=choice,
                      channel=args.channel, export_dir=args.export, gt_dir=args.gt, overlays=args.overlays,
                      resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, num_processes=args.np,
-                     keep_confident=args.keep_confident, ignore_disagreement=args.ignore_disagreement,
+                     ignore_disagreement=args.ignore_disagreement,
                      min_case_agreement=args.min_case_agreement)
     plan = plan_dataset_job(job)
     settings = settings_from_args(args)
@@ -146,16 +172,16 @@ def _refine_dataset(args: argparse.Namespace) -> None:
 
 def _sam_label_options(args: argparse.Namespace) -> list[str]:
     """The dataset-mode flags given that compare SAM's pseudo label with the initial model's prediction."""
-    given = {"--keep-confident": args.keep_confident is not None, "--ignore-disagreement": args.ignore_disagreement,
-             "--min-case-agreement": args.min_case_agreement is not None}
+    given = {"--ignore-disagreement": args.ignore_disagreement, "--min-case-agreement": args.min_case_agreement is not None}
     return [flag for flag, on in given.items() if on]
 
 
 def _refine(args: argparse.Namespace) -> None:
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
-        if files:
-            raise NnsamError("use either -d (dataset mode) or -i/-m/-o (files mode), not both")
+        if files or args.probabilities is not None:
+            raise NnsamError("use either -d (dataset mode) or -i/-m/-o/--probabilities (files mode), not both "
+                             "(dataset mode computes the probabilities itself)")
         _refine_dataset(args)
     elif args.no_sam:
         raise NnsamError("--no-sam is for dataset mode (-d): in files mode the masks are already what it would write")
@@ -174,7 +200,7 @@ def _refine_files(args: argparse.Namespace) -> None:
 
     job = FilesJob(images_dir=args.images, masks_dir=args.masks, out_dir=args.output, gt_dir=args.gt,
                    channel=args.channel, resume=args.resume, num_parts=args.num_parts,
-                   part_id=args.part_id, overlays=args.overlays)
+                   part_id=args.part_id, overlays=args.overlays, probabilities_dir=args.probabilities)
     plan = plan_files_job(job)
     settings = settings_from_args(args)
     model = load_sam(args.sam, args.checkpoint, args.device, compile_encoder=args.compile)

@@ -63,3 +63,53 @@ def degrade_labels(labels: np.ndarray, seed: int = 0, body: np.ndarray | None = 
         mask = _drop_a_slice(mask, rng)
         out[mask & (out == 0)] = label
     return out
+
+
+def soft_probabilities(labels: np.ndarray, seed: int = 0, n_classes: int | None = None,
+                       spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), temperature: float = 2.0,
+                       noise: float = 0.5) -> np.ndarray:
+    """A softmax map (K, Z, Y, X, float32) whose argmax is exactly `labels`: what a segmentation model that is
+    unsure near its own borders gives. Per class: the signed distance to the class's border (positive inside;
+    physical distance from `spacing`, in units of the finest axis's voxel, so thick slices count as far), times
+    a smooth positive noise field exp(N(0, `noise`)) (Gaussian-smoothed, sigma 2 voxels), divided by
+    `temperature`, then a softmax over the classes. The noise never changes a sign, so the argmax stays `labels`;
+    with the defaults the probability is about 0.6-0.8 on a border voxel and above 0.9 from about three voxels
+    inside."""
+    count = int(labels.max()) + 1 if n_classes is None else n_classes
+    sampling = np.asarray(spacing, dtype=float) / min(spacing)
+    crop = _around_foreground(labels, np.ceil(8 * temperature / sampling).astype(int) + 1)
+    if crop is not None:  # far from every object the background is certain: compute near them only
+        probabilities = np.zeros((count, *labels.shape), dtype=np.float32)
+        probabilities[0] = 1.0
+        probabilities[(slice(None), *crop)] = soft_probabilities(labels[crop], seed, count, spacing, temperature,
+                                                                 noise)
+        return probabilities
+    rng = np.random.default_rng(seed)
+    scores = np.empty((count, *labels.shape), dtype=np.float32)
+    far = float(sum(labels.shape))
+    for label in range(count):
+        inside = labels == label
+        if not inside.any() or inside.all():
+            distance = np.full(labels.shape, far if inside.all() else -far, dtype=np.float32)
+        else:
+            distance = (ndimage.distance_transform_edt(inside, sampling=sampling)
+                        - ndimage.distance_transform_edt(~inside, sampling=sampling))
+        field = ndimage.gaussian_filter(rng.standard_normal(labels.shape), sigma=2.0)
+        field *= noise / (field.std() + 1e-8)
+        scores[label] = distance * np.exp(field) / temperature
+    scores -= scores.max(axis=0, keepdims=True)
+    probabilities = np.exp(scores)
+    return (probabilities / probabilities.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def _around_foreground(labels: np.ndarray, margin: np.ndarray) -> tuple[slice, ...] | None:
+    """The box around every foreground voxel grown by `margin` voxels per axis, or None where it is the whole
+    array (or there is no foreground)."""
+    where = np.argwhere(labels > 0)
+    if where.size == 0:
+        return None
+    low = np.maximum(where.min(axis=0) - margin, 0)
+    high = np.minimum(where.max(axis=0) + margin + 1, labels.shape)
+    if np.all(low == 0) and np.all(high == labels.shape):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))

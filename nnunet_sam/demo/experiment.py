@@ -123,8 +123,8 @@ class Experiment:
                           settings: RefineSettings | None = None, **pseudo_options) -> dict:
         """nnsam_refine -d ID -c CONFIGURATION -f FOLD -tr INITIAL --disable_tta [--checkpoint] [--gt]; the report.
         The slices' embeddings are cached in `embeddings`, so a second refinement only decodes. `settings`: the
-        refinement's flags (default: nnsam_refine's defaults); `pseudo_options`: DatasetJob's keep_confident,
-        ignore_disagreement."""
+        refinement's flags (default: nnsam_refine's defaults); `pseudo_options`: DatasetJob's ignore_disagreement,
+        min_case_agreement."""
         from nnunet_sam.nnunet.refine_dataset import refine_dataset
         from nnunet_sam.sam import SamRefiner, load_sam
         from nnunet_sam.sam.embedding_cache import EmbeddingCache

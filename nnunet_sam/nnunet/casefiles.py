@@ -4,6 +4,7 @@ nnU-Net's own reader/writers, with checks that turn bad input into one-line erro
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Type
@@ -161,6 +162,44 @@ def load_case(case: CaseFiles, ending: str) -> LoadedCase:
         _check_same_geometry(image_props, gt_props, image.shape[1:], gt.shape[1:], case.images[0], case.gt)
         loaded.gt = _as_labels(gt[0], case.gt)
     return loaded
+
+
+PROBABILITY_KEY = "probabilities"  # the array nnUNetv2_predict --save_probabilities stores in CASE.npz
+
+
+def probability_file(folder: Path, case_id: str) -> Path:
+    """The probability file of a case, checked to be an nnU-Net .npz with a `probabilities` array (its header
+    only: cheap enough to check every case before any work)."""
+    path = folder / f"{case_id}.npz"
+    if not path.is_file():
+        raise NnsamError(f"--probabilities {folder} has no {path.name}; write one per mask with nnUNetv2_predict "
+                         f"--save_probabilities")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise NnsamError(f"{path} is not a .npz file (is it complete? write it with nnUNetv2_predict "
+                         f"--save_probabilities)") from None
+    if f"{PROBABILITY_KEY}.npy" not in names:
+        raise NnsamError(f"{path} has no '{PROBABILITY_KEY}' array (found {', '.join(names) or 'none'}): it is not "
+                         f"nnUNetv2_predict --save_probabilities output")
+    return path
+
+
+def load_probabilities(path: Path, mask: np.ndarray, mask_file: Path) -> np.ndarray:
+    """The softmax (K, Z, Y, X) float32 of a case, checked against its mask: same grid, a channel per label."""
+    probabilities = np.load(path)[PROBABILITY_KEY]
+    if probabilities.ndim == mask.ndim:  # a 2D case saved without the singleton slice axis
+        probabilities = probabilities[:, None]
+    if probabilities.shape[1:] != mask.shape:
+        raise NnsamError(f"{path} holds probabilities of shape {probabilities.shape[1:]} but {mask_file} has "
+                         f"{mask.shape}; give the probabilities of the model that made these masks")
+    if mask.size and int(mask.max()) >= probabilities.shape[0]:
+        raise NnsamError(f"{mask_file} has label {int(mask.max())} but {path} only {probabilities.shape[0]} classes; "
+                         f"give the probabilities of the model that made these masks")
+    if not np.all(np.isfinite(probabilities)) or probabilities.min() < 0 or probabilities.max() > 1.001:
+        raise NnsamError(f"{path} is not a softmax: values must be probabilities in [0, 1]")
+    return probabilities.astype(np.float32, copy=False)
 
 
 def write_mask_like(labels: np.ndarray, template: Path, target: Path, ending: str, properties: dict) -> None:

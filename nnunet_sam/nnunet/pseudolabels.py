@@ -36,15 +36,6 @@ def unsure_label(label_manager: LabelManager) -> int:
     return int(max(label_manager.all_labels)) + 1
 
 
-def keep_confident(labels: np.ndarray, initial: np.ndarray, probabilities: np.ndarray,
-                   threshold: float) -> np.ndarray:
-    """`labels` (SAM's) with the initial model's label wherever the model's own probability for it (the highest
-    softmax value, `probabilities` (K, Z, Y, X)) is at least `threshold`: SAM decides only where the model is
-    unsure, so it cannot undo what the model is sure of."""
-    confident = probabilities.max(axis=0) >= threshold
-    return np.where(confident, initial, labels).astype(labels.dtype)
-
-
 def mark_disagreement(labels: np.ndarray, initial: np.ndarray, unsure: int) -> np.ndarray:
     """`labels` with `unsure` wherever they differ from the initial model's prediction `initial`."""
     return np.where(labels == initial, labels, unsure).astype(labels.dtype)

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,8 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases, remove_case
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
-from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, keep_confident, mark_disagreement,
-                                            sam_agreement, unsure_label, write_pseudo_label)
+from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark_disagreement, sam_agreement,
+                                            unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
@@ -51,16 +51,14 @@ class DatasetJob:
     num_parts: int = 1
     part_id: int = 0
     num_processes: int = 1  # for preprocessing unlabelled cases that are not done yet
-    keep_confident: float | None = None  # --keep-confident P: the model's label where its probability is >= P
     ignore_disagreement: bool = False  # --ignore-disagreement: unsure label where SAM's label and the model's differ
     min_case_agreement: float | None = None  # --min-case-agreement A: no pseudo label where SAM agreement < A
 
     @property
     def pseudo_options(self) -> dict:
-        """The options that change a pseudo label once SAM has refined it (reports record them; `--continue`
-        redoes a case made with other ones)."""
-        return {"keep_confident": self.keep_confident, "ignore_disagreement": self.ignore_disagreement,
-                "min_case_agreement": self.min_case_agreement}
+        """The options that change a pseudo label once SAM has refined it (reports record them with the engine's
+        settings; `--continue` redoes a case made with other ones)."""
+        return {"ignore_disagreement": self.ignore_disagreement, "min_case_agreement": self.min_case_agreement}
 
 
 @dataclass
@@ -164,8 +162,6 @@ class _CaseRefiner:
         spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
         result = self.refiner.refine(data[job.channel], initial, spacing, probabilities=probabilities,
                                      labels=self.label_manager.foreground_labels, progress=True)
-        if job.keep_confident is not None:  # the pseudo label from here on (report, export, overlays)
-            result = replace(result, mask=keep_confident(result.mask, initial, probabilities, job.keep_confident))
         labels = result.mask
         if job.ignore_disagreement:
             labels = mark_disagreement(labels, initial, unsure_label(self.label_manager))
@@ -178,7 +174,7 @@ class _CaseRefiner:
             remove_case(folders.pseudo_labels, case_id)
         truth = self.truth(case_id) if job.gt_dir is not None else None
         report = {"case": case_id, "initial_model": self.plan.model_record, "pseudo_options": job.pseudo_options,
-                  "axis": result.axis, "slices_encoded": result.slices_encoded,
+                  "settings": settings_record(self.refiner), "axis": result.axis, "slices_encoded": result.slices_encoded,
                   "sam_agreement": round(agreement, 4), "selected": selected,
                   "classes": class_rows(case_id, result, initial, truth)}
         if job.ignore_disagreement:
@@ -197,15 +193,23 @@ class _CaseRefiner:
         return report
 
 
-def _case_done(plan: DatasetPlan, case_id: str) -> bool:
-    """Finished by a run with the same initial model and pseudo-label options (a resumed re-run never mixes
-    two models or two settings). A case left out by --min-case-agreement is finished without a pseudo label."""
+def settings_record(refiner: SamRefiner) -> dict:
+    """The SAM model and the engine's settings as each case report records them (`--continue` compares them)."""
+    return {"sam": refiner.model.name, "checkpoint": refiner.model.checkpoint,
+            **json.loads(json.dumps(asdict(refiner.settings)))}
+
+
+def _case_done(plan: DatasetPlan, case_id: str, refiner: SamRefiner) -> bool:
+    """Finished by a run with the same initial model, SAM, engine settings and pseudo-label options (a resumed
+    re-run never mixes two models or two settings). A case left out by --min-case-agreement is finished
+    without a pseudo label."""
     folders = plan.folders
     report_file = case_report_path(folders.pseudo_labels, case_id)
     if not report_file.is_file():
         return False
     report = json.loads(report_file.read_text())
-    if report.get("initial_model") != plan.model_record or report.get("pseudo_options") != plan.job.pseudo_options:
+    if (report.get("initial_model") != plan.model_record or report.get("pseudo_options") != plan.job.pseudo_options
+            or report.get("settings") != settings_record(refiner)):
         return False
     return (folders.pseudo_labels / f"{case_id}.pkl").is_file() or report.get("selected") is False
 
@@ -233,7 +237,7 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     mine = plan.cases[job.part_id::job.num_parts]
     remove_stale_temporaries(folders.pseudo_labels, mine)
     remove_orphans(plan)
-    todo = [c for c in mine if not (job.resume and _case_done(plan, c))]
+    todo = [c for c in mine if not (job.resume and _case_done(plan, c, refiner))]
     if len(todo) < len(mine):
         logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))
     refine_case = _CaseRefiner(plan, refiner, initial)

@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.casefiles import CaseFiles, find_cases, load_case, write_mask_like
+from nnunet_sam.nnunet.casefiles import (CaseFiles, find_cases, load_case, load_probabilities, probability_file,
+                                         write_mask_like)
 from nnunet_sam.nnunet.report import (case_report_path, class_rows, summary_table, write_case_report,
                                       write_report)
 from nnunet_sam.sam.refine import SamRefiner
@@ -31,13 +32,15 @@ class FilesJob:
     num_parts: int = 1
     part_id: int = 0
     overlays: bool = False
+    probabilities_dir: Path | None = None  # --probabilities: CASE.npz of nnUNetv2_predict --save_probabilities
 
 
 def _check_job(job: FilesJob) -> None:
     if job.num_parts < 1 or not 0 <= job.part_id < job.num_parts:
         raise NnsamError(f"--part_id must be in 0..{job.num_parts - 1} for --num_parts {job.num_parts}")
     out = job.out_dir.resolve()
-    for name, folder in (("images", job.images_dir), ("masks", job.masks_dir), ("ground-truth", job.gt_dir)):
+    for name, folder in (("images", job.images_dir), ("masks", job.masks_dir), ("ground-truth", job.gt_dir),
+                         ("probabilities", job.probabilities_dir)):
         if folder is not None and out == folder.resolve():
             raise NnsamError(f"output folder {job.out_dir} is the {name} folder; choose another -o "
                              f"(user files are never overwritten)")
@@ -56,12 +59,19 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     if not 0 <= job.channel < loaded.image.shape[0]:
         raise NnsamError(f"--channel {job.channel} does not exist: {case.images[0]} has "
                          f"{loaded.image.shape[0]} channel(s) (use 0..{loaded.image.shape[0] - 1})")
-    result = refiner.refine(loaded.image[job.channel], loaded.mask, loaded.properties["spacing"], progress=True)
+    probabilities = None
+    if job.probabilities_dir is not None:
+        probabilities = load_probabilities(probability_file(job.probabilities_dir, case.case_id), loaded.mask,
+                                           case.mask)
+    result = refiner.refine(loaded.image[job.channel], loaded.mask, loaded.properties["spacing"],
+                            probabilities=probabilities, progress=True)
     output = job.out_dir / f"{case.case_id}{ending}"
     job.out_dir.mkdir(exist_ok=True)
     write_mask_like(result.mask, case.mask, output, ending, loaded.properties)
     classes = class_rows(case.case_id, result, loaded.mask, loaded.gt)
     report = {"case": case.case_id, "images": [str(p) for p in case.images], "mask": str(case.mask),
+              "probabilities": None if probabilities is None else str(probability_file(job.probabilities_dir,
+                                                                                       case.case_id)),
               "output": str(output), "axis": result.axis, "slices_encoded": result.slices_encoded,
               "seconds": round(time.perf_counter() - started, 2), "classes": classes}
     write_case_report(job.out_dir, case.case_id, report)
@@ -84,6 +94,12 @@ def plan_files_job(job: FilesJob) -> FilesPlan:
     """Check the job's folders and pair its files; bad input raises NnsamError before any work."""
     _check_job(job)
     cases, ending = find_cases(job.images_dir, job.masks_dir, job.gt_dir)
+    if job.probabilities_dir is not None:
+        if not job.probabilities_dir.is_dir():
+            raise NnsamError(f"--probabilities {job.probabilities_dir} is not a folder; give the folder of "
+                             f"nnUNetv2_predict --save_probabilities output")
+        for case in cases:
+            probability_file(job.probabilities_dir, case.case_id)
     return FilesPlan(job=job, cases=cases, ending=ending)
 
 
@@ -100,6 +116,7 @@ def refine_folder(plan: FilesPlan, refiner: SamRefiner) -> dict:
     if not job.out_dir.is_dir():
         job.out_dir.mkdir()
     header = {"mode": "files", "images": str(job.images_dir), "masks": str(job.masks_dir),
+              "probabilities": None if job.probabilities_dir is None else str(job.probabilities_dir),
               "ground_truth": None if job.gt_dir is None else str(job.gt_dir), "channel": job.channel,
               "sam": {"model": refiner.model.name, "checkpoint": refiner.model.checkpoint,
                       "device": str(refiner.model.device)},

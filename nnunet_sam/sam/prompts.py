@@ -20,11 +20,15 @@ class SlicePrompt:
     point: np.ndarray | None = None  # (2,) positive point x, y, inside the mask
     negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (K, 2) negative points
     interpolated: bool = False  # box interpolated across slices the initial mask misses
+    from_probabilities: bool = False  # box around where the class's probability is high but never wins the
+    # argmax (SAM-Mix's activation-map prompt; `region` holds that area)
     region: np.ndarray | None = None  # (H, W) the initial piece this prompt stands for (keep="pieces");
     # None: the class's whole slice mask
 
 
 KEEP_MODES = ("largest", "all", "pieces")
+PIECE_MARGIN = 0.1  # keep="largest" with probabilities: also keep objects whose mean probability is within this
+# of the best one's (the evidence is split: e.g. a bilateral organ, both halves predicted with confidence)
 
 
 def slice_pieces(mask2d: np.ndarray) -> list[np.ndarray]:
@@ -45,15 +49,16 @@ def _components(mask: np.ndarray, linking: np.ndarray | None = None) -> tuple[np
 
 def clean_mask(mask: np.ndarray, probabilities: np.ndarray | None = None, keep: str = "largest",
                axis: int | None = None, max_gap: int = 0, speck_fraction: float = 0.05,
-               min_size: int = 4, fill_holes: bool = True) -> np.ndarray:
+               min_size: int = 4, fill_holes: bool = True, piece_margin: float = PIECE_MARGIN) -> np.ndarray:
     """Clean a binary mask of one class.
 
     - Components are face-connected; with `axis` and `max_gap`, pieces separated by up to `max_gap`
       empty slices along `axis` count as one object (weak models drop slices).
     - Specks (smaller than `min_size` voxels or `speck_fraction` of the largest object) are dropped.
-    - keep="largest": keep one object, the largest, or the one with the highest mean probability when
-      `probabilities` (same shape, this class's softmax) is given. keep="all" or "pieces": keep every non-speck
-      (the two differ in how the refinement prompts them).
+    - keep="largest": keep one object, the largest; or, when `probabilities` (same shape, this class's softmax)
+      is given, the one with the highest mean probability (SAM Carries the Burden's rule, never size) and every
+      object whose mean probability is within `piece_margin` of it (split evidence keeps several).
+      keep="all" or "pieces": keep every non-speck (the two differ in how the refinement prompts them).
     - Holes are filled, slice by slice along `axis` when given, else in n-D.
     """
     if keep not in KEEP_MODES:
@@ -70,14 +75,47 @@ def clean_mask(mask: np.ndarray, probabilities: np.ndarray | None = None, keep: 
     candidates = np.flatnonzero(big) + 1
     if keep == "largest":
         if probabilities is not None:
-            means = ndimage.mean(probabilities, labels=labels, index=candidates)
-            candidates = candidates[[int(np.argmax(means))]]
+            means = np.asarray(ndimage.mean(probabilities, labels=labels, index=candidates))
+            candidates = candidates[means >= means.max() - piece_margin]
         else:
             candidates = candidates[[int(np.argmax(sizes[candidates - 1]))]]
     cleaned = np.isin(labels, candidates)
     if fill_holes:
         cleaned = fill_holes_slicewise(cleaned, axis) if axis is not None else ndimage.binary_fill_holes(cleaned)
     return cleaned
+
+
+def activation_region(probability: np.ndarray, prompted: np.ndarray, threshold: float, reach: int,
+                      min_size: int = 4) -> np.ndarray:
+    """Where a class's probability map (N, H, W; slices along axis 0) says the class is, on slices where it has
+    no prompt yet (`prompted`, (N,) bool): pixels with probability >= `threshold` (SAM-Mix's activation-map
+    prompts, with the segmentation model's softmax as the activation map). Pieces smaller than `min_size`
+    pixels are dropped. If the class has prompts, only gaps inside its extent count, none longer than `reach`
+    slices (beyond its ends the probability fades slice by slice even where the argmax is right: measured on
+    true labels, prompting there only added false slices); if it has none (the argmax never predicts it), the
+    3D object with the largest probability mass.
+    """
+    candidate = np.asarray(probability) >= threshold
+    candidate[np.asarray(prompted, dtype=bool)] = False
+    if not candidate.any():
+        return candidate
+    for index in np.flatnonzero(candidate.any(axis=(1, 2))):
+        labels, n = _components(candidate[index])
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        candidate[index] &= sizes[labels] >= min_size
+    prompted_slices = np.flatnonzero(prompted)
+    if prompted_slices.size:
+        inside_gap = np.zeros(len(candidate), dtype=bool)
+        for lower, upper in zip(prompted_slices[:-1], prompted_slices[1:]):
+            if 1 < upper - lower <= reach + 1:
+                inside_gap[lower + 1:upper] = True
+        candidate[~inside_gap] = False
+        return candidate
+    labels, n = _components(candidate)
+    if n == 0:
+        return candidate
+    mass = ndimage.sum(probability, labels=labels, index=np.arange(1, n + 1))
+    return labels == int(np.argmax(mass)) + 1
 
 
 def _extend_along_axis(mask: np.ndarray, axis: int, steps: int) -> np.ndarray:

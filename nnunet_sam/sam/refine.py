@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
-from nnunet_sam.sam.prompts import (KEEP_MODES, SlicePrompt, background_points, bounding_box, clean_mask, dice,
-                                    drop_small_components, interior_point, interpolate_boxes, slice_pieces)
+from nnunet_sam.sam.prompts import (KEEP_MODES, SlicePrompt, activation_region, background_points, bounding_box,
+                                    clean_mask, dice, drop_small_components, interior_point, interpolate_boxes,
+                                    slice_pieces)
 from nnunet_sam.sam.recovery import MIN_STABILITY, RecoveryPlan, plan_recovery, region_mask, stability_score
 from nnunet_sam.sam.views import CONTEXTS, ViewGeometry, VolumeViews
 
@@ -55,6 +56,14 @@ class RefineSettings:
     batch_size: int | None = None  # model inputs per encoder call; None: 8 on GPU, 1 on CPU
     recover_reach: int = 5  # with class prompts (a fine-tuned checkpoint): look for a class this many slices
     # beyond its initial mask's ends and in gaps inside it (-1: no recovery; see sam/recovery.py)
+    # With the initial model's probabilities (`refine(..., probabilities=)`; measured in benchmarks/RESULTS.md):
+    confident: float | None = 0.9  # where the model's highest softmax value is >= this, its (cleaned) label is
+    # kept and SAM decides only the rest: SAM cannot undo what the model is sure of (None: off)
+    sure_sam: bool = True  # in the band, SAM's label replaces the model's only where SAM's own probability is
+    # also >= `confident` (where neither is sure, the model's label stays: a change needs one sure side)
+    fuse: bool = False  # instead of the band: per pixel, the mean of SAM's probability and the model's decides
+    activation: float | None = 0.3  # boxes where a class's probability reaches this on slices without its
+    # prompts (SAM-Mix's activation-map prompts): finds slices, and classes, that never win the argmax (None: off)
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_SETS:
@@ -63,6 +72,10 @@ class RefineSettings:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
         if self.keep not in KEEP_MODES:
             raise ValueError(f"keep must be one of {KEEP_MODES}, got {self.keep!r}")
+        for name in ("confident", "activation"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be a probability in (0, 1] or None, got {value!r}")
 
 
 def encoder_batch_size(settings: RefineSettings, device) -> int:
@@ -85,13 +98,27 @@ class ClassStats:
     # its border fitting the image worse than the initial one's)
     slices_filled: int = 0  # slices missing in the initial mask, recovered from interpolated boxes
     slices_recovered: int = 0  # slices missing in the initial mask, found by the fine-tuned class prompts
+    slices_from_probabilities: int = 0  # slices without initial mask found from the probability map's boxes
+    voxels_confident: int | None = None  # with probabilities (the band): voxels of the class where the model's
+    # label was kept (the model was sure, or SAM was not)
+    voxels_sam_decided: int | None = None  # ... where SAM's label was taken (the model unsure, SAM sure)
+    voxels_overruled: int | None = None  # ... where SAM's label differed and the model's label was kept
     mean_sam_iou: float | None = None  # SAM's own IoU estimate, averaged over decoded prompts
     dice_initial_refined: float | None = None  # Dice between the initial and the refined mask
     _iou_values: list[float] = field(default_factory=list, repr=False)
+    _added_slices: set[int] = field(default_factory=set, repr=False)  # slices without initial mask where SAM's
+    # mask of the class was accepted (filled, recovered, found from probabilities): the band does not undo them
+
+    @property
+    def found_by_probabilities(self) -> bool:
+        """The initial mask lacks the class, and the probability map's boxes found it."""
+        return self.voxels_before == 0 and self.slices_from_probabilities > 0 and self.voxels_after > 0
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("_iou_values")
+        data.pop("_added_slices")
+        data["found_by_probabilities"] = self.found_by_probabilities
         return data
 
 
@@ -137,14 +164,20 @@ class SamRefiner:
         """Refine `mask` (Z, Y, X integer labels) on `image` (Z, Y, X, one channel already chosen).
 
         spacing: voxel spacing of the three axes (nnU-Net order). probabilities: optional softmax
-        (K, Z, Y, X) of the model that produced the mask, used to pick connected components.
-        labels: the foreground labels to refine (default: those present in the mask).
+        (K, Z, Y, X) of the model that produced the mask: it picks connected components, keeps the model's label
+        where the model is sure (`confident`, or `fuse`), and prompts classes where the argmax misses them
+        (`activation`). labels: the foreground labels to refine (default: those present in the mask, or with
+        probabilities every class 1..K-1).
         """
         s = self.settings
         if image.shape != mask.shape:
             raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
         if mask.ndim != 3:
             raise ValueError(f"expected 3D arrays (use shape (1, Y, X) for 2D images), got {mask.ndim}D")
+        if probabilities is not None:
+            _check_probabilities(probabilities, mask)
+            if labels is None:
+                labels = range(1, probabilities.shape[0])
         views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window, s.grid)
         volume = views.volume
         initial = views.to_slices(mask)
@@ -159,6 +192,8 @@ class SamRefiner:
                 initial == label, None if probs is None else probs[label], label)
             for index, prompts in class_prompts.items():
                 by_slice.setdefault(index, []).extend(prompts)
+        if probs is not None and s.activation is not None:
+            self._add_probability_prompts(by_slice, probs, labels)
         if s.prompts == "box+points":
             _add_other_classes_as_negatives(by_slice)
 
@@ -171,6 +206,13 @@ class SamRefiner:
         pending: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
 
         refined = np.zeros_like(initial)
+        fused = probs if probs is not None and s.fuse else None  # per slice, SAM and the model decide together
+        sam_certainty = np.ones(refined.shape, dtype=np.float32)  # SAM's probability of the label it gave
+
+        def place(index: int, slice_labels: list[int], scores: list[torch.Tensor]) -> None:
+            refined[index] = _assemble(slice_labels, scores, refined.dtype, None if fused is None else fused[:, index])
+            sam_certainty[index] = torch.stack(scores).amax(dim=0).abs().sigmoid().cpu().numpy()
+
         order = sorted({views.input_of(index) for index in [*by_slice, *recover_at]})
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         encoded = 0
@@ -189,7 +231,7 @@ class SamRefiner:
                     if not prompts and not candidates:
                         continue
                     geometry = views.geometry_of(index)
-                    scores = self._decode_slice(embeddings[j:j + 1], prompts, geometry, volume[index],
+                    scores = self._decode_slice(embeddings[j:j + 1], index, prompts, geometry, volume[index],
                                                 [cleaned[p.label][index] if p.region is None else p.region
                                                  for p in prompts], stats) if prompts else []
                     slice_labels = [p.label for p in prompts]
@@ -201,18 +243,24 @@ class SamRefiner:
                     if recovered:  # kept until it is known which recovered slices continue their object
                         pending[index] = (slice_labels, [score.cpu() for score in scores])
                     if scores:
-                        refined[index] = _assemble(slice_labels, scores, refined.dtype)
+                        place(index, slice_labels, scores)
         dropped: dict[int, set[int]] = {}
         for plan in plans:  # beyond the ends, only slices that continue the object stay
             kept = plan.connected(found[plan.label])
             for index in found[plan.label] - kept:
                 dropped.setdefault(index, set()).add(plan.label)
             stats[plan.label].slices_recovered = len(kept)
+            stats[plan.label]._added_slices |= kept
         for index, labels_dropped in dropped.items():  # assembled again: other classes get their pixels back
             slice_labels, scores = pending[index]
             keep = [k for k, label in enumerate(slice_labels) if label not in labels_dropped]
-            refined[index] = (_assemble([slice_labels[k] for k in keep], [scores[k] for k in keep], refined.dtype)
-                              if keep else 0)
+            if keep:
+                place(index, [slice_labels[k] for k in keep], [scores[k] for k in keep])
+            else:
+                refined[index], sam_certainty[index] = 0, 1.0
+        if probs is not None and not s.fuse and s.confident is not None:
+            refined = _keep_confident(refined, probs, cleaned, s.confident, stats,
+                                      sam_certainty if s.sure_sam else None)
 
         for label, stat in stats.items():
             stat.voxels_after = int((refined == label).sum())
@@ -240,6 +288,21 @@ class SamRefiner:
         for index, box in interpolate_boxes(outline, s.max_gap).items():
             prompts[index] = [SlicePrompt(label=label, box=box, interpolated=True)]
         return cleaned, prompts
+
+    def _add_probability_prompts(self, by_slice: dict[int, list[SlicePrompt]], probs: np.ndarray,
+                                 labels: list[int]) -> None:
+        """Boxes where a class's probability reaches `activation` on slices without its prompts (SAM-Mix's
+        activation-map prompts, the model's softmax as the activation map): one per slice, around that area."""
+        n = probs.shape[1]
+        for label in labels:
+            prompted = np.zeros(n, dtype=bool)
+            prompted[[i for i, prompts in by_slice.items() if any(p.label == label for p in prompts)]] = True
+            region = activation_region(probs[label], prompted, self.settings.activation, self.settings.max_gap)
+            for index in np.flatnonzero(region.any(axis=(1, 2))):
+                area = drop_small_components(region[index])
+                prompt = self._piece_prompt(area, label, area)
+                prompt.from_probabilities = True
+                by_slice.setdefault(int(index), []).append(prompt)
 
     def _piece_prompt(self, piece: np.ndarray, label: int, region: np.ndarray | None = None) -> SlicePrompt:
         """The box (and with box+points, the points) of one piece of a class's slice mask."""
@@ -280,7 +343,7 @@ class SamRefiner:
                 recovered.append((plan.label, score))
         return recovered
 
-    def _decode_slice(self, embedding: torch.Tensor, prompts: list[SlicePrompt], geometry: ViewGeometry,
+    def _decode_slice(self, embedding: torch.Tensor, index: int, prompts: list[SlicePrompt], geometry: ViewGeometry,
                       image: np.ndarray, initial_masks: list[np.ndarray],
                       stats: dict[int, ClassStats]) -> list[torch.Tensor]:
         """Decode all prompts of one slice and apply the guard: per prompt, SAM's logits where accepted,
@@ -301,17 +364,23 @@ class SamRefiner:
             if prompt.interpolated:
                 accepted = bool(confident)
                 stat.slices_filled += int(accepted)
+            elif prompt.from_probabilities:  # `initial` is the probability map's area: SAM must find about it
+                accepted = bool(confident and dice(initial, sam_mask) >= s.min_agreement)
+                stat.slices_from_probabilities += int(accepted)
             else:
                 accepted = bool(confident and dice(initial, sam_mask) >= s.min_agreement)
                 if accepted and s.evidence:
                     accepted = region_contrast(image, sam_mask) >= region_contrast(image, initial)
                 stat.slices_refined += int(accepted)
                 stat.slices_kept += int(not accepted)
+            if accepted and (prompt.interpolated or prompt.from_probabilities):
+                stat._added_slices.add(index)
             if accepted:
                 score = slice_logits.float()
             else:
                 score = torch.full(slice_logits.shape, -_KEEP_SCORE, device=slice_logits.device)
-                score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
+                if not prompt.from_probabilities:  # a rejected probability box adds nothing
+                    score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
             scores.append(score)
         return scores
 
@@ -320,12 +389,60 @@ def _views_name(context: str | None, grid: int) -> str:
     return f"{context!r}" + (f" (grid {grid})" if context == "tile" else "")
 
 
-def _assemble(labels: list[int], scores: list[torch.Tensor], dtype: np.dtype) -> np.ndarray:
-    """One label per pixel: the class with the highest positive score wins, else background."""
-    best, winner = torch.stack(scores).max(dim=0)
-    labels = torch.tensor(labels, device=best.device)[winner]
-    labels = torch.where(best > 0, labels, torch.zeros_like(labels))
-    return labels.cpu().numpy().astype(dtype)
+def _assemble(labels: list[int], scores: list[torch.Tensor], dtype: np.dtype,
+              probabilities: np.ndarray | None = None) -> np.ndarray:
+    """One label per pixel: the class with the highest positive score wins, else background. With the model's
+    probabilities (K, H, W) of the slice: the highest mean of SAM's probability (sigmoid of the score; a kept
+    initial mask counts as 1) and the model's, background included."""
+    if probabilities is None:
+        best, winner = torch.stack(scores).max(dim=0)
+        labels = torch.tensor(labels, device=best.device)[winner]
+        labels = torch.where(best > 0, labels, torch.zeros_like(labels))
+        return labels.cpu().numpy().astype(dtype)
+    classes = sorted(set(labels))
+    sam = torch.stack([torch.stack([score for label, score in zip(labels, scores) if label == c]).amax(dim=0)
+                       for c in classes]).sigmoid()
+    model = torch.from_numpy(np.asarray(probabilities[classes], dtype=np.float32)).to(sam.device)
+    background = ((1 - sam.amax(dim=0)) + (1 - model.sum(dim=0))) / 2
+    winner = torch.cat([background[None], (sam + model) / 2]).argmax(dim=0)
+    return torch.tensor([0, *classes], device=winner.device)[winner].cpu().numpy().astype(dtype)
+
+
+def _check_probabilities(probabilities: np.ndarray, mask: np.ndarray) -> None:
+    """The softmax must be (K, *mask.shape) with a channel for every label of the mask."""
+    if probabilities.ndim != mask.ndim + 1 or probabilities.shape[1:] != mask.shape:
+        raise ValueError(f"probabilities of shape {probabilities.shape} do not match the mask's {mask.shape}: "
+                         f"expected (classes, {', '.join(map(str, mask.shape))})")
+    if mask.size and int(mask.max()) >= probabilities.shape[0]:
+        raise ValueError(f"the mask has label {int(mask.max())} but the probabilities only {probabilities.shape[0]} "
+                         f"classes (0..{probabilities.shape[0] - 1})")
+
+
+def _keep_confident(refined: np.ndarray, probs: np.ndarray, cleaned: dict[int, np.ndarray], threshold: float,
+                    stats: dict[int, ClassStats], sam_certainty: np.ndarray | None = None) -> np.ndarray:
+    """The refined labels with the model's cleaned label wherever its highest probability is >= `threshold`
+    (and, with `sam_certainty`, SAM's probability of its own label, wherever that is below `threshold`),
+    counting per class the voxels each side decided and those where the model overruled SAM. A class's slices
+    that the initial mask lacks but SAM added from 3D context (`ClassStats._added_slices`: boxes interpolated
+    across a gap, recovered or found from the probability map) keep SAM's pixels of that class: there the
+    model's slice-wise certainty is what the 3D context contradicts."""
+    model_labels = np.zeros_like(refined)
+    for label, mask in cleaned.items():
+        model_labels[mask & (model_labels == 0)] = label
+    sure = probs.max(axis=0) >= threshold
+    if sam_certainty is not None:
+        sure |= sam_certainty < threshold
+    for label, stat in stats.items():
+        for index in stat._added_slices:
+            sure[index][refined[index] == label] = False
+    result = np.where(sure, model_labels, refined)
+    overruled = sure & (refined != model_labels)
+    for label, stat in stats.items():
+        mine = result == label
+        stat.voxels_confident = int((mine & sure).sum())
+        stat.voxels_sam_decided = int((mine & ~sure).sum())
+        stat.voxels_overruled = int((overruled & ((refined == label) | (model_labels == label))).sum())
+    return result
 
 
 def _add_other_classes_as_negatives(by_slice: dict[int, list[SlicePrompt]]) -> None:
