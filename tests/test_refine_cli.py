@@ -273,8 +273,8 @@ def test_a_probability_file_that_does_not_fit_is_one_clear_line(tmp_path, capsys
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--keep-confident", "90"], "--keep-confident: 90 must be a probability in (0, 1]"),
-    (["--activation", "high"], "--activation: 'high' is neither a probability"),
+    (["--keep-confident", "90"], "--keep-confident 90 must be a probability in (0, 1]"),
+    (["--activation", "high"], "--activation 'high' is neither a probability"),
     (["--probabilities", "/nonexistent/probabilities"], "--probabilities /nonexistent/probabilities is not a folder"),
 ])
 def test_bad_probability_options_are_one_clear_line(tmp_path, capsys, args, expected):

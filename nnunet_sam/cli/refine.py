@@ -88,15 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--no-evidence", dest="evidence", action="store_false",
                      help="guard: accept SAM's slice mask even where its border fits the image worse "
                           "(lower inside/outside contrast) than the initial mask's")
-    ref.add_argument("--keep-confident", dest="keep_confident", type=_probability_or_off,
-                     default=defaults.confident, metavar="P",
+    ref.add_argument("--keep-confident", dest="keep_confident", default=defaults.confident, metavar="P",
                      help="with the model's probabilities: keep its label wherever its softmax is at least P, so SAM "
                           "decides only where the model is unsure and cannot undo what it is sure of; 'off': SAM's "
                           "mask (after the guard) everywhere")
     ref.add_argument("--fuse", action="store_true",
                      help="with the model's probabilities: instead of --keep-confident, label each pixel by the mean "
                           "of SAM's probability and the model's (measured worse; see benchmarks/RESULTS.md)")
-    ref.add_argument("--activation", type=_probability_or_off, default=defaults.activation, metavar="T",
+    ref.add_argument("--activation", default=defaults.activation, metavar="T",
                      help="with the model's probabilities: give SAM a box where a class's probability reaches T on a "
                           "slice where the argmax misses it (gaps inside the class, or a class the argmax never "
                           "predicts: SAM-Mix's activation-map prompts); 'off': no such boxes")
@@ -113,27 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _probability_or_off(text: str) -> float | None:
-    """A probability in (0, 1], or 'off' (None)."""
+def _probability_or_off(text: str | float | None, flag: str) -> float | None:
+    """A flag's probability in (0, 1], or 'off' (None); anything else is a one-line error naming the flag."""
+    if text is None or isinstance(text, float):
+        return text
     if text.lower() == "off":
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a probability in (0, 1] nor 'off'") from None
+        raise NnsamError(f"{flag} {text!r} is neither a probability in (0, 1] nor 'off'") from None
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} must be a probability in (0, 1] (e.g. 0.9) or 'off'")
+        raise NnsamError(f"{flag} {text} must be a probability in (0, 1] (e.g. 0.9) or 'off'")
     return value
 
 
 def settings_from_args(args: argparse.Namespace) -> RefineSettings:
     return RefineSettings(prompts=args.prompts, keep=args.keep, max_gap=args.max_gap, min_sam_iou=args.min_iou,
                           min_agreement=args.min_agreement, evidence=args.evidence, recover_reach=args.recover_reach,
-                          confident=args.keep_confident, fuse=args.fuse, activation=args.activation,
+                          confident=_probability_or_off(args.keep_confident, "--keep-confident"), fuse=args.fuse,
+                          activation=_probability_or_off(args.activation, "--activation"),
                           **view_settings(args))
 
 
-def _refine_dataset(args: argparse.Namespace) -> None:
+def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
     from nnunet_sam.nnunet.predict import InitialModel, ModelChoice
     from nnunet_sam.nnunet.refine_dataset import (DatasetJob, ct_window_in_preprocessed_units, plan_dataset_job,
                                                   refine_dataset, write_unrefined_pseudo_labels)
@@ -155,7 +157,6 @@ def _refine_dataset(args: argparse.Namespace) -> None:
                      ignore_disagreement=args.ignore_disagreement,
                      min_case_agreement=args.min_case_agreement)
     plan = plan_dataset_job(job)
-    settings = settings_from_args(args)
     if settings.ct_window is not None:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -177,32 +178,32 @@ def _sam_label_options(args: argparse.Namespace) -> list[str]:
 
 
 def _refine(args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)  # its one-line errors come before any work
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
         if files or args.probabilities is not None:
             raise NnsamError("use either -d (dataset mode) or -i/-m/-o/--probabilities (files mode), not both "
                              "(dataset mode computes the probabilities itself)")
-        _refine_dataset(args)
+        _refine_dataset(args, settings)
     elif args.no_sam:
         raise NnsamError("--no-sam is for dataset mode (-d): in files mode the masks are already what it would write")
     elif _sam_label_options(args):
         raise NnsamError(f"{_sam_label_options(args)[0]} is for dataset mode (-d): it needs the initial model's "
                          f"prediction")
     elif len(files) == 3:
-        _refine_files(args)
+        _refine_files(args, settings)
     else:
         raise NnsamError("give -d DATASET (pseudo labels for imagesUnlabeled/) or all of -i IMAGES -m MASKS "
                          "-o OUT (files mode); see nnsam_refine --help")
 
 
-def _refine_files(args: argparse.Namespace) -> None:
+def _refine_files(args: argparse.Namespace, settings: RefineSettings) -> None:
     from nnunet_sam.nnunet.refine_files import FilesJob, plan_files_job, refine_folder
 
     job = FilesJob(images_dir=args.images, masks_dir=args.masks, out_dir=args.output, gt_dir=args.gt,
                    channel=args.channel, resume=args.resume, num_parts=args.num_parts,
                    part_id=args.part_id, overlays=args.overlays, probabilities_dir=args.probabilities)
     plan = plan_files_job(job)
-    settings = settings_from_args(args)
     model = load_sam(args.sam, args.checkpoint, args.device, compile_encoder=args.compile)
     refine_folder(plan, SamRefiner(model, settings))
 
