@@ -173,7 +173,8 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
 
 def _sam_label_options(args: argparse.Namespace) -> list[str]:
     """The dataset-mode flags given that compare SAM's pseudo label with the initial model's prediction."""
-    given = {"--ignore-disagreement": args.ignore_disagreement, "--min-case-agreement": args.min_case_agreement is not None}
+    given = {"--ignore-disagreement": args.ignore_disagreement,
+             "--min-case-agreement": args.min_case_agreement is not None}
     return [flag for flag, on in given.items() if on]
 
 

@@ -174,7 +174,8 @@ class _CaseRefiner:
             remove_case(folders.pseudo_labels, case_id)
         truth = self.truth(case_id) if job.gt_dir is not None else None
         report = {"case": case_id, "initial_model": self.plan.model_record, "pseudo_options": job.pseudo_options,
-                  "settings": settings_record(self.refiner), "axis": result.axis, "slices_encoded": result.slices_encoded,
+                  "settings": settings_record(self.refiner), "axis": result.axis,
+                  "slices_encoded": result.slices_encoded,
                   "sam_agreement": round(agreement, 4), "selected": selected,
                   "classes": class_rows(case_id, result, initial, truth)}
         if job.ignore_disagreement:

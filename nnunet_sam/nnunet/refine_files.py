@@ -59,10 +59,10 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     if not 0 <= job.channel < loaded.image.shape[0]:
         raise NnsamError(f"--channel {job.channel} does not exist: {case.images[0]} has "
                          f"{loaded.image.shape[0]} channel(s) (use 0..{loaded.image.shape[0] - 1})")
-    probabilities = None
-    if job.probabilities_dir is not None:
-        probabilities = load_probabilities(probability_file(job.probabilities_dir, case.case_id), loaded.mask,
-                                           case.mask)
+    probabilities_file = None if job.probabilities_dir is None else probability_file(job.probabilities_dir,
+                                                                                      case.case_id)
+    probabilities = None if probabilities_file is None else load_probabilities(probabilities_file, loaded.mask,
+                                                                               case.mask)
     result = refiner.refine(loaded.image[job.channel], loaded.mask, loaded.properties["spacing"],
                             probabilities=probabilities, progress=True)
     output = job.out_dir / f"{case.case_id}{ending}"
@@ -70,8 +70,7 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     write_mask_like(result.mask, case.mask, output, ending, loaded.properties)
     classes = class_rows(case.case_id, result, loaded.mask, loaded.gt)
     report = {"case": case.case_id, "images": [str(p) for p in case.images], "mask": str(case.mask),
-              "probabilities": None if probabilities is None else str(probability_file(job.probabilities_dir,
-                                                                                       case.case_id)),
+              "probabilities": None if probabilities_file is None else str(probabilities_file),
               "output": str(output), "axis": result.axis, "slices_encoded": result.slices_encoded,
               "seconds": round(time.perf_counter() - started, 2), "classes": classes}
     write_case_report(job.out_dir, case.case_id, report)

@@ -207,11 +207,14 @@ class SamRefiner:
 
         refined = np.zeros_like(initial)
         fused = probs if probs is not None and s.fuse else None  # per slice, SAM and the model decide together
-        sam_certainty = np.ones(refined.shape, dtype=np.float32)  # SAM's probability of the label it gave
+        band = probs is not None and not s.fuse and s.confident is not None
+        # SAM's probability of the label it gave, where the band asks whether SAM is sure
+        sam_certainty = np.ones(refined.shape, dtype=np.float32) if band and s.sure_sam else None
 
         def place(index: int, slice_labels: list[int], scores: list[torch.Tensor]) -> None:
             refined[index] = _assemble(slice_labels, scores, refined.dtype, None if fused is None else fused[:, index])
-            sam_certainty[index] = torch.stack(scores).amax(dim=0).abs().sigmoid().cpu().numpy()
+            if sam_certainty is not None:
+                sam_certainty[index] = torch.stack(scores).amax(dim=0).abs().sigmoid().cpu().numpy()
 
         order = sorted({views.input_of(index) for index in [*by_slice, *recover_at]})
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -257,10 +260,11 @@ class SamRefiner:
             if keep:
                 place(index, [slice_labels[k] for k in keep], [scores[k] for k in keep])
             else:
-                refined[index], sam_certainty[index] = 0, 1.0
-        if probs is not None and not s.fuse and s.confident is not None:
-            refined = _keep_confident(refined, probs, cleaned, s.confident, stats,
-                                      sam_certainty if s.sure_sam else None)
+                refined[index] = 0
+                if sam_certainty is not None:
+                    sam_certainty[index] = 1.0
+        if band:
+            refined = _keep_confident(refined, probs, cleaned, s.confident, stats, sam_certainty)
 
         for label, stat in stats.items():
             stat.voxels_after = int((refined == label).sum())
