@@ -194,6 +194,7 @@ def test_nnsam_finetune_reuses_cached_embeddings_across_runs(planned_dataset, fi
     (["-f", "zero"], "-f zero is not a fold"),
     (["-o", "decoder.txt"], "should name a .pth file"),
     (["--epochs", "0"], "--epochs"),
+    (["--weak-prompts", "1.5"], "--weak-prompts must be a fraction"),
 ])
 def test_nnsam_finetune_errors_name_the_fix(planned_dataset, capsys, extra, expected):
     argv = ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *extra]

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     views = p.add_argument_group("views (pass the same to nnsam_refine)")
     add_view_arguments(views)
     views.add_argument("--prompts", default="box", choices=("box", "fewshot"),
-                       help="box: the decoder learns from jittered true boxes. fewshot: in addition, class prompts "
+                       help="box: the decoder learns from jittered boxes (true ones, and --weak-prompts of them "
+                            "from imperfect masks). fewshot: in addition, class prompts "
                             "built from class prototypes (mean embeddings of the labelled pixels) learn to segment "
                             "each class without a box. --context tile always adds learnt prompt-free class prompts "
                             "(CFR). nnsam_refine uses class prompts to recover slices the initial mask misses")
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="slices (with all their classes) per optimiser step")
     train.add_argument("--box-jitter", type=float, default=defaults.box_jitter,
                        help="each box side moves at random by up to this fraction of the box size")
+    train.add_argument("--weak-prompts", type=float, default=defaults.weak_prompts, metavar="F",
+                       help="fraction of box prompts drawn around an imperfect version of the true mask (grown, "
+                            "shrunk, part missing or spilt into a neighbour: the boxes a weak model's masks give "
+                            "refinement) instead of the true mask; 0: true boxes only")
     train.add_argument("--seed", type=int, default=defaults.seed, help="random seed (box jitter, slice order)")
     val = p.add_argument_group("validation (refining the fold's nnU-Net predictions)")
     val.add_argument("-tr", dest="trainer", default="nnUNetTrainer",
@@ -79,6 +84,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
     if args.epochs < 1 or args.slices_per_step < 1 or args.lr <= 0:
         raise NnsamError("--epochs and --slices-per-step must be at least 1 and --lr positive")
+    if not 0.0 <= args.weak_prompts <= 1.0:
+        raise NnsamError(f"--weak-prompts must be a fraction between 0 and 1, got {args.weak_prompts}")
     evaluate_with = None
     if args.refine_validation:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
@@ -91,7 +98,7 @@ def _finetune(args: argparse.Namespace) -> None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
     settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, slices_per_step=args.slices_per_step,
-                                box_jitter=args.box_jitter, seed=args.seed,
+                                box_jitter=args.box_jitter, weak_prompts=args.weak_prompts, seed=args.seed,
                                 class_prompts=class_prompt_mode(args.context, args.prompts))
     model = load_sam(args.sam, args.checkpoint, args.device)
     finetune_dataset(plan, model, refine_settings, settings)

@@ -162,9 +162,11 @@ class Experiment:
         return DatasetPlan(job=job, folders=folders, model_folder=Path(), model=ModelChoice(),
                            unlabeled=find_unlabeled_cases(folders))
 
-    def finetune_sam(self, epochs: int, embeddings: Path, evaluate_with: str | None = None) -> dict:
-        """nnsam_finetune -d ID -c CONFIGURATION -f FOLD: LiteMedSAM's decoder fine-tuned on the fold's labelled
-        training cases; the report (with the checkpoint's path)."""
+    def finetune_sam(self, epochs: int, embeddings: Path, evaluate_with: str | None = None,
+                     output: Path | None = None, **settings) -> dict:
+        """nnsam_finetune -d ID -c CONFIGURATION -f FOLD [-o OUTPUT]: LiteMedSAM's decoder fine-tuned on the fold's
+        labelled training cases; the report (with the checkpoint's path). `settings`: other `FinetuneSettings`
+        fields (e.g. weak_prompts)."""
         from nnunet_sam.nnunet.finetune_dataset import FinetuneJob, finetune_dataset, plan_finetune_job
         from nnunet_sam.nnunet.predict import ModelChoice
         from nnunet_sam.sam import RefineSettings, load_sam
@@ -172,10 +174,10 @@ class Experiment:
 
         choice = None if evaluate_with is None else ModelChoice(trainer=evaluate_with, tta=False)
         job = FinetuneJob(dataset=str(self.dataset_id), configuration=self.configuration, fold=self.fold,
-                          evaluate_with=choice, cache_dir=embeddings)
+                          output=output, evaluate_with=choice, cache_dir=embeddings)
         plan = plan_finetune_job(job, "litemedsam", "single")
         return finetune_dataset(plan, load_sam("litemedsam", None, self.device), RefineSettings(),
-                                FinetuneSettings(epochs=epochs))
+                                FinetuneSettings(epochs=epochs, **settings))
 
     def evaluate(self, trainer: str, images: Path, labels: Path, out: Path, n_classes: int) -> dict:
         """Predict `images` with the trained fold (nnUNetv2_predict's predictor, mirroring as by default) into

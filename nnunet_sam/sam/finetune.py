@@ -4,8 +4,9 @@ The image encoder and the prompt encoder stay frozen. Every labelled model input
 tile) is encoded once (`EmbeddingCache`, reused across epochs and runs); only the mask decoder learns,
 with the class prompts if the model has them (`attach_class_prompts`, trained on the slices next to the
 objects too). Each step shows the
-decoder, for every class on a slice, the true box grown by the refinement's margin and jittered (where a
-weak model's mask would put it), and fits the masks with Dice + BCE on the slice grid and the IoU estimate
+decoder, for every class on a slice, a box grown by the refinement's margin and jittered: the true box, or
+(`weak_prompts` of the time) the box of an imperfect mask (`sam/weak_prompts.py`: the kind of box a weak
+model's mask gives refinement), and fits the masks with Dice + BCE on the slice grid and the IoU estimate
 (which the refinement guard reads) with MSE. Views are built by `VolumeViews`, exactly as refinement
 builds them, so the fine-tuned decoder is used on the kind of input it learnt from.
 """
@@ -32,6 +33,7 @@ from nnunet_sam.sam.models import CLASS_PROMPTS_KEY, FINETUNE_KEY, SamModel, rea
 from nnunet_sam.sam.prompts import bounding_box
 from nnunet_sam.sam.refine import RefineSettings, encoder_batch_size
 from nnunet_sam.sam.views import ViewGeometry, VolumeViews
+from nnunet_sam.sam.weak_prompts import imperfect_mask
 from nnunet_sam.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class FinetuneSettings:
     weight_decay: float = 0.01
     slices_per_step: int = 1  # slices (with all their classes) per optimiser step (few slices: many steps)
     box_jitter: float = 0.1  # each box side moves by up to this fraction of the box size (at least 2 px)
+    weak_prompts: float = 0.5  # fraction of box prompts taken from an imperfect mask instead of the truth
     min_pixels: int = 4  # a class shown on fewer pixels of a slice is not trained on there
     prompt_lr_factor: float = 100.0  # class prompts (new, untrained) learn this many times faster
     class_prompts: str | None = None  # also train prompt-free class prompts: "learnt" or "fewshot"
@@ -162,6 +165,15 @@ def jittered_boxes(boxes: np.ndarray, geometry: ViewGeometry, margin: float, jit
     high = np.minimum(np.maximum(np.maximum(moved[:, :2], moved[:, 2:]), low + 1), last)
     low = np.maximum(np.minimum(low, high - 1), first)  # at the far edge a box grows inwards
     return np.concatenate([low, high], axis=1)
+
+
+def training_boxes(example: SliceExample, weak_prompts: float, rng: np.random.Generator) -> np.ndarray:
+    """The example's tight slice boxes, each replaced with probability `weak_prompts` by the box of an
+    imperfect version of its class's mask (`imperfect_mask`)."""
+    boxes = example.boxes.astype(float)
+    for k in np.flatnonzero(rng.random(len(boxes)) < weak_prompts):
+        boxes[k] = bounding_box(imperfect_mask(example.masks[k], rng))
+    return boxes
 
 
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor,
@@ -273,7 +285,8 @@ class DecoderFinetuner:
         for j, example in enumerate(batch):
             embedding = embeddings[j:j + 1]
             if len(example.labels):
-                boxes = jittered_boxes(example.boxes, example.geometry, margin, s.box_jitter, rng)
+                boxes = jittered_boxes(training_boxes(example, s.weak_prompts, rng), example.geometry, margin,
+                                       s.box_jitter, rng)
                 total = total + self._example_loss(example, *self.model.decoder_logits(embedding, boxes),
                                                    example.masks)
             if prompts is not None:
