@@ -47,7 +47,7 @@ def fewshot(tmp_path_factory):
                                                        held_out.spacing)], cache, TILES, negatives=3)
     prompts = attach_class_prompts(model, cache, examples, [1, 2], "fewshot")
     untrained = class_prompt_dice(model, cache, held_out_examples)["held_out"]
-    DecoderFinetuner(model, cache, TILES, FinetuneSettings(epochs=6)).fit(examples, progress=False)
+    DecoderFinetuner(model, cache, TILES, FinetuneSettings(epochs=6, min_steps=0)).fit(examples, progress=False)
     trained = class_prompt_dice(model, cache, held_out_examples)["held_out"]
     return SimpleNamespace(model=model, cache=cache, examples=examples, tiles_encoded=tiles_encoded, prompts=prompts,
                            held_out=held_out, untrained=untrained, trained=trained)
@@ -125,7 +125,7 @@ def test_learnt_prompts_start_as_a_whole_image_box_train_and_round_trip(tmp_path
     assert torch.allclose(prompts.tokens[1], whole[0])
     before = prompts.tokens.detach().clone()
     decoder = {k: v.clone() for k, v in model.module.mask_decoder.state_dict().items()}
-    finetuner = DecoderFinetuner(model, cache, RefineSettings(ct_window=CT_WINDOW), FinetuneSettings(epochs=2))
+    finetuner = DecoderFinetuner(model, cache, RefineSettings(ct_window=CT_WINDOW), FinetuneSettings(epochs=2, min_steps=0))
     result = finetuner.fit(examples, progress=False)
     assert result.history[-1].loss < result.history[0].loss
     assert not torch.equal(model.class_prompts.tokens, before)
@@ -171,7 +171,7 @@ def test_recovery_plans_search_near_the_object_only():
 
 def test_nnsam_finetune_tiles_with_fewshot_prompts(planned_dataset, baseline):
     argv = ["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
-            "--disable_tta", "--epochs", "2", "-device", "cpu", "--context", "tile", "--prompts", "fewshot"]
+            "--disable_tta", "--epochs", "2", "--min-steps", "0", "-device", "cpu", "--context", "tile", "--prompts", "fewshot"]
     finetune_cli.main(argv)
     folder = planned_dataset.results / planned_dataset.name / f"nnsamFinetune__nnUNetPlans__{CONFIG}" / "fold_0"
     report = json.loads((folder / "litemedsam_tile_fewshot_report.json").read_text())

@@ -52,7 +52,7 @@ def finetuned(tmp_path_factory):
                                                        held_out.spacing)], cache, SETTINGS)
     zero_shot = _measure(model, cache, held_out_examples, held_out)
     calls = model.encoder_calls
-    finetuner = DecoderFinetuner(model, cache, SETTINGS, FinetuneSettings(epochs=8))
+    finetuner = DecoderFinetuner(model, cache, SETTINGS, FinetuneSettings(epochs=8, min_steps=0))
     result = finetuner.fit(train_examples, progress=False)
     measured = _measure(model, cache, held_out_examples, held_out)
     return SimpleNamespace(model=model, cache=cache, finetuner=finetuner, result=result, held_out=held_out,
@@ -159,7 +159,7 @@ def test_mask_losses_reward_the_right_mask():
 def finetune_run(planned_dataset, baseline, tmp_path_factory):
     output = tmp_path_factory.mktemp("finetune") / "decoder.pth"
     argv = ["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
-            "--disable_tta", "--epochs", "2", "-device", "cpu"]
+            "--disable_tta", "--epochs", "2", "--min-steps", "0", "-device", "cpu"]
     finetune_cli.main(argv + ["-o", str(output)])
     report = json.loads((output.parent / "decoder_report.json").read_text())
     return SimpleNamespace(argv=argv, output=output, report=report)

@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "each class without a box. --context tile always adds learnt prompt-free class prompts "
                             "(CFR). nnsam_refine uses class prompts to recover slices the initial mask misses")
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the labelled slices")
+    train.add_argument("--epochs", type=int, default=defaults.epochs,
+                       help="passes over the labelled slices (more if that gives fewer than --min-steps steps)")
+    train.add_argument("--min-steps", type=int, default=defaults.min_steps, metavar="N",
+                       help="at least this many optimiser steps: with a few labelled slices, --epochs is raised to "
+                            "reach it (0: exactly --epochs)")
     train.add_argument("--lr", type=float, default=defaults.learning_rate,
                        help="AdamW learning rate (cosine decay to 0)")
     train.add_argument("--slices-per-step", type=int, default=defaults.slices_per_step,
@@ -82,8 +86,9 @@ def _finetune(args: argparse.Namespace) -> None:
     from nnunet_sam.sam.models import load_sam
     from nnunet_sam.sam.refine import RefineSettings
 
-    if args.epochs < 1 or args.slices_per_step < 1 or args.lr <= 0:
-        raise NnsamError("--epochs and --slices-per-step must be at least 1 and --lr positive")
+    if args.epochs < 1 or args.slices_per_step < 1 or args.lr <= 0 or args.min_steps < 0:
+        raise NnsamError("--epochs and --slices-per-step must be at least 1, --min-steps at least 0 and --lr "
+                         "positive")
     if not 0.0 <= args.weak_prompts <= 1.0:
         raise NnsamError(f"--weak-prompts must be a fraction between 0 and 1, got {args.weak_prompts}")
     evaluate_with = None
@@ -97,7 +102,7 @@ def _finetune(args: argparse.Namespace) -> None:
     if refine_settings.ct_window is not None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
-    settings = FinetuneSettings(epochs=args.epochs, learning_rate=args.lr, slices_per_step=args.slices_per_step,
+    settings = FinetuneSettings(epochs=args.epochs, min_steps=args.min_steps, learning_rate=args.lr, slices_per_step=args.slices_per_step,
                                 box_jitter=args.box_jitter, weak_prompts=args.weak_prompts, seed=args.seed,
                                 class_prompts=class_prompt_mode(args.context, args.prompts))
     model = load_sam(args.sam, args.checkpoint, args.device)

@@ -79,9 +79,10 @@ def schedule_for(device: torch.device, quick: bool) -> Schedule:
     return Schedule(10, 25, 4) if quick else Schedule(40, 25)
 
 
-def finetune_epochs(quick: bool) -> int:
-    """Epochs of the optional SAM decoder fine-tuning (--finetune) on the 2 labelled slices."""
-    return 10 if quick else 30
+def finetune_schedule(quick: bool) -> tuple[int, int | None]:
+    """Epochs and minimum optimiser steps (None: nnsam_finetune's default) of the optional SAM decoder
+    fine-tuning (--finetune) on the 2 labelled slices; --quick trains 10 epochs (20 steps) only."""
+    return (10, 0) if quick else (30, None)
 
 
 def dataset_spec(quick: bool) -> DemoDataSpec:
@@ -181,9 +182,10 @@ class Demo:
 
     def finetune_sam(self) -> dict:
         """nnsam_finetune -d ID -c 2d -f 0: LiteMedSAM's decoder fine-tuned on the 2 labelled cases."""
-        epochs = finetune_epochs(self.quick)
-        report = self.experiment.finetune_sam(epochs, self.out / "embeddings")
-        return {"checkpoint": report["checkpoint"], "epochs": epochs, **report["training"]}
+        epochs, min_steps = finetune_schedule(self.quick)
+        report = self.experiment.finetune_sam(epochs, self.out / "embeddings",
+                                              **({} if min_steps is None else {"min_steps": min_steps}))
+        return {"checkpoint": report["checkpoint"], "epochs": len(report["training"]["loss"]), **report["training"]}
 
     def evaluate(self, trainer: str) -> dict:
         """Predict the test cases (nnUNetv2_predict's predictor) and compute Dice (nnU-Net's evaluation)."""

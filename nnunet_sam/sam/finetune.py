@@ -68,7 +68,8 @@ class SliceExample:
 class FinetuneSettings:
     """How the decoder is trained; the defaults suit LiteMedSAM on a few volumes."""
 
-    epochs: int = 30
+    epochs: int = 30  # passes over the slices; more when that is fewer than `min_steps` optimiser steps
+    min_steps: int = 500  # a few labelled slices still get this many steps (2 slices x 30 epochs: only 60)
     learning_rate: float = 1e-4  # AdamW, cosine decay to 0 over all steps
     weight_decay: float = 0.01
     slices_per_step: int = 1  # slices (with all their classes) per optimiser step (few slices: many steps)
@@ -79,6 +80,11 @@ class FinetuneSettings:
     class_prompts: str | None = None  # also train prompt-free class prompts: "learnt" or "fewshot"
     negatives: int = 3  # with class prompts: also train on slices this close to foreground (where a class ends)
     seed: int = 0
+
+    def epochs_for(self, slices: int) -> int:
+        """Epochs over `slices` training slices: `epochs`, or more to reach `min_steps` optimiser steps."""
+        steps_per_epoch = max(1, -(-slices // self.slices_per_step))
+        return max(self.epochs, -(-self.min_steps // steps_per_epoch))
 
     @property
     def slices_beyond_foreground(self) -> int:
@@ -227,7 +233,7 @@ class DecoderFinetuner:
         return copy.deepcopy(self.model.module.mask_decoder.state_dict())
 
     def fit(self, examples: list[SliceExample], progress: bool = True) -> FinetuneResult:
-        """Train for `settings.epochs` epochs over `examples`; returns the loss and time per epoch."""
+        """Train for `epochs_for(len(examples))` epochs over `examples`; returns the loss and time per epoch."""
         if not any(len(e.labels) for e in examples) and not (examples and self.model.class_prompts is not None):
             raise NnsamError("no labelled slices to fine-tune on (are the training cases' labels empty?)")
         s = self.settings
@@ -246,11 +252,12 @@ class DecoderFinetuner:
             parameter.requires_grad_(True)
         optimiser = torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
         steps_per_epoch = -(-len(examples) // s.slices_per_step)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=s.epochs * steps_per_epoch)
+        epoch_count = s.epochs_for(len(examples))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epoch_count * steps_per_epoch)
         result = FinetuneResult(slices=len(examples), masks=int(sum(len(e.labels) for e in examples)))
         decoder.train()
         try:
-            epochs = tqdm(range(s.epochs), desc="fine-tune decoder", unit="epoch", disable=not progress)
+            epochs = tqdm(range(epoch_count), desc="fine-tune decoder", unit="epoch", disable=not progress)
             for epoch in epochs:
                 started, losses = time.perf_counter(), []
                 order = rng.permutation(len(examples))
