@@ -21,9 +21,10 @@ dataset runs in its own process.
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -109,6 +110,8 @@ def run_dataset(dataset: str, seeds: Sequence[int], epochs: int, device_name: st
                                           {k: s["mean_dice_before"] for k, s in summary.items()},
                                           {k: s["mean_dice_after"] for k, s in summary.items()},
                                           _case_means(report), seconds))
+    record = root / "finetune_quality" / "results.json"  # every number of this run, for a later reading
+    record.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return results
 
 
@@ -123,15 +126,17 @@ def _find(results: list[Refinement], seed: int, decoder: str, engine: str) -> Re
 
 
 def summary_table(results: list[Refinement], class_names: dict[str, str]) -> str:
-    """Per engine and decoder: Dice per class and mean (over seeds), the gain over zero-shot with its spread,
-    and on how many seeds and cases the decoder beat zero-shot."""
+    """The initial model's Dice per class, then per engine and decoder: Dice per class and mean (over seeds), the
+    gain over zero-shot with its spread, and on how many seeds and cases the decoder beat zero-shot."""
     from results import markdown_table
 
     seeds = sorted({r.seed for r in results})
     classes = sorted({k for r in results for k in r.after}, key=int)
-    header = ["engine", "decoder", "initial (nnU-Net)", *[class_names.get(k, k) for k in classes], "mean",
+    header = ["engine", "decoder", *[class_names.get(k, k) for k in classes], "mean",
               "gain over zero-shot (mean, min-max over seeds)", "seeds won", "cases won / lost"]
-    rows = []
+    initial = [_find(results, s, "zero-shot", next(iter(ENGINES))) for s in seeds]
+    rows = [["none", "the initial nnU-Net's labels", *[f"{np.mean([r.before[k] for r in initial]):.3f}" for k in classes],
+             f"**{np.mean([r.mean_before for r in initial]):.3f}**", "-", "-", "-"]]
     for engine in ENGINES:
         for decoder in _decoders(results):
             runs = [_find(results, s, decoder, engine) for s in seeds]
@@ -142,8 +147,7 @@ def summary_table(results: list[Refinement], class_names: dict[str, str]) -> str
                 won += sum(r.per_case[c] > z.per_case[c] + 1e-9 for c in r.per_case if c in z.per_case)
                 lost += sum(r.per_case[c] < z.per_case[c] - 1e-9 for c in r.per_case if c in z.per_case)
             first = decoder == "zero-shot"
-            rows.append([engine, decoder, f"{np.mean([r.mean_before for r in runs]):.3f}",
-                         *[f"{np.mean([r.after[k] for r in runs]):.3f}" for k in classes],
+            rows.append([engine, decoder, *[f"{np.mean([r.after[k] for r in runs]):.3f}" for k in classes],
                          f"**{np.mean([r.mean_after for r in runs]):.3f}**",
                          "-" if first else f"{np.mean(gains):+.3f} ({min(gains):+.3f} to {max(gains):+.3f})",
                          "-" if first else f"{sum(g > 0 for g in gains)}/{len(gains)}",

@@ -293,7 +293,9 @@ def main_dataset(args: argparse.Namespace, version: str, started: float) -> int:
             f"Command: `{command}`. Code: {version}.", "",
             f"Data: `benchmarks/ssl_gain.py`'s {args.dataset} dataset, seeds 0-{args.nnunet_seeds - 1} (2 labelled 2D "
             "cases each; the baseline nnU-Net trained on them predicts the unlabelled cases). Decoders: zero-shot "
-            f"LiteMedSAM; `nnsam_finetune` ({args.epochs} epochs) on the labelled cases with true boxes only "
+            f"LiteMedSAM; `nnsam_finetune` ({args.epochs} epochs, at least {FinetuneSettings().min_steps} optimiser steps: "
+            f"{FinetuneSettings(epochs=args.epochs).epochs_for(2)} epochs on 2 slices) on the labelled cases with true "
+            "boxes only "
             "(`--weak-prompts 0`) and with the default weak boxes (half the boxes around imperfect masks, "
             "`nnunet_sam/sam/weak_prompts.py`). Engines: *unguided* (`--keep-confident off --activation off`) and "
             "*guided* (the defaults, with the model's softmax). Dice of the pseudo labels against the unlabelled "

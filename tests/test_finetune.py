@@ -195,6 +195,7 @@ def test_nnsam_finetune_reuses_cached_embeddings_across_runs(planned_dataset, fi
     (["-o", "decoder.txt"], "should name a .pth file"),
     (["--epochs", "0"], "--epochs"),
     (["--weak-prompts", "1.5"], "--weak-prompts must be a fraction"),
+    (["--min-steps", "-1"], "--min-steps at least 0"),
 ])
 def test_nnsam_finetune_errors_name_the_fix(planned_dataset, capsys, extra, expected):
     argv = ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *extra]

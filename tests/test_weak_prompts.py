@@ -1,11 +1,12 @@
-"""The imperfect masks whose boxes fine-tuning shows the decoder (sam/weak_prompts.py), and how often."""
+"""The imperfect masks whose boxes fine-tuning shows the decoder (sam/weak_prompts.py), how often, and how long
+fine-tuning trains a few slices."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nnunet_sam.sam.finetune import SliceExample, training_boxes
+from nnunet_sam.sam.finetune import FinetuneSettings, SliceExample, training_boxes
 from nnunet_sam.sam.prompts import bounding_box, dice
 from nnunet_sam.sam.views import view_geometry
 from nnunet_sam.sam.weak_prompts import ERRORS, imperfect_mask
@@ -63,3 +64,14 @@ def test_training_boxes_take_the_share_of_weak_prompts_asked_for():
     half = np.stack([training_boxes(example, 0.5, rng) for _ in range(200)])
     moved = (np.abs(half - boxes).max(axis=2) > 0).mean()
     assert 0.35 < moved < 0.6
+
+
+@pytest.mark.parametrize("slices, per_step, min_steps, epochs", [
+    (2, 1, 500, 250),  # two labelled slices: raised to 500 steps
+    (36, 1, 500, 30),  # enough slices: --epochs stands
+    (2, 1, 0, 30),  # --min-steps 0: exactly --epochs
+    (10, 4, 500, 167),  # 3 steps per epoch
+])
+def test_a_few_slices_train_for_min_steps(slices, per_step, min_steps, epochs):
+    settings = FinetuneSettings(epochs=30, slices_per_step=per_step, min_steps=min_steps)
+    assert settings.epochs_for(slices) == epochs
