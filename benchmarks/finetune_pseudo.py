@@ -5,8 +5,8 @@ Data and models come from `benchmarks/ssl_gain.py`'s work folder (its *baseline*
 seed): per seed, 2 labelled 2D cases, the baseline nnU-Net trained on them (the initial model), and the
 unlabelled cases with their true labels (`labelsUnlabeledTruth`). Per seed, the decoders
 - *zero-shot*: LiteMedSAM as shipped;
-- *fine-tuned, true boxes*: `nnsam_finetune` on the labelled cases with `--weak-prompts 0` (jittered true boxes:
-  the training before this issue);
+- *fine-tuned, true boxes*: `nnsam_finetune` on the labelled cases with `--weak-prompts 0` (jittered true boxes
+  only, as before weak prompts existed; the same number of steps);
 - *fine-tuned, weak boxes*: `nnsam_finetune` with its defaults (half the boxes around imperfect masks,
   `nnunet_sam/sam/weak_prompts.py`);
 each refine the baseline's predictions of the unlabelled cases (`nnsam_refine -d --gt`) with two engines:
@@ -135,8 +135,8 @@ def summary_table(results: list[Refinement], class_names: dict[str, str]) -> str
     header = ["engine", "decoder", *[class_names.get(k, k) for k in classes], "mean",
               "gain over zero-shot (mean, min-max over seeds)", "seeds won", "cases won / lost"]
     initial = [_find(results, s, "zero-shot", next(iter(ENGINES))) for s in seeds]
-    rows = [["none", "the initial nnU-Net's labels", *[f"{np.mean([r.before[k] for r in initial]):.3f}" for k in classes],
-             f"**{np.mean([r.mean_before for r in initial]):.3f}**", "-", "-", "-"]]
+    rows = [["none", "the initial nnU-Net's labels",
+             *[f"{np.mean([r.before[k] for r in initial]):.3f}" for k in classes], f"**{np.mean([r.mean_before for r in initial]):.3f}**", "-", "-", "-"]]
     for engine in ENGINES:
         for decoder in _decoders(results):
             runs = [_find(results, s, decoder, engine) for s in seeds]

@@ -51,6 +51,7 @@ sys.dont_write_bytecode = True  # write nothing but the cache and RESULTS.md (no
 from refine_quality import (CACHE, CASES, LABEL, PACKAGE, VERSION, Case, code_version, data_lines,  # noqa: E402
                             fetch_cases, machine_text, record_invocation, refine_once)
 from results import RESULTS, markdown_table, update_results_section  # noqa: E402
+from finetune_pseudo import DECODERS  # noqa: E402
 
 logger = logging.getLogger("finetune_quality")
 
@@ -90,6 +91,7 @@ class Fold:
     loss_first: float
     loss_last: float
     prompt_free_train: float | None = None  # the class prompts on their own training slices (can they fit?)
+    epochs_run: int = 0  # the epochs trained (--epochs, raised to reach min_steps on few slices)
 
 
 def volume(case: Case) -> LabelledVolume:
@@ -156,7 +158,8 @@ def run_benchmark(cases: list[Case], seeds: Sequence[int], settings: FinetuneSet
         fold = Fold(held_out=held_out.name, train_slices=len(examples), dice_before=zero_shot[held_out.name].before,
                     zero_shot=zero_shot[held_out.name], finetuned=finetuned,
                     seconds_per_epoch=result.seconds_per_epoch, fit_seconds=fit_seconds,
-                    loss_first=result.history[0].loss, loss_last=result.history[-1].loss, prompt_free_train=fitted)
+                    loss_first=result.history[0].loss, loss_last=result.history[-1].loss, prompt_free_train=fitted,
+                    epochs_run=len(result.history))
         logger.info("%s held out: decoder %.3f -> %.3f, refined %.3f -> %.3f, control %.3f -> %.3f, ends cut %.3f -> "
                     "%.3f (%.1f s/epoch)", held_out.name, fold.zero_shot.decoder, finetuned.decoder,
                     fold.zero_shot.refined_mean, finetuned.refined_mean, fold.zero_shot.control, finetuned.control,
@@ -195,7 +198,9 @@ def fold_table(folds: list[Fold]) -> str:
 def cost_lines(folds: list[Fold], cache: EmbeddingCache, settings: FinetuneSettings) -> list[str]:
     encoded = cache.misses
     return [
-        f"- Fine-tuning: {settings.epochs} epochs per fold, {np.mean([f.seconds_per_epoch for f in folds]):.1f} s "
+        f"- Fine-tuning: {min(f.epochs_run for f in folds)}-{max(f.epochs_run for f in folds)} epochs per fold "
+        f"(--epochs {settings.epochs}, at least {settings.min_steps} steps), "
+        f"{np.mean([f.seconds_per_epoch for f in folds]):.1f} s "
         f"per epoch on average ({min(f.seconds_per_epoch for f in folds):.1f}-"
         f"{max(f.seconds_per_epoch for f in folds):.1f}), {np.mean([f.fit_seconds for f in folds]):.0f} s per fold; "
         f"about {np.mean([f.seconds_per_epoch / f.train_slices for f in folds]):.2f} s per labelled slice per epoch.",
@@ -243,7 +248,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4, metavar="N",
                         help="degrade every held-out case with seeds 0..N-1 (default 4)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs per fold")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"fine-tuning epochs per fold (raised to at least {defaults.min_steps} optimiser steps)")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or auto")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None, metavar="CASE",
@@ -259,7 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=("synthetic", "brain"), default=None,
                         help="refine a real nnU-Net's predictions of ssl_gain.py's unlabelled cases instead of "
                              "degraded tumours (needs ssl_gain.py's baseline arm; see finetune_pseudo.py)")
-    parser.add_argument("--decoders", nargs="+", default=None, metavar="NAME",
+    parser.add_argument("--decoders", nargs="+", default=None, metavar="NAME", choices=list(DECODERS)[1:],
                         help="--dataset: the fine-tuned decoders to compare with zero-shot (default all: "
                              "'fine-tuned, true boxes' 'fine-tuned, weak boxes')")
     parser.add_argument("--nnunet-seeds", type=int, default=3, metavar="N",
@@ -267,9 +273,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true",
                         help=f"print only; do not update {RESULTS.relative_to(RESULTS.parent.parent)}")
     args = parser.parse_args(argv)
+    if args.dataset and (args.pairs or args.cases or args.context != "single" or args.prompts != "box"):
+        parser.error("--dataset measures the default views and box prompts on ssl_gain.py's cases: drop --pairs, "
+                     "--cases, --context and --prompts")
     args.cases = args.cases or list(PAIRS if args.pairs else CASES)
     if args.seeds < 1 or args.epochs < 1 or len(args.cases) < 2:
         parser.error("--seeds and --epochs must be at least 1, and leave-one-out needs at least 2 cases")
+    if args.nnunet_seeds < 1:
+        parser.error("--nnunet-seeds must be at least 1")
     if args.pairs and any(PAIRS.get(name) not in args.cases for name in args.cases):
         parser.error(f"--pairs needs both cases of each pair: choose from {' '.join(PAIRS)}")
     return record_invocation(args, argv)
@@ -277,7 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main_dataset(args: argparse.Namespace, version: str, started: float) -> int:
     """--dataset: zero-shot vs fine-tuned refinement of a real nnU-Net's predictions (finetune_pseudo.py)."""
-    from finetune_pseudo import DECODERS, TARGET_GAIN, run_dataset, seed_table, summary_table, verdict
+    from finetune_pseudo import TARGET_GAIN, run_dataset, seed_table, summary_table, verdict
     from ssl_data import DATASETS
 
     results = run_dataset(args.dataset, range(args.nnunet_seeds), args.epochs, args.device,
@@ -293,10 +304,9 @@ def main_dataset(args: argparse.Namespace, version: str, started: float) -> int:
             f"Command: `{command}`. Code: {version}.", "",
             f"Data: `benchmarks/ssl_gain.py`'s {args.dataset} dataset, seeds 0-{args.nnunet_seeds - 1} (2 labelled 2D "
             "cases each; the baseline nnU-Net trained on them predicts the unlabelled cases). Decoders: zero-shot "
-            f"LiteMedSAM; `nnsam_finetune` ({args.epochs} epochs, at least {FinetuneSettings().min_steps} optimiser steps: "
-            f"{FinetuneSettings(epochs=args.epochs).epochs_for(2)} epochs on 2 slices) on the labelled cases with true "
-            "boxes only "
-            "(`--weak-prompts 0`) and with the default weak boxes (half the boxes around imperfect masks, "
+            f"LiteMedSAM; `nnsam_finetune` ({args.epochs} epochs, at least {FinetuneSettings().min_steps} optimiser "
+            f"steps: {FinetuneSettings(epochs=args.epochs).epochs_for(2)} epochs on 2 slices) on the labelled cases "
+            "with true boxes only (`--weak-prompts 0`) and with the default weak boxes (half the boxes around imperfect masks, "
             "`nnunet_sam/sam/weak_prompts.py`). Engines: *unguided* (`--keep-confident off --activation off`) and "
             "*guided* (the defaults, with the model's softmax). Dice of the pseudo labels against the unlabelled "
             "cases' true labels, per class, mean over cases, then over seeds; *cases won / lost*: unlabelled "

@@ -134,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, help="training iterations per epoch (default: per dataset: "
                    + ", ".join(f"{d} {i}" for d, (_, i) in SCHEDULES.items()) + ")")
     p.add_argument("--val-iterations", type=int, default=8, help="validation batches per epoch (the curves)")
-    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of nnsam_finetune (decoder)")
+    p.add_argument("--finetune-epochs", type=int, default=30,
+                   help="epochs of nnsam_finetune (decoder; true boxes only, no --min-steps: the arm's measured training)")
     p.add_argument("--full-network", action="store_true",
                    help="nnU-Net's planned 2d U-Net (32 to 512 features) instead of the CPU-sized one (16 to 128)")
     p.add_argument("-o", dest="work", type=Path, default=WORK, help="work folder (resumable)")
@@ -285,7 +286,10 @@ class SeedRun:
 
             checkpoint = None
             if source == "finetuned":
-                checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings)["checkpoint"]
+                # the training this arm was measured with (true boxes, exactly --finetune-epochs); the current
+                # defaults (weak prompts, --min-steps) are measured by finetune_quality.py --dataset
+                checkpoint = experiment.finetune_sam(self.args.finetune_epochs, embeddings, weak_prompts=0.0,
+                                                     min_steps=0)["checkpoint"]
             report = experiment.sam_pseudo_labels(initial, embeddings, truth, checkpoint,
                                                   settings=RefineSettings(**REFINE_SETTINGS[source]),
                                                   **PSEUDO_OPTIONS.get(source, {}))

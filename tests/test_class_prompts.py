@@ -125,7 +125,8 @@ def test_learnt_prompts_start_as_a_whole_image_box_train_and_round_trip(tmp_path
     assert torch.allclose(prompts.tokens[1], whole[0])
     before = prompts.tokens.detach().clone()
     decoder = {k: v.clone() for k, v in model.module.mask_decoder.state_dict().items()}
-    finetuner = DecoderFinetuner(model, cache, RefineSettings(ct_window=CT_WINDOW), FinetuneSettings(epochs=2, min_steps=0))
+    finetuner = DecoderFinetuner(model, cache, RefineSettings(ct_window=CT_WINDOW),
+                                 FinetuneSettings(epochs=2, min_steps=0))
     result = finetuner.fit(examples, progress=False)
     assert result.history[-1].loss < result.history[0].loss
     assert not torch.equal(model.class_prompts.tokens, before)
@@ -171,7 +172,8 @@ def test_recovery_plans_search_near_the_object_only():
 
 def test_nnsam_finetune_tiles_with_fewshot_prompts(planned_dataset, baseline):
     argv = ["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
-            "--disable_tta", "--epochs", "2", "--min-steps", "0", "-device", "cpu", "--context", "tile", "--prompts", "fewshot"]
+            "--disable_tta", "--epochs", "2", "--min-steps", "0", "-device", "cpu", "--context", "tile",
+            "--prompts", "fewshot"]
     finetune_cli.main(argv)
     folder = planned_dataset.results / planned_dataset.name / f"nnsamFinetune__nnUNetPlans__{CONFIG}" / "fold_0"
     report = json.loads((folder / "litemedsam_tile_fewshot_report.json").read_text())

@@ -193,9 +193,9 @@ def test_nnsam_finetune_reuses_cached_embeddings_across_runs(planned_dataset, fi
     (["-f", "7"], "fold 7 is not in"),
     (["-f", "zero"], "-f zero is not a fold"),
     (["-o", "decoder.txt"], "should name a .pth file"),
-    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--weak-prompts", "1.5"], "--weak-prompts must be a fraction"),
-    (["--min-steps", "-1"], "--min-steps at least 0"),
+    (["--min-steps", "-1"], "--min-steps must be at least 0, got -1"),
 ])
 def test_nnsam_finetune_errors_name_the_fix(planned_dataset, capsys, extra, expected):
     argv = ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *extra]

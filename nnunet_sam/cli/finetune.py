@@ -86,9 +86,12 @@ def _finetune(args: argparse.Namespace) -> None:
     from nnunet_sam.sam.models import load_sam
     from nnunet_sam.sam.refine import RefineSettings
 
-    if args.epochs < 1 or args.slices_per_step < 1 or args.lr <= 0 or args.min_steps < 0:
-        raise NnsamError("--epochs and --slices-per-step must be at least 1, --min-steps at least 0 and --lr "
-                         "positive")
+    for flag, value, lowest in (("--epochs", args.epochs, 1), ("--slices-per-step", args.slices_per_step, 1),
+                                ("--min-steps", args.min_steps, 0)):
+        if value < lowest:
+            raise NnsamError(f"{flag} must be at least {lowest}, got {value}")
+    if args.lr <= 0:
+        raise NnsamError(f"--lr must be positive, got {args.lr}")
     if not 0.0 <= args.weak_prompts <= 1.0:
         raise NnsamError(f"--weak-prompts must be a fraction between 0 and 1, got {args.weak_prompts}")
     evaluate_with = None
@@ -102,7 +105,8 @@ def _finetune(args: argparse.Namespace) -> None:
     if refine_settings.ct_window is not None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
-    settings = FinetuneSettings(epochs=args.epochs, min_steps=args.min_steps, learning_rate=args.lr, slices_per_step=args.slices_per_step,
+    settings = FinetuneSettings(epochs=args.epochs, min_steps=args.min_steps, learning_rate=args.lr,
+                                slices_per_step=args.slices_per_step,
                                 box_jitter=args.box_jitter, weak_prompts=args.weak_prompts, seed=args.seed,
                                 class_prompts=class_prompt_mode(args.context, args.prompts))
     model = load_sam(args.sam, args.checkpoint, args.device)

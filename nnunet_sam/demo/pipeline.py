@@ -185,7 +185,7 @@ class Demo:
         epochs, min_steps = finetune_schedule(self.quick)
         report = self.experiment.finetune_sam(epochs, self.out / "embeddings",
                                               **({} if min_steps is None else {"min_steps": min_steps}))
-        return {"checkpoint": report["checkpoint"], "epochs": len(report["training"]["loss"]), **report["training"]}
+        return {"checkpoint": report["checkpoint"], **report["training"]}  # with the epochs run
 
     def evaluate(self, trainer: str) -> dict:
         """Predict the test cases (nnUNetv2_predict's predictor) and compute Dice (nnU-Net's evaluation)."""

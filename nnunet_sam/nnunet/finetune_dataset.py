@@ -287,7 +287,7 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
         "refine_settings": asdict(refine_settings), "settings": asdict(settings),
         "train_cases": plan.train, "validation_cases": plan.validation,
         "initial_model": None if plan.initial_model is None else plan.initial_model[1].to_dict(plan.initial_model[0]),
-        "training": {"slices": result.slices, "masks": result.masks,
+        "training": {"slices": result.slices, "masks": result.masks, "epochs": len(result.history),
                      "seconds_per_epoch": round(result.seconds_per_epoch, 3),
                      "loss": [round(r.loss, 5) for r in result.history]},
         "cache": {"folder": str(cache.folder), "encoded": cache.misses, "reused": cache.hits,

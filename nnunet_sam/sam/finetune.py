@@ -177,6 +177,8 @@ def training_boxes(example: SliceExample, weak_prompts: float, rng: np.random.Ge
     """The example's tight slice boxes, each replaced with probability `weak_prompts` by the box of an
     imperfect version of its class's mask (`imperfect_mask`)."""
     boxes = example.boxes.astype(float)
+    if weak_prompts <= 0:  # no draw: true boxes only trains exactly as before weak prompts existed
+        return boxes
     for k in np.flatnonzero(rng.random(len(boxes)) < weak_prompts):
         boxes[k] = bounding_box(imperfect_mask(example.masks[k], rng))
     return boxes
@@ -253,6 +255,9 @@ class DecoderFinetuner:
         optimiser = torch.optim.AdamW(groups, lr=s.learning_rate, weight_decay=s.weight_decay)
         steps_per_epoch = -(-len(examples) // s.slices_per_step)
         epoch_count = s.epochs_for(len(examples))
+        if epoch_count > s.epochs:
+            logger.info("%d slice(s) x %d epochs would be fewer than %d optimiser steps (min_steps): training %d "
+                        "epochs", len(examples), s.epochs, s.min_steps, epoch_count)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epoch_count * steps_per_epoch)
         result = FinetuneResult(slices=len(examples), masks=int(sum(len(e.labels) for e in examples)))
         decoder.train()
