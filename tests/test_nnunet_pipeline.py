@@ -138,6 +138,15 @@ def test_refine_dataset_errors_name_the_fix(planned_dataset, baseline, capsys, a
     assert expected in message
 
 
+def test_refine_dataset_never_exports_into_a_user_folder(planned_dataset, baseline, capsys):
+    labels = planned_dataset.raw / "labelsTr"
+    before = {p.name: p.read_bytes() for p in labels.iterdir()}
+    argv = ["-d", str(planned_dataset.dataset_id), "-device", "cpu", "-tr", "nnUNetTrainerShort", "--export"]
+    message = error_of(refine_cli.main, argv + [str(labels)], capsys)
+    assert f"--export {labels} already holds files nnunet-sam did not write" in message
+    assert {p.name: p.read_bytes() for p in labels.iterdir()} == before
+
+
 def _predict_with_stock_command(planned_dataset, trainer: str, out: Path) -> Path:
     """nnUNetv2_predict, the console script users run, on the test case."""
     command = ["nnUNetv2_predict", "-i", str(planned_dataset.raw / "imagesTs"), "-o", str(out),

@@ -9,7 +9,9 @@ import SimpleITK as sitk
 
 from conftest import degrade, make_phantom, write_nifti
 from nnunet_sam.cli.refine import main
+from nnunet_sam.nnunet.report import CASES_FOLDER
 from nnunet_sam.utils.atomic import TEMP_PREFIX
+from nnunet_sam.utils.output_folders import claim_output_folder
 
 SPACING = (3.0, 0.8, 0.8)
 ORIGIN = (10.0, -20.0, 5.0)
@@ -172,6 +174,28 @@ def test_output_folder_must_not_be_a_user_folder_and_needs_a_parent(tmp_path, ca
     with pytest.raises(SystemExit):
         _run(folders, tmp_path / "no" / "such" / "out")
     assert "does not exist" in _error_line(capsys)
+    labels = tmp_path / "nnUNet_raw" / "Dataset001_X" / "labelsTr"  # any folder holding files we did not write
+    labels.mkdir(parents=True)
+    (labels / "case0.nii.gz").write_bytes(b"a user's label")
+    with pytest.raises(SystemExit):
+        _run(folders, labels)
+    assert "already holds files nnunet-sam did not write (case0.nii.gz)" in _error_line(capsys)
+    assert [p.name for p in labels.iterdir()] == ["case0.nii.gz"]
+    assert (labels / "case0.nii.gz").read_bytes() == b"a user's label"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        _run(folders, tmp_path / "a_file")
+    assert "is a file, not a folder" in _error_line(capsys)
+
+
+def test_an_output_folder_a_killed_run_left_is_ours_to_continue(tmp_path):
+    folders = _make_folders(tmp_path, cases=1)
+    out = tmp_path / "out"
+    claim_output_folder(out, CASES_FOLDER)  # what a run does before its first case
+    (out / "case0.nii.gz").write_bytes(b"half-written by a killed run")
+    _run(folders, out)
+    assert (out / "refine_report.json").is_file()
+    assert (out / "case0.nii.gz").read_bytes() != b"half-written by a killed run"
 
 
 def test_a_class_empty_in_every_pseudo_label_is_warned_about(caplog):

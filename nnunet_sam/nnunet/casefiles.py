@@ -16,7 +16,7 @@ from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
 from nnunetv2.utilities.utils import create_paths_fn
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.utils.atomic import TEMP_PREFIX, atomic_path
+from nnunet_sam.utils.atomic import atomic_path, finished_files
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def reader_for(ending: str) -> Type[BaseReaderWriter]:
 
 
 def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(TEMP_PREFIX)
-                  and file_ending_of(p) is not None)
+    return [p for p in finished_files(folder) if p.is_file() and file_ending_of(p) is not None]
 
 
 def _require_folder(folder: Path, what: str) -> None:

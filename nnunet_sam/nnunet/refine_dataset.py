@@ -30,9 +30,12 @@ from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, pr
                                          remove_stale_temporaries)
 from nnunet_sam.sam.refine import SamRefiner
 from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
+from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder
 from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
+
+EXPORT_MARKER = ".nnsam_export"  # in an --export folder: its files are ours to replace
 
 
 @dataclass
@@ -101,8 +104,8 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
         if missing:
             raise NnsamError(f"--gt {job.gt_dir} has no {missing[0]}{ending}; it needs one label file per "
                              f"unlabelled case")
-    if job.export_dir is not None and not job.export_dir.resolve().parent.is_dir():
-        raise NnsamError(f"the parent of --export {job.export_dir} does not exist; create it first")
+    if job.export_dir is not None:
+        check_output_folder(job.export_dir, "--export", EXPORT_MARKER)
     mine = unlabeled[job.part_id::job.num_parts]
     if not {c.case_id for c in mine} <= set(finished_cases(folders.unlabeled_data)):
         preprocess_unlabeled(folders, num_processes=job.num_processes, cases=mine)
@@ -181,7 +184,6 @@ class _CaseRefiner:
         if job.ignore_disagreement:
             report["unsure_fraction"] = round(float(np.mean(labels != result.mask)), 6)
         if job.export_dir is not None and selected:
-            job.export_dir.mkdir(exist_ok=True)
             target = job.export_dir / f"{case_id}{self.dataset_json['file_ending']}"
             export_to_raw(result.mask, properties, self.plans_manager, self.configuration_manager,
                           self.dataset_json, target)
@@ -235,6 +237,8 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")
     folders.pseudo_labels.mkdir(parents=True, exist_ok=True)
+    if job.export_dir is not None:
+        claim_output_folder(job.export_dir, EXPORT_MARKER)
     mine = plan.cases[job.part_id::job.num_parts]
     remove_stale_temporaries(folders.pseudo_labels, mine)
     remove_orphans(plan)

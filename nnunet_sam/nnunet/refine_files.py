@@ -12,9 +12,10 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.casefiles import (CaseFiles, find_cases, load_case, load_probabilities, probability_file,
                                          write_mask_like)
-from nnunet_sam.nnunet.report import (case_report_path, class_rows, summary_table, write_case_report,
+from nnunet_sam.nnunet.report import (CASES_FOLDER, case_report_path, class_rows, summary_table, write_case_report,
                                       write_report)
 from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder
 from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ def _check_job(job: FilesJob) -> None:
         if folder is not None and out == folder.resolve():
             raise NnsamError(f"output folder {job.out_dir} is the {name} folder; choose another -o "
                              f"(user files are never overwritten)")
-    if not out.parent.is_dir():
-        raise NnsamError(f"the parent of output folder {job.out_dir} does not exist; create {out.parent} first")
+    check_output_folder(job.out_dir, "-o", CASES_FOLDER)
 
 
 def _case_done(job: FilesJob, case: CaseFiles, ending: str) -> bool:
@@ -109,11 +109,10 @@ def refine_folder(plan: FilesPlan, refiner: SamRefiner) -> dict:
     todo = [c for c in mine if not (job.resume and _case_done(job, c, ending))]
     if len(todo) < len(mine):
         logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))
+    claim_output_folder(job.out_dir, CASES_FOLDER)  # before the first case: a killed run's folder stays ours
     for case in tqdm(todo, desc="cases", unit="case"):
         report = refine_case(job, case, ending, refiner)
         logger.info("%s: %d slices encoded in %.1f s", case.case_id, report["slices_encoded"], report["seconds"])
-    if not job.out_dir.is_dir():
-        job.out_dir.mkdir()
     header = {"mode": "files", "images": str(job.images_dir), "masks": str(job.masks_dir),
               "probabilities": None if job.probabilities_dir is None else str(job.probabilities_dir),
               "ground_truth": None if job.gt_dir is None else str(job.gt_dir), "channel": job.channel,

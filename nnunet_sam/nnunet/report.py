@@ -11,7 +11,7 @@ import numpy as np
 
 from nnunet_sam.sam.prompts import dice
 from nnunet_sam.sam.refine import RefineResult
-from nnunet_sam.utils.atomic import write_json_atomic
+from nnunet_sam.utils.atomic import finished_files, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def warn_absent_classes(summary: dict[str, dict]) -> list[str]:
 def write_report(out_dir: Path, header: dict) -> dict:
     """Aggregate every finished case of `out_dir` into refine_report.json (atomically) and return it."""
     folder = out_dir / CASES_FOLDER
-    cases = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    cases = [json.loads(p.read_text()) for p in finished_files(folder, "*.json")] if folder.is_dir() else []
     report = {**header, "summary": summarize(cases), "cases": cases}
     write_json_atomic(report, out_dir / REPORT_NAME)
     return report

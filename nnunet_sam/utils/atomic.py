@@ -34,6 +34,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def finished_files(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The files of `folder` matching `pattern`, sorted, without the temporary files of writes in progress or
+    killed (pathlib's glob matches names starting with a dot, so ".nnsam-tmp-*" would match "*.json")."""
+    return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith(TEMP_PREFIX))
+
+
 def write_json_atomic(data: Any, target: str | os.PathLike) -> None:
     """Write `data` as indented JSON to `target` atomically."""
     with atomic_path(target) as tmp:
