@@ -132,6 +132,8 @@ def test_refine_dataset_continue_skips_finished_cases(planned_dataset, pseudo_la
     (["-tr", "nnUNetTrainerNeverTrained"], "nnUNetv2_train"),
     (["-tr", "nnUNetTrainerShort", "-f", "1"], "fold_1"),
     (["-tr", "nnUNetTrainerShort", "-i", "x"], "either -d"),
+    (["-tr", "nnUNetTrainerShort", "-f", "zero"], "-f zero is not a fold; use a number (0, 1, ...) or all"),
+    (["-tr", "nnUNetTrainerShort", "-d", "DatasetAB_X"], "-d DatasetAB_X is neither a dataset id"),
 ])
 def test_refine_dataset_errors_name_the_fix(planned_dataset, baseline, capsys, argv, expected):
     message = error_of(refine_cli.main, ["-d", str(planned_dataset.dataset_id), "-device", "cpu", *argv], capsys)

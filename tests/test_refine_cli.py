@@ -130,8 +130,32 @@ def _break_negative_labels(f):
     return "case0.nii.gz"
 
 
+def _break_nan(f):
+    """One NaN voxel (MetaImage keeps it; SimpleITK's NIfTI writer does not) would turn the whole normalised
+    volume into NaN."""
+    for folder in (f["images"], f["masks"]):
+        for path in sorted(folder.glob("*.nii.gz")):
+            image = sitk.ReadImage(str(path))
+            if path.name == "case0_0000.nii.gz":
+                array = sitk.GetArrayFromImage(image).astype(np.float32)
+                array[4, 20, 20] = np.nan
+                nan_image = sitk.GetImageFromArray(array)
+                nan_image.CopyInformation(image)
+                image = nan_image
+            sitk.WriteImage(image, str(path).replace(".nii.gz", ".mha"))
+            path.unlink()
+    return "case0_0000.mha has 1 NaN or infinite voxel"
+
+
+def _break_4d_image(f):
+    image = sitk.JoinSeries([sitk.ReadImage(str(f["images"] / "case0_0000.nii.gz"))] * 2)
+    sitk.WriteImage(image, str(f["images"] / "case0_0000.nii.gz"))
+    return "case0"
+
+
 @pytest.mark.parametrize("breaker", [_break_extra_image, _break_missing_image, _break_shape, _break_spacing,
-                                     _break_origin, _break_unreadable, _break_labels, _break_negative_labels])
+                                     _break_origin, _break_unreadable, _break_labels, _break_negative_labels,
+                                     _break_nan, _break_4d_image])
 def test_bad_input_is_one_clear_line_and_leaves_no_files(tmp_path, capsys, breaker):
     folders = _make_folders(tmp_path, cases=2)
     named = breaker(folders)
@@ -151,6 +175,7 @@ def test_bad_input_is_one_clear_line_and_leaves_no_files(tmp_path, capsys, break
     (["--sam", "vit_b", "--checkpoint", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
     (["--num_parts", "2", "--part_id", "2"], "--part_id"),
     (["-device", "gpu"], "-device gpu is not a device"),
+    (["--ct-window", "240", "-160"], "--ct-window 240 -160: LOW must be below HIGH"),
     (["--keep-confident", "90"], "--keep-confident 90 must be a probability in (0, 1]"),
     (["--activation", "high"], "--activation 'high' is neither a probability"),
     (["--probabilities", "/nonexistent/probabilities"], "--probabilities /nonexistent/probabilities is not a folder"),

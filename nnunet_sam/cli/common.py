@@ -71,5 +71,8 @@ def view_settings(args: argparse.Namespace) -> dict:
     """The RefineSettings fields that `add_view_arguments` sets."""
     if args.grid < 1:
         raise NnsamError(f"--grid {args.grid} must be at least 1")
+    if args.ct_window and not args.ct_window[0] < args.ct_window[1]:
+        low, high = (f"{v:g}" for v in args.ct_window)
+        raise NnsamError(f"--ct-window {low} {high}: LOW must be below HIGH (e.g. --ct-window -160 240)")
     return {"context": args.context, "grid": args.grid, "axis": args.axis, "box_margin": args.box_margin,
             "ct_window": tuple(args.ct_window) if args.ct_window else None}

@@ -127,6 +127,10 @@ def _read(reader: BaseReaderWriter, files: list[Path], what: str) -> tuple[np.nd
 
 def _check_same_geometry(reference: dict, other: dict, shape: tuple, other_shape: tuple,
                          reference_file: Path, other_file: Path) -> None:
+    axes = [len((props.get("sitk_stuff") or props)["spacing"]) for props in (reference, other)]
+    if axes[0] != axes[1]:  # nnU-Net's reader takes a 4D file's 4th axis as channels
+        raise NnsamError(f"{reference_file} has {axes[0]} axes but {other_file} has {axes[1]}; give each channel "
+                         f"as its own file of the mask's dimension (CASE_0000, CASE_0001, ...)")
     if shape != other_shape:
         raise NnsamError(f"{other_file} has shape {other_shape} but {reference_file} has {shape}; "
                          f"masks must be on the image grid")
@@ -153,6 +157,11 @@ def load_case(case: CaseFiles, ending: str) -> LoadedCase:
     """Read a case's image channels, mask (and ground truth) and check they share one grid."""
     reader = reader_for(ending)()
     image, image_props = _read(reader, case.images, "image")
+    for channel, file in zip(image, case.images):
+        bad = int(np.size(channel) - np.isfinite(channel).sum())
+        if bad:
+            raise NnsamError(f"{file} has {bad} NaN or infinite voxel(s); replace them (e.g. with the image's "
+                             f"minimum) before refining")
     mask, mask_props = _read(reader, [case.mask], "mask")
     _check_same_geometry(image_props, mask_props, image.shape[1:], mask.shape[1:], case.images[0], case.mask)
     loaded = LoadedCase(image=image, mask=_as_labels(mask[0], case.mask), properties=mask_props)

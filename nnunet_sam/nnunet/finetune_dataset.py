@@ -27,7 +27,7 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
-from nnunet_sam.nnunet.splits import fold_cases
+from nnunet_sam.nnunet.splits import fold_cases, fold_name
 from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, LabelledVolume, RefineSettings,
                             SamModel, SamRefiner, attach_class_prompts, class_prompt_dice, decoder_dice,
                             read_checkpoint, save_finetuned, slice_examples, view_record)
@@ -102,7 +102,7 @@ def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: P
     """Resolve folders, the fold's cases and the output (named after `sam` and `views`, e.g. "tile_fewshot");
     find the fold's trained nnU-Net (optional)."""
     folders = dataset_folders(job.dataset, job.configuration, job.plans)
-    fold = job.fold if job.fold == "all" else str(_fold_number(job.fold))
+    fold = fold_name(job.fold)
     n_channels = len(folders.dataset_json()["channel_names"])
     if not 0 <= job.channel < n_channels:
         raise NnsamError(f"--channel {job.channel} does not exist: {folders.name} has {n_channels} channel(s)")
@@ -122,13 +122,6 @@ def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: P
                            "true boxes is still reported", exc)
     return FinetunePlan(job=job, folders=folders, train=train, validation=validation, output=output,
                         initial_model=initial)
-
-
-def _fold_number(fold: str) -> int:
-    try:
-        return int(fold)
-    except ValueError:
-        raise NnsamError(f"-f {fold} is not a fold; use a number (0, 1, ...) or all") from None
 
 
 class _PreprocessedCases:

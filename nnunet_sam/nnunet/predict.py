@@ -14,6 +14,7 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders
+from nnunet_sam.nnunet.splits import fold_name
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ class ModelChoice:
                 "tta": self.tta, "folder": str(folder)}
 
 
-def _fold_name(fold: str) -> str:
-    return fold if fold == "all" else str(int(fold))
-
-
 def resolve_model(folders: DatasetFolders, choice: ModelChoice) -> tuple[Path, ModelChoice]:
     """The model folder and the folds to use; errors name the training command that is missing."""
     folder = Path(get_output_folder(folders.name, choice.trainer, folders.plans_identifier, folders.configuration))
@@ -44,7 +41,7 @@ def resolve_model(folders: DatasetFolders, choice: ModelChoice) -> tuple[Path, M
     if not folder.is_dir():
         raise NnsamError(f"no trained model in {folder}; train one first: {train}")
     if choice.folds:
-        folds = tuple(_fold_name(f) for f in choice.folds)
+        folds = tuple(fold_name(f) for f in choice.folds)
         for fold in folds:
             if not (folder / f"fold_{fold}" / choice.checkpoint).is_file():
                 raise NnsamError(f"{folder / f'fold_{fold}' / choice.checkpoint} not found; finish "

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import logging
 
-from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.datasets import DatasetFolders
+from nnunet_sam.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 NNUNET_FOLDS = 5
 SPLITS_FILE = "splits_final.json"
+
+
+def fold_name(fold: str) -> str:
+    """`-f` as nnU-Net names the fold's folder: "all" or the fold's number; a one-line error otherwise."""
+    if fold == "all":
+        return fold
+    try:
+        return str(int(fold))
+    except ValueError:
+        raise NnsamError(f"-f {fold} is not a fold; use a number (0, 1, ...) or all") from None
 
 
 def ensure_few_label_splits(folders: DatasetFolders) -> None:
@@ -32,7 +42,7 @@ def ensure_few_label_splits(folders: DatasetFolders) -> None:
         logger.warning("%s has %d labelled case: train with fold 'all' (-f all); its 'validation' is then "
                        "the training case itself", folders.name, len(labelled))
         return
-    save_json(generate_crossval_split(labelled, seed=12345, n_splits=len(labelled)), str(path))
+    write_json_atomic(generate_crossval_split(labelled, seed=12345, n_splits=len(labelled)), path)  # never half
     logger.warning("%s has %d labelled cases, fewer than nnU-Net's %d folds: wrote a leave-one-out split to "
                    "%s (folds 0-%d validate on one case each; -f all trains on all)", folders.name,
                    len(labelled), NNUNET_FOLDS, path, len(labelled) - 1)
