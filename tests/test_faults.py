@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+
+import pytest
 
 from nnunet_sam.nnunet.report import CASES_FOLDER, REPORT_NAME, write_case_report, write_report
 from nnunet_sam.utils.atomic import TEMP_PREFIX, finished_files
@@ -27,3 +30,24 @@ def test_finished_files_leave_out_temporaries_only(tmp_path):
     for name in ("b.json", "a.json", f"{TEMP_PREFIX}a-123.json", ".hidden.json", "c.txt"):
         (tmp_path / name).write_text("{}")
     assert [p.name for p in finished_files(tmp_path, "*.json")] == [".hidden.json", "a.json", "b.json"]
+
+
+@pytest.mark.parametrize("module, body, argv, has_continue", [
+    ("refine", "_refine", ["-d", "1"], True),
+    ("finetune", "_finetune", ["-d", "1"], False),
+    ("preprocess_unlabeled", "_body", ["-d", "1"], False),
+    ("demo", "_demo", ["-o", "demo"], False),
+])
+def test_ctrl_c_names_only_flags_the_command_has(monkeypatch, capsys, module, body, argv, has_continue):
+    cli = importlib.import_module(f"nnunet_sam.cli.{module}")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, body, interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted; " in message and ("--continue" in message) == has_continue
+    assert ("--continue" in cli.build_parser().format_help()) == has_continue

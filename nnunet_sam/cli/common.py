@@ -21,8 +21,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
-        argv: Sequence[str] | None = None) -> None:
-    """Parse arguments, run `body`; an NnsamError becomes 'PROG: error: MESSAGE' and exit status 2."""
+        argv: Sequence[str] | None = None, resume_hint: str = "rerun the same command") -> None:
+    """Parse arguments, run `body`; an NnsamError becomes 'PROG: error: MESSAGE' and exit status 2. Ctrl-C says
+    what was kept and `resume_hint`: how this command goes on (only flags it has)."""
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:
@@ -31,7 +32,7 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], No
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; finished cases are kept, rerun with --continue", file=sys.stderr)
+        print(f"{parser.prog}: interrupted; {resume_hint}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _demo, argv)
+    run(build_parser(), _demo, argv, "finished stages are kept: rerun the same command to go on")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _finetune, argv)
+    run(build_parser(), _finetune, argv, "nothing was written (the checkpoint is saved at the end); the cached "
+                                         "embeddings are kept, so a rerun starts training at once")
 
 
 if __name__ == "__main__":

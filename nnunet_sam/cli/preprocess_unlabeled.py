@@ -40,7 +40,7 @@ def _body(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _body, argv)
+    run(build_parser(), _body, argv, "finished cases are kept: rerun the same command to do the rest")
 
 
 if __name__ == "__main__":

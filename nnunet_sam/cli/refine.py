@@ -210,7 +210,7 @@ def _refine_files(args: argparse.Namespace, settings: RefineSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _refine, argv)
+    run(build_parser(), _refine, argv, "finished cases are kept: rerun the same command with --continue")
 
 
 if __name__ == "__main__":
