@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from nnunet_sam.nnunet.report import CASES_FOLDER, REPORT_NAME, write_case_report, write_report
+from nnunet_sam.nnunet.unlabeled import remove_stale_temporaries
 from nnunet_sam.utils.atomic import TEMP_PREFIX, finished_files
 
 
@@ -51,3 +55,17 @@ def test_ctrl_c_names_only_flags_the_command_has(monkeypatch, capsys, module, bo
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "interrupted; " in message and ("--continue" in message) == has_continue
     assert ("--continue" in cli.build_parser().format_help()) == has_continue
+
+
+def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead, alive = int(finished.stdout), os.getpid()
+    names = {"fixed": f"{TEMP_PREFIX}c1.b2nd", "dead": f"{TEMP_PREFIX}c1.{dead}_seg.b2nd",
+             "alive": f"{TEMP_PREFIX}c1.{alive}.pkl", "other case": f"{TEMP_PREFIX}c2.{dead}.pkl",
+             "finished": "c1.pkl"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temporaries(tmp_path, ["c1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["alive"], names["other case"], names["finished"]])

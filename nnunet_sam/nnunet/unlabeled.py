@@ -87,7 +87,7 @@ def _preprocess_one(args: tuple) -> str:
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
-    temp = out_dir / (TEMP_PREFIX + case.case_id)
+    temp = out_dir / f"{TEMP_PREFIX}{case.case_id}.{os.getpid()}"  # its own name: two runs never share one
     preprocessor.run_case_save(str(temp), [str(p) for p in case.images], None, plans_manager,
                                configuration_manager, dataset_json)
     properties = load_pickle(str(temp) + ".pkl")
@@ -100,10 +100,25 @@ def _preprocess_one(args: tuple) -> str:
 
 def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
     """Delete what an interrupted run left under temporary names for these cases (only these: other
-    processes of a split run may be writing theirs)."""
+    processes of a split run may be writing theirs): the writer's fixed names, and the per-process names of
+    processes that no longer run on this machine (a running process's files are its work in progress)."""
     for case_id in case_ids:
         for part in _PREPROCESSED_PARTS:
             (folder / f"{TEMP_PREFIX}{case_id}{part}").unlink(missing_ok=True)
+        for path in folder.glob(f"{TEMP_PREFIX}{case_id}.*"):
+            writer = path.name[len(f"{TEMP_PREFIX}{case_id}."):].split("_")[0].split(".")[0]
+            if writer.isdigit() and not _process_running(int(writer)):
+                path.unlink(missing_ok=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,
