@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from nnunet_sam.nnunet.report import CASES_FOLDER, REPORT_NAME, write_case_report, write_report
+from nnunet_sam.nnunet.report import CASES_FOLDER, REPORT_NAME, class_rows, write_case_report, write_report
 from nnunet_sam.nnunet.unlabeled import remove_stale_temporaries
+from nnunet_sam.sam.refine import ClassStats, RefineResult
 from nnunet_sam.utils.atomic import TEMP_PREFIX, finished_files
 
 
@@ -69,3 +71,17 @@ def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_p
     remove_stale_temporaries(tmp_path, ["c1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [names["alive"], names["other case"], names["finished"]])
+
+
+def test_a_class_the_mask_misses_but_the_truth_has_counts_in_the_dice(tmp_path):
+    initial = np.zeros((2, 8, 8), dtype=np.int16)
+    initial[:, 1:4, 1:4] = 1
+    truth = initial.copy()
+    truth[:, 5:7, 5:7] = 2  # the weak mask never found class 2
+    result = RefineResult(mask=initial.copy(), classes={1: ClassStats(label=1, voxels_before=18, voxels_after=18)},
+                          axis=0, slices_encoded=2)
+    rows = class_rows("case", result, initial, truth)
+    assert rows["2"]["dice_before"] == rows["2"]["dice_after"] == 0.0 and rows["2"]["voxels_before"] == 0
+    write_case_report(tmp_path, "case", {"case": "case", "classes": rows})
+    summary = write_report(tmp_path, {})["summary"]
+    assert summary["2"]["mean_dice_after"] == 0.0 and summary["1"]["mean_dice_after"] == 1.0

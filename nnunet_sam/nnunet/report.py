@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_sam.sam.prompts import dice
-from nnunet_sam.sam.refine import RefineResult
+from nnunet_sam.sam.refine import ClassStats, RefineResult
 from nnunet_sam.utils.atomic import finished_files, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,14 @@ def write_case_report(out_dir: Path, case_id: str, data: dict) -> None:
 
 def class_rows(case_id: str, result: RefineResult, initial: np.ndarray, truth: np.ndarray | None = None) -> dict:
     """Per class of one case: the engine's statistics, plus Dice before/after against `truth` if
-    given. Warns when SAM changed a class a lot, so a person looks before training on it."""
+    given (a class the truth has but the initial mask lacks counts too, at Dice 0: leaving it out would flatter
+    the summary). Warns when SAM changed a class a lot, so a person looks before training on it."""
     rows = {}
-    for label, stats in result.classes.items():
+    classes = dict(result.classes)
+    if truth is not None:
+        for label in (int(v) for v in np.unique(truth) if v > 0 and int(v) not in classes):
+            classes[label] = ClassStats(label=label, voxels_after=int((result.mask == label).sum()))
+    for label, stats in sorted(classes.items()):
         row = stats.to_dict()
         if stats.dice_initial_refined is not None and stats.dice_initial_refined < CHANGE_WARNING_DICE:
             logger.warning("%s label %d: SAM changed the mask a lot (Dice %.2f with the initial mask); "
