@@ -85,10 +85,10 @@ def _same_labels(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_the_checkpoint_round_trips_into_refinement(finetuned, litemedsam, tmp_path, caplog):
-    record = {"context": "single", "cases": [np.str_("phantom")]}  # numpy strings, as nnU-Net's splits give
+    record = {"context": "single", "axis": None, "cases": [np.str_("phantom")]}  # numpy strings, as in nnU-Net's splits
     path = save_finetuned(finetuned.model, tmp_path / "ft.pth", record)
     loaded = load_sam("litemedsam", path, device="cpu")
-    assert loaded.finetuned == {"sam": "litemedsam", "context": "single", "cases": ["phantom"]}
+    assert loaded.finetuned == {"sam": "litemedsam", "context": "single", "axis": None, "cases": ["phantom"]}
     trained = finetuned.model.module.mask_decoder.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in loaded.module.mask_decoder.state_dict().items())
     saved = torch.load(path, weights_only=True)["model"]
@@ -102,7 +102,10 @@ def test_the_checkpoint_round_trips_into_refinement(finetuned, litemedsam, tmp_p
 
     with caplog.at_level(logging.WARNING):
         SamRefiner(loaded, RefineSettings(context="adjacent"))
-    assert "fine-tuned on 'single' views" in caplog.text
+    assert "fine-tuned on 'single' views" in caplog.text and "--axis" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        SamRefiner(loaded, RefineSettings(axis=1))
+    assert "fine-tuned on slices along the through-plane axis but refinement slices along axis 1" in caplog.text
     with pytest.raises(NnsamError, match="fine-tuned from litemedsam"):
         load_sam("vit_b", path, device="cpu")
 

@@ -150,6 +150,11 @@ class SamRefiner:
                 logger.warning("the SAM decoder in %s was fine-tuned on %s views but refinement uses %s; pass the "
                                "same --context (and --grid)%s", model.checkpoint, trained, current,
                                "; its class prompts recover no slices on other views" if model.class_prompts else "")
+            trained_axis = model.finetuned.get("axis", self.settings.axis)  # (a record without it: no warning)
+            if trained_axis != self.settings.axis:
+                logger.warning("the SAM decoder in %s was fine-tuned on slices along %s but refinement slices "
+                               "along %s; pass the same --axis", model.checkpoint, _axis_name(trained_axis),
+                               _axis_name(self.settings.axis))
             if self.settings.prompts != "box":
                 logger.warning("the SAM decoder in %s was fine-tuned with box prompts only; --prompts %s also "
                                "gives it points it was not fine-tuned on", model.checkpoint, self.settings.prompts)
@@ -387,6 +392,10 @@ class SamRefiner:
                     score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
             scores.append(score)
         return scores
+
+
+def _axis_name(axis: int | None) -> str:
+    return "the through-plane axis" if axis is None else f"axis {axis}"
 
 
 def _views_name(context: str | None, grid: int) -> str:
