@@ -16,9 +16,8 @@ Layout (beside nnU-Net's own folders; `<data_identifier>` is the configuration's
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +130,8 @@ def dataset_folders(dataset: str, configuration: str, plans_identifier: str = "n
     raw_root = _env_folder("nnUNet_raw")
     preprocessed_root = _env_folder("nnUNet_preprocessed")
     if not re.fullmatch(r"\d+|Dataset\d{3}_\S+", dataset):
-        raise NnsamError(f"-d {dataset} is neither a dataset id (e.g. 42) nor a dataset name (e.g. Dataset042_Liver)")
+        raise NnsamError(f"-d {dataset} is neither a dataset id (e.g. 42) nor a dataset name "
+                         f"(e.g. Dataset042_Liver)")
     try:
         name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError:

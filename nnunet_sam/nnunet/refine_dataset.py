@@ -35,7 +35,7 @@ from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
 
-EXPORT_MARKER = ".nnsam_export"  # in an --export folder: its files are ours to replace
+EXPORT_MARKER = ".nnsam_export"  # a folder inside an --export folder: its files are ours to replace
 
 
 @dataclass

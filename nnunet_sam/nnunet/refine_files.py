@@ -65,8 +65,7 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
                                                                                case.mask)
     result = refiner.refine(loaded.image[job.channel], loaded.mask, loaded.properties["spacing"],
                             probabilities=probabilities, progress=True)
-    output = job.out_dir / f"{case.case_id}{ending}"
-    job.out_dir.mkdir(exist_ok=True)
+    output = job.out_dir / f"{case.case_id}{ending}"  # out_dir: claimed by refine_folder
     write_mask_like(result.mask, case.mask, output, ending, loaded.properties)
     classes = class_rows(case.case_id, result, loaded.mask, loaded.gt)
     report = {"case": case.case_id, "images": [str(p) for p in case.images], "mask": str(case.mask),

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.utils.atomic import TEMP_PREFIX
+from nnunet_sam.utils.atomic import finished_files
 
 
 def check_output_folder(folder: Path, flag: str, marker: str) -> None:
@@ -19,7 +19,7 @@ def check_output_folder(folder: Path, flag: str, marker: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise NnsamError(f"{flag} {folder} is a file, not a folder; name a new folder")
     if folder.is_dir():
-        content = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TEMP_PREFIX))
+        content = [p.name for p in finished_files(folder)]
         if content and not (folder / marker).exists():
             raise NnsamError(f"{flag} {folder} already holds files nnunet-sam did not write ({content[0]}"
                              f"{', ...' if len(content) > 1 else ''}); choose a new or empty folder (user files "
@@ -34,10 +34,5 @@ def check_output_folder(folder: Path, flag: str, marker: str) -> None:
 
 
 def claim_output_folder(folder: Path, marker: str) -> None:
-    """Create `folder` (if needed) and its marker, before the first output is written into it."""
-    folder.mkdir(exist_ok=True)
-    marked = folder / marker
-    if marker.startswith("."):
-        marked.touch(exist_ok=True)
-    else:
-        marked.mkdir(exist_ok=True)
+    """Create `folder` (if needed) and its marker folder, before the first output is written into it."""
+    (folder / marker).mkdir(parents=True, exist_ok=True)
