@@ -21,7 +21,6 @@ dataset runs in its own process.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,6 +80,7 @@ def run_dataset(dataset: str, seeds: Sequence[int], epochs: int, device_name: st
     os.environ.update(nnunet_environment(root, [root / "trainers"], device))
     from nnunet_sam.demo.slices import UNLABELED_TRUTH
     from nnunet_sam.sam import RefineSettings
+    from nnunet_sam.utils.atomic import write_json_atomic
 
     results = []
     for seed in seeds:
@@ -111,7 +111,8 @@ def run_dataset(dataset: str, seeds: Sequence[int], epochs: int, device_name: st
                                           {k: s["mean_dice_after"] for k, s in summary.items()},
                                           _case_means(report), seconds))
     record = root / "finetune_quality" / "results.json"  # every number of this run, for a later reading
-    record.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic([asdict(r) for r in results], record)
     return results
 
 
