@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from nnunet_sam.cli import preprocess_unlabeled as preprocess_cli
 from nnunet_sam.cli import refine as refine_cli
 
 DATA_ID = "nnUNetPlans_3d_fullres"
+FOLD_0 = ("nnUNetPlans", "fold_0")  # the pseudo-label set that fold 0 of nnUNetPlans trains on
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def pseudo_labels(planned_dataset, unlabeled, baseline, tmp_path_factory):
     refine_cli.main(["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
                      "--disable_tta", "-device", "cpu", "--gt", str(planned_dataset.raw / "labelsUnlabeledTruth"),
                      "--export", str(export)])
-    return planned_dataset.preprocessed / f"{DATA_ID}_pseudolabels", export
+    return planned_dataset.preprocessed.joinpath(f"{DATA_ID}_pseudolabels", *FOLD_0), export
 
 
 def test_preprocess_unlabeled_writes_cases_once_and_a_few_label_split(planned_dataset, unlabeled):
@@ -105,7 +107,7 @@ def test_refine_dataset_writes_pseudo_labels_where_trainers_read_them(planned_da
     for case in report["cases"]:
         case_id = case["case"]
         seg = blosc2.open(str(folder / f"{case_id}_seg.b2nd"))[:]
-        image = blosc2.open(str(folder.parent / f"{DATA_ID}_unlabeled" / f"{case_id}.b2nd"))
+        image = blosc2.open(str(planned_dataset.preprocessed / f"{DATA_ID}_unlabeled" / f"{case_id}.b2nd"))
         assert seg.shape == image.shape and seg.dtype == np.int16
         assert set(np.unique(seg)) <= {-1, 0, 1, 2}
         properties = pickle.loads((folder / f"{case_id}.pkl").read_bytes())
@@ -181,18 +183,20 @@ def test_pseudo_labels_that_no_longer_fit_their_images_are_refused(planned_datas
 
     folder, _ = pseudo_labels
     data = tmp_path / DATA_ID  # a copy: the session's dataset stays as it is
-    shutil.copytree(folder.parent / f"{DATA_ID}_unlabeled", tmp_path / f"{DATA_ID}_unlabeled")
-    shutil.copytree(folder, tmp_path / f"{DATA_ID}_pseudolabels")
-    assert len(open_pseudo_label_dataset(data, "nnsam_refine -d X").identifiers) == 2
-    seg_file = tmp_path / f"{DATA_ID}_pseudolabels" / "pipelinetestUn_001_seg.b2nd"
+    labels = tmp_path.joinpath(f"{DATA_ID}_pseudolabels", *FOLD_0)
+    shutil.copytree(planned_dataset.preprocessed / f"{DATA_ID}_unlabeled", tmp_path / f"{DATA_ID}_unlabeled")
+    shutil.copytree(folder, labels)
+    assert len(open_pseudo_label_dataset(data, labels, "nnsam_refine -d X").identifiers) == 2
+    seg_file = labels / "pipelinetestUn_001_seg.b2nd"
     cropped = blosc2.open(str(seg_file))[:, :, :-2]
     seg_file.unlink()
     blosc2.asarray(np.ascontiguousarray(cropped), urlpath=str(seg_file))
     with pytest.raises(NnsamError, match="pipelinetestUn_001 has shape .* make new pseudo labels: nnsam_refine"):
-        open_pseudo_label_dataset(data, "nnsam_refine -d X")
+        open_pseudo_label_dataset(data, labels, "nnsam_refine -d X")
 
 
-def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset, pseudo_labels, litemedsam):
+def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset, pseudo_labels, baseline,
+                                                               litemedsam):
     """A re-run with another initial model, other engine settings or other pseudo-label options, resumed with
     --continue, never keeps the old run's labels."""
     from nnunet_sam.nnunet.predict import ModelChoice
@@ -205,10 +209,85 @@ def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset,
 
     same, refiner = plan(), SamRefiner(litemedsam)
     assert all(_case_done(same, c, refiner) for c in same.cases)
+    checkpoint = baseline / "checkpoint_final.pth"  # the initial model trained again under the same name
+    times = checkpoint.stat()
+    os.utime(checkpoint, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))
+    try:
+        assert not any(_case_done(plan(), c, refiner) for c in same.cases)
+    finally:
+        os.utime(checkpoint, ns=(times.st_atime_ns, times.st_mtime_ns))
     for other in (plan(tta=True), plan(ignore_disagreement=True), plan(min_case_agreement=0.5)):
         assert not any(_case_done(other, c, refiner) for c in other.cases)
     for settings in (RefineSettings(confident=0.5), RefineSettings(fuse=True), RefineSettings(activation=None)):
         assert not any(_case_done(same, c, SamRefiner(litemedsam, settings)) for c in same.cases)
+
+
+def test_a_changed_unlabelled_image_is_preprocessed_again_and_its_pseudo_label_refused(planned_dataset, pseudo_labels,
+                                                                                      litemedsam):
+    """Only the changed case is preprocessed again; its pseudo label is refused by the trainers and redone by
+    --continue; the same bytes copied back make the old pseudo label valid again."""
+    from nnunet_sam.errors import NnsamError
+    from nnunet_sam.nnunet.datasets import open_pseudo_label_dataset
+    from nnunet_sam.nnunet.predict import ModelChoice
+    from nnunet_sam.nnunet.refine_dataset import DatasetJob, _case_done, plan_dataset_job
+    from nnunet_sam.sam import SamRefiner
+
+    folder, _ = pseudo_labels
+    dataset, data = str(planned_dataset.dataset_id), planned_dataset.preprocessed / DATA_ID
+    unlabeled = planned_dataset.preprocessed / f"{DATA_ID}_unlabeled"
+    cases = ("pipelinetestUn_000", "pipelinetestUn_001")
+    image_file = planned_dataset.raw / "imagesUnlabeled" / f"{cases[1]}_0000.nii.gz"
+    original = image_file.read_bytes()
+    stamps = {c: (unlabeled / f"{c}.b2nd").stat().st_mtime_ns for c in cases}
+    try:
+        image = sitk.ReadImage(str(image_file))
+        changed = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) + 25)
+        changed.CopyInformation(image)
+        sitk.WriteImage(changed, str(image_file))
+        preprocess_cli.main(["-d", dataset])
+        assert [(unlabeled / f"{c}.b2nd").stat().st_mtime_ns != stamps[c] for c in cases] == [False, True]
+        with pytest.raises(NnsamError, match=f"pseudo label {cases[1]} in .* was made from an earlier preprocessing"):
+            open_pseudo_label_dataset(data, folder, "nnsam_refine -d X")
+        plan = plan_dataset_job(DatasetJob(dataset=dataset, resume=True,
+                                           model=ModelChoice("nnUNetTrainerShort", ("0",), tta=False)))
+        assert [_case_done(plan, c, SamRefiner(litemedsam)) for c in cases] == [True, False]
+    finally:
+        image_file.write_bytes(original)
+        preprocess_cli.main(["-d", dataset])
+    assert len(open_pseudo_label_dataset(data, folder, "nnsam_refine -d X").identifiers) == 2
+
+
+def test_check_lists_stale_orphan_leaking_and_half_written_work(planned_dataset, pseudo_labels, tmp_path, caplog):
+    """nnsam_check finds nothing after a clean run; on a copy with one fault of each kind, each with its fix."""
+    from nnunet_sam.cli import check as check_cli
+    from nnunet_sam.nnunet.check import check_dataset
+    from nnunet_sam.nnunet.datasets import DatasetFolders
+
+    check_cli.main(["-d", str(planned_dataset.dataset_id)])  # clean: no SystemExit(1)
+    raw, preprocessed = tmp_path / "raw" / planned_dataset.name, tmp_path / "preprocessed" / planned_dataset.name
+    shutil.copytree(planned_dataset.raw, raw)
+    shutil.copytree(planned_dataset.preprocessed, preprocessed)
+    folders = DatasetFolders(planned_dataset.name, raw, preprocessed, "nnUNetPlans", CONFIG, DATA_ID)
+    assert check_dataset(folders) == []
+    unlabeled, labels = preprocessed / f"{DATA_ID}_unlabeled", preprocessed.joinpath(f"{DATA_ID}_pseudolabels", *FOLD_0)
+    (unlabeled / ".nnsam-tmp-pipelinetestUn_001.99999.b2nd").write_bytes(b"killed")
+    (unlabeled / "pipelinetestUn_000.pkl").unlink()  # a half-removed case: no trainer reads it
+    shutil.copytree(labels, labels.with_name("fold_1"))  # made by fold 0's model, put where fold 1 reads
+    image = raw / "imagesUnlabeled" / "pipelinetestUn_001_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[:-1] + b"x")  # the scan changed since it was preprocessed
+    shutil.copy(labels / "pipelinetestUn_001.pkl", labels.parent.parent / "pipelinetestUn_001.pkl")  # old layout
+    found = {(f.where.name, f.item, f.problem.split(":")[0].split(" (")[0]) for f in check_dataset(folders)}
+    assert found == {
+        (unlabeled.name, ".nnsam-tmp-pipelinetestUn_001.99999.b2nd", "temporary file of an unfinished write"),
+        (unlabeled.name, "pipelinetestUn_000", "case without its .pkl"),
+        (unlabeled.name, "pipelinetestUn_000", "not preprocessed"),
+        (unlabeled.name, "pipelinetestUn_001", "stale"),
+        (f"{DATA_ID}_pseudolabels", "pipelinetestUn_001", "pseudo label in the layout before per-plans, per-fold sets"),
+        *{(fold, "pipelinetestUn_000", "no preprocessed image of an unlabelled case") for fold in ("fold_0", "fold_1")},
+        ("fold_1", "refine_report.json", "made by fold(s) 0, which saw fold 1's validation cases")}
+    fixes = {f.item: f.fix for f in check_dataset(folders) if f.where.name == "fold_1"}
+    assert fixes["refine_report.json"] == (f"nnsam_refine -d {planned_dataset.name} -c {CONFIG} -p nnUNetPlans -f 1 "
+                                           f"-tr nnUNetTrainerShort")
 
 
 def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys, caplog):
@@ -229,7 +308,7 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     run_training(dataset, "2d", "0", "nnUNetTrainerShort", device=torch.device("cpu"))
     refine = ["-d", dataset, "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerShort", "--disable_tta", "-device", "cpu"]
     refine_cli.main(refine + ["--gt", str(planned_dataset.raw / "labelsUnlabeledTruth")])
-    labels = planned_dataset.preprocessed / "nnUNetPlans_2d_pseudolabels"
+    labels = planned_dataset.preprocessed.joinpath("nnUNetPlans_2d_pseudolabels", *FOLD_0)
     report = json.loads((labels / "refine_report.json").read_text())
     assert report["configuration"] == "2d" and len(report["cases"]) == 2
     assert all(case["axis"] == 0 for case in report["cases"])  # slices along z, as the 2d network sees them

@@ -34,20 +34,22 @@ def test_sam_agreement_is_the_mean_dice_over_the_classes_either_map_has():
 def test_cases_no_longer_unlabelled_lose_their_preprocessed_files_and_reports(tmp_path):
     from types import SimpleNamespace
 
-    from nnunet_sam.nnunet.datasets import finished_cases
+    from nnunet_sam.nnunet.datasets import finished_cases, pseudo_label_folder, unlabeled_folder
     from nnunet_sam.nnunet.refine_dataset import remove_orphans
     from nnunet_sam.nnunet.report import case_report_path, write_case_report
 
-    labels, images = tmp_path / "pseudolabels", tmp_path / "unlabeled"
+    data_folder = tmp_path / "nnUNetPlans_2d"
+    labels, images = pseudo_label_folder(data_folder, "nnUNetPlans", "all"), unlabeled_folder(data_folder)
+    other_fold = pseudo_label_folder(data_folder, "nnUNetResEncUNetMPlans", "0")
     for case in ("kept", "gone"):
-        for folder, parts in ((labels, (".pkl", "_seg.b2nd")), (images, (".pkl", ".b2nd"))):
-            folder.mkdir(exist_ok=True)
+        for folder, parts in ((labels, (".pkl", "_seg.b2nd")), (other_fold, (".pkl",)), (images, (".pkl", ".b2nd"))):
+            folder.mkdir(parents=True, exist_ok=True)
             for part in parts:
                 (folder / f"{case}{part}").write_bytes(b"x")
         write_case_report(labels, case, {"case": case})
-    folders = SimpleNamespace(pseudo_labels=labels, unlabeled_data=images, unlabeled_images=tmp_path / "raw")
+    folders = SimpleNamespace(data_folder=data_folder, unlabeled_data=images, unlabeled_images=tmp_path / "raw")
     remove_orphans(SimpleNamespace(folders=folders, cases=["kept"]))
-    assert finished_cases(labels) == finished_cases(images) == ["kept"]
+    assert finished_cases(labels) == finished_cases(images) == finished_cases(other_fold) == ["kept"]
     assert sorted(p.name for p in labels.iterdir() if p.is_file()) == ["kept.pkl", "kept_seg.b2nd"]
     assert sorted(p.name for p in images.iterdir()) == ["kept.b2nd", "kept.pkl"]
     assert case_report_path(labels, "kept").is_file() and not case_report_path(labels, "gone").exists()

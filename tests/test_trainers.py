@@ -8,6 +8,7 @@ unlabelled case ids, and writes very short subclasses of our trainers into a tem
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -191,9 +192,8 @@ def fake_extra_cases(data_folder: Path, case_ids: dict[str, str]) -> None:
 
     from nnunet_sam.nnunet.datasets import pseudo_label_folder, unlabeled_folder
 
-    unlabeled, pseudo = unlabeled_folder(data_folder), pseudo_label_folder(data_folder)
+    unlabeled = unlabeled_folder(data_folder)
     unlabeled.mkdir(exist_ok=True)
-    pseudo.mkdir(exist_ok=True)
     for source, target in case_ids.items():
         shutil.copy(data_folder / f"{source}.b2nd", unlabeled / f"{target}.b2nd")
         seg = blosc2.open(str(data_folder / f"{source}_seg.b2nd"), mode="r")[:]
@@ -201,8 +201,18 @@ def fake_extra_cases(data_folder: Path, case_ids: dict[str, str]) -> None:
                        mode="w")
         properties = load_pickle(str(data_folder / f"{source}.pkl"))
         write_pickle({**properties, "class_locations": {}}, str(unlabeled / f"{target}.pkl"))
-        shutil.copy(data_folder / f"{source}_seg.b2nd", pseudo / f"{target}_seg.b2nd")
-        shutil.copy(data_folder / f"{source}.pkl", pseudo / f"{target}.pkl")
+    for fold in ("0", "1", "all"):  # one pseudo-label set per training fold, each made by "that fold's model"
+        pseudo = pseudo_label_folder(data_folder, "nnUNetPlans", fold)
+        pseudo.mkdir(parents=True, exist_ok=True)
+        for source, target in case_ids.items():
+            shutil.copy(data_folder / f"{source}_seg.b2nd", pseudo / f"{target}_seg.b2nd")
+            shutil.copy(data_folder / f"{source}.pkl", pseudo / f"{target}.pkl")
+        (pseudo / "refine_report.json").write_text(json.dumps({"initial_model": fake_model_record([fold])}))
+
+
+def fake_model_record(folds: list[str], trainer: str = "nnUNetTrainer", folder: str = "unused") -> dict:
+    """An initial model as refine_report.json records it."""
+    return {"trainer": trainer, "folds": folds, "checkpoint": "checkpoint_final.pth", "tta": False, "folder": folder}
 
 
 def prepare_dataset(root: Path, trainer_folder: Path, epochs: int = 2, iterations: int = 2,
@@ -378,14 +388,14 @@ def test_final_validation_with_teacher(nnunet_env, trained):
 
 
 @pytest.mark.parametrize("name, folder, command", [
-    ("nnUNetTrainerSAMPseudoShort", "nnUNetPlans_3d_fullres_pseudolabels",
-     f"nnsam_refine -d {DATASET} -c 3d_fullres -f FOLD"),
+    ("nnUNetTrainerSAMPseudoShort", "nnUNetPlans_3d_fullres_pseudolabels/nnUNetPlans/fold_0",
+     f"nnsam_refine -d {DATASET} -c 3d_fullres -f 0"),
     ("nnUNetTrainerMeanTeacherShort", "nnUNetPlans_3d_fullres_unlabeled",
      f"nnsam_preprocess_unlabeled -d {DATASET} -c 3d_fullres"),
 ])
 def test_missing_extra_cases_give_the_command(nnunet_env, trained, name, folder, command):
     path = nnunet_env / "preprocessed" / DATASET / folder
-    hidden = path.with_name(folder + "_hidden")
+    hidden = path.with_name(path.name + "_hidden")
     path.rename(hidden)
     try:
         trainer = make_trainer(name, 0)
@@ -449,10 +459,10 @@ def test_warm_start_takes_every_weight_of_the_model_that_made_the_pseudo_labels(
     from nnunet_sam.nnunet.datasets import pseudo_label_model_checkpoint
 
     source = trained["nnUNetTrainerSAMPseudoMeanTeacherShort"]  # fold 0, as if it had made the pseudo labels
-    pseudo = nnunet_env / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres_pseudolabels"
+    pseudo = nnunet_env / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres_pseudolabels" / "nnUNetPlans" / "fold_0"
     report = pseudo / "refine_report.json"
-    record = {"trainer": source.__class__.__name__, "folds": ["0"], "checkpoint": "checkpoint_final.pth",
-              "tta": False, "folder": str(Path(source.output_folder).parent)}
+    fake_report = report.read_text()
+    record = fake_model_record(["0"], source.__class__.__name__, str(Path(source.output_folder).parent))
     report.write_text(json.dumps({"initial_model": record}))
     try:
         trainer = make_trainer("nnUNetTrainerSAMPseudoShort", 0)
@@ -460,7 +470,7 @@ def test_warm_start_takes_every_weight_of_the_model_that_made_the_pseudo_labels(
         trainer.load_initial_model_weights()
         assert _same(unwrap_model(trainer.network).state_dict(), _checkpoint(source)["network_weights"])
         with pytest.raises(NnsamError, match="not fold 1: starting from that model would leak"):
-            pseudo_label_model_checkpoint(trainer.preprocessed_dataset_folder, 1)
+            pseudo_label_model_checkpoint(pseudo, 1)
         # a later round (nnUNetTrainerSAMPseudoRound2) checks which trainer's model made the pseudo labels
         trainer.pseudo_labels_from = source.__class__.__name__
         trainer.check_pseudo_label_round()
@@ -473,4 +483,4 @@ def test_warm_start_takes_every_weight_of_the_model_that_made_the_pseudo_labels(
         with pytest.raises(NnsamError, match="not made by a trained model"):
             trainer.load_initial_model_weights()
     finally:
-        report.unlink()
+        report.write_text(fake_report)

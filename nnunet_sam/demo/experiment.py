@@ -148,7 +148,7 @@ class Experiment:
             initial = self._initial_model(plan)
         written = write_unrefined_pseudo_labels(plan, initial)
         for case_id in set(written) - set(written if cases is None else cases):
-            remove_case(plan.folders.pseudo_labels, case_id)
+            remove_case(plan.pseudo_labels, case_id)
         return len(written) if cases is None else len(cases)
 
     def _truth_plan(self, gt_dir: Path | None):
@@ -159,7 +159,7 @@ class Experiment:
 
         folders = dataset_folders(str(self.dataset_id), self.configuration)
         job = DatasetJob(dataset=str(self.dataset_id), configuration=self.configuration, gt_dir=gt_dir)
-        return DatasetPlan(job=job, folders=folders, model_folder=Path(), model=ModelChoice(),
+        return DatasetPlan(job=job, folders=folders, model_folder=Path(), model=ModelChoice(folds=(self.fold,)),
                            unlabeled=find_unlabeled_cases(folders))
 
     def finetune_sam(self, epochs: int, embeddings: Path, evaluate_with: str | None = None,

@@ -173,7 +173,8 @@ class Demo:
         pictures of nnsam_refine --overlays stay in the pseudo-label folder)."""
         from nnunet_sam.nnunet.datasets import dataset_folders
 
-        folder = dataset_folders(str(self.spec.dataset_id), CONFIGURATION).pseudo_labels / "overlays"
+        folders = dataset_folders(str(self.spec.dataset_id), CONFIGURATION)
+        folder = folders.pseudo_labels_for(self.experiment.fold) / "overlays"
         overlays = self.out / "overlays"
         overlays.mkdir(exist_ok=True)
         pictures = sorted(folder.glob("*.png"))[:TEST_PICTURES]

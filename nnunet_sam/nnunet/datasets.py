@@ -8,10 +8,15 @@ Layout (beside nnU-Net's own folders; `<data_identifier>` is the configuration's
     nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/  CASE.b2nd, CASE_seg.b2nd
                                                                       (placeholder: 0 inside, -1 outside
                                                                       the nonzero mask), CASE.pkl
-    nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_pseudolabels/
+    nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_pseudolabels/<plans_identifier>/fold_<F>/
                                                                       CASE_seg.b2nd, CASE.pkl (with the
                                                                       pseudo labels' class_locations),
                                                                       refine_report.json
+
+Pseudo labels belong to one plans identifier (nnU-Net's ResEnc presets share a data identifier with nnUNetPlans
+but not a model) and to the one training fold F that may read them: those made by fold k's model are for fold k
+(that model never saw fold k's validation cases); those of an ensemble of folds, or of fold `all`, are for fold
+`all` only (each model of an ensemble saw other folds' validation cases).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, load
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.provenance import SOURCE_KEY, same_source
 
 UNLABELED_IMAGES = "imagesUnlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
@@ -45,10 +51,28 @@ def unlabeled_folder(preprocessed_data_folder: str | os.PathLike) -> Path:
     return folder.parent / (folder.name + UNLABELED_SUFFIX)
 
 
-def pseudo_label_folder(preprocessed_data_folder: str | os.PathLike) -> Path:
-    """The pseudo labels of a configuration's unlabelled cases (written by `nnsam_refine -d`)."""
+def pseudo_label_root(preprocessed_data_folder: str | os.PathLike) -> Path:
+    """The folder holding every pseudo-label set of a configuration's unlabelled cases (per plans and fold)."""
     folder = Path(preprocessed_data_folder)
     return folder.parent / (folder.name + PSEUDO_SUFFIX)
+
+
+def pseudo_label_folder(preprocessed_data_folder: str | os.PathLike, plans_identifier: str, fold: str | int) -> Path:
+    """The pseudo labels that training fold `fold` of plans `plans_identifier` reads (written by `nnsam_refine -d`
+    with that fold's model, see `training_fold`)."""
+    return pseudo_label_root(preprocessed_data_folder) / plans_identifier / f"fold_{fold}"
+
+
+def pseudo_label_sets(preprocessed_data_folder: str | os.PathLike) -> list[Path]:
+    """Every pseudo-label set (plans identifier and fold) of a configuration's unlabelled cases."""
+    root = pseudo_label_root(preprocessed_data_folder)
+    return sorted(p for p in root.glob("*/fold_*") if p.is_dir()) if root.is_dir() else []
+
+
+def training_fold(model_folds: list[str] | tuple[str, ...]) -> str:
+    """The one training fold that may read pseudo labels made by a model of `model_folds`: fold k for fold k's
+    model, `all` for fold all's model or for an ensemble (its models saw the other folds' validation cases)."""
+    return str(model_folds[0]) if len(model_folds) == 1 else "all"
 
 
 def finished_cases(folder: Path) -> list[str]:
@@ -96,9 +120,9 @@ class DatasetFolders:
     def unlabeled_data(self) -> Path:
         return unlabeled_folder(self.data_folder)
 
-    @property
-    def pseudo_labels(self) -> Path:
-        return pseudo_label_folder(self.data_folder)
+    def pseudo_labels_for(self, fold: str) -> Path:
+        """The pseudo labels training fold `fold` of these plans reads."""
+        return pseudo_label_folder(self.data_folder, self.plans_identifier, fold)
 
     def dataset_json(self) -> dict:
         return load_json(str(self.preprocessed / "dataset.json"))
@@ -190,48 +214,77 @@ def open_unlabeled_dataset(preprocessed_data_folder: str | os.PathLike, command_
     return nnUNetDatasetBlosc2(str(folder), cases)
 
 
-def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, command_hint: str) -> PseudoLabelDataset:
-    """The pseudo-labelled cases; a clear error naming `command_hint` when there are none."""
-    labels = pseudo_label_folder(preprocessed_data_folder)
+def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, labels: Path,
+                              command_hint: str) -> PseudoLabelDataset:
+    """The pseudo-labelled cases of the set in `labels` (`pseudo_label_folder`), checked before training: made for
+    this fold (no leakage), from the current preprocessed images; clear errors naming `command_hint`."""
     images = unlabeled_folder(preprocessed_data_folder)
     cases = finished_cases(labels)
     if not cases:
         raise NnsamError(f"no pseudo labels in {labels}; run {command_hint}")
+    check_made_for_fold(labels, labels.name.removeprefix("fold_"), command_hint)
     missing = [c for c in cases if not (images / f"{c}.b2nd").is_file()]
     if missing:
         raise NnsamError(f"pseudo label {missing[0]} in {labels} has no preprocessed image in {images}; "
-                         f"rerun nnsam_preprocess_unlabeled and then nnsam_refine -d")
+                         f"rerun nnsam_preprocess_unlabeled and then {command_hint}")
     for case in cases:
         image_shape = _open_b2nd(str(images / f"{case}.b2nd"), {}).shape[1:]
         label_shape = _open_b2nd(str(labels / f"{case}_seg.b2nd"), {}).shape[1:]
         if image_shape != label_shape:
             raise NnsamError(f"pseudo label {case} has shape {label_shape} but its preprocessed image {image_shape} "
                              f"(preprocessed again since?); make new pseudo labels: {command_hint}")
+        if not same_source(pseudo_label_source(labels, case), pseudo_label_source(images, case)):
+            raise NnsamError(f"pseudo label {case} in {labels} was made from an earlier preprocessing of its image "
+                             f"(image file or plans changed since); make new pseudo labels: {command_hint}")
     return PseudoLabelDataset(images, labels, cases)
 
 
-def pseudo_label_model_checkpoint(preprocessed_data_folder: str | os.PathLike, fold: str | int) -> Path:
-    """The checkpoint of the nnU-Net whose predictions the pseudo labels refine (from their refine_report.json),
-    for a trainer that starts from it. It must be one model of the same fold: a model of another fold, or an
-    ensemble, has seen this fold's validation cases."""
-    return pseudo_label_model(preprocessed_data_folder, fold)[1]
+def pseudo_label_source(folder: Path, case_id: str) -> dict | None:
+    """The source record (image files, preprocessing) in a preprocessed case's or a pseudo label's .pkl."""
+    return load_pickle(str(folder / f"{case_id}.pkl")).get(SOURCE_KEY)
 
 
-def pseudo_label_model(preprocessed_data_folder: str | os.PathLike, fold: str | int) -> tuple[str, Path]:
-    """The trainer name and checkpoint of the one model of this fold that made the pseudo labels (see
-    `pseudo_label_model_checkpoint`)."""
-    folder = pseudo_label_folder(preprocessed_data_folder)
-    report = folder / "refine_report.json"
+def made_by(labels: Path) -> dict | None:
+    """The initial model recorded in a pseudo-label set's refine_report.json (None: made from the truth);
+    an NnsamError when the set has no report."""
+    report = labels / "refine_report.json"
     if not report.is_file():
-        raise NnsamError(f"{report} not found: the pseudo labels do not say which model made them; rerun nnsam_refine -d")
-    model = load_json(str(report)).get("initial_model")
+        raise NnsamError(f"{report} not found: the pseudo labels do not say which model made them; rerun "
+                         f"nnsam_refine -d")
+    return load_json(str(report)).get("initial_model")
+
+
+def check_made_for_fold(labels: Path, fold: str, command_hint: str) -> None:
+    """Refuse pseudo labels for training fold `fold` that a model of other folds made: such a model trained on
+    this fold's validation cases, and cross-validation would be optimistic (fold `all` has no validation)."""
+    model = made_by(labels)
+    if model is None or str(fold) == "all":
+        return
+    folds = [str(f) for f in model["folds"]]
+    if folds != [str(fold)]:
+        raise NnsamError(f"the pseudo labels in {labels} come from fold(s) {', '.join(folds)}, not fold {fold} "
+                         f"alone: that model saw fold {fold}'s validation cases (leakage); run {command_hint}")
+
+
+def pseudo_label_model_checkpoint(labels: Path, fold: str | int) -> Path:
+    """The checkpoint of the nnU-Net whose predictions the pseudo labels in `labels` refine, for a trainer that
+    starts from it. It must be one model of the same fold: a model of another fold, or an ensemble, has seen this
+    fold's validation cases."""
+    return pseudo_label_model(labels, fold)[1]
+
+
+def pseudo_label_model(labels: Path, fold: str | int) -> tuple[str, Path]:
+    """The trainer name and checkpoint of the one model of this fold that made the pseudo labels in `labels` (see
+    `pseudo_label_model_checkpoint`)."""
+    model = made_by(labels)
     if not model:
-        raise NnsamError(f"the pseudo labels in {folder} were not made by a trained model (see {report})")
+        raise NnsamError(f"the pseudo labels in {labels} were not made by a trained model (see its "
+                         f"refine_report.json)")
     if [str(f) for f in model["folds"]] != [str(fold)]:
-        raise NnsamError(f"the pseudo labels in {folder} come from fold(s) {', '.join(map(str, model['folds']))}, "
+        raise NnsamError(f"the pseudo labels in {labels} come from fold(s) {', '.join(map(str, model['folds']))}, "
                          f"not fold {fold}: starting from that model would leak its training cases into this fold's "
                          f"validation; make them with nnsam_refine -d ... -f {fold}")
     checkpoint = Path(model["folder"]) / f"fold_{fold}" / model["checkpoint"]
     if not checkpoint.is_file():
-        raise NnsamError(f"{checkpoint} (the model that made the pseudo labels in {folder}) no longer exists")
+        raise NnsamError(f"{checkpoint} (the model that made the pseudo labels in {labels}) no longer exists")
     return model["trainer"], checkpoint

@@ -20,8 +20,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, finished_cases, remove_case
+from nnunet_sam.nnunet.datasets import (DatasetFolders, case_spacing, dataset_folders, finished_cases,
+                                        pseudo_label_sets, pseudo_label_source, remove_case, training_fold)
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
+from nnunet_sam.nnunet.provenance import SOURCE_KEY, file_fingerprint, same_source
 from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark_disagreement, sam_agreement,
                                             unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
@@ -79,9 +81,25 @@ class DatasetPlan:
         return [c.case_id for c in self.unlabeled]
 
     @property
+    def fold(self) -> str:
+        """The training fold the pseudo labels are for (`training_fold`: an ensemble's are for fold all)."""
+        return training_fold(self.model.folds)
+
+    @property
+    def pseudo_labels(self) -> Path:
+        """Where this job's pseudo labels go: its plans' and training fold's set."""
+        return self.folders.pseudo_labels_for(self.fold)
+
+    @property
     def model_record(self) -> dict:
-        """The initial model as reports record it (and `--continue` compares it)."""
-        return self.model.to_dict(self.model_folder)
+        """The initial model as reports record it (and `--continue` compares it), with its checkpoint files' size
+        and time (a model trained again under the same name makes other pseudo labels)."""
+        record = self.model.to_dict(self.model_folder)
+        if self.model.folds:
+            record["checkpoint_files"] = {
+                fold: file_fingerprint(self.model_folder / f"fold_{fold}" / self.model.checkpoint, content=False)
+                for fold in self.model.folds}
+        return record
 
 
 def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
@@ -106,9 +124,8 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
                              f"unlabelled case")
     if job.export_dir is not None:
         check_output_folder(job.export_dir, "--export", EXPORT_MARKER)
-    mine = unlabeled[job.part_id::job.num_parts]
-    if not {c.case_id for c in mine} <= set(finished_cases(folders.unlabeled_data)):
-        preprocess_unlabeled(folders, num_processes=job.num_processes, cases=mine)
+    # this part's cases not preprocessed yet, or preprocessed from other image files or plans
+    preprocess_unlabeled(folders, num_processes=job.num_processes, cases=unlabeled[job.part_id::job.num_parts])
     return DatasetPlan(job=job, folders=folders, model_folder=model_folder, model=model, unlabeled=unlabeled)
 
 
@@ -171,15 +188,15 @@ class _CaseRefiner:
         agreement = sam_agreement(result.mask, initial, self.label_manager.foreground_labels)
         selected = job.min_case_agreement is None or agreement >= job.min_case_agreement
         if selected:
-            write_pseudo_label(folders.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
+            write_pseudo_label(self.plan.pseudo_labels, case_id, as_training_seg(labels, placeholder[:]), properties,
                                self.label_manager, self.configuration_manager.patch_size)
         else:  # never trained on (an earlier run's pseudo label of this case goes too)
-            remove_case(folders.pseudo_labels, case_id)
+            remove_case(self.plan.pseudo_labels, case_id)
         truth = self.truth(case_id) if job.gt_dir is not None else None
         report = {"case": case_id, "initial_model": self.plan.model_record, "pseudo_options": job.pseudo_options,
                   "settings": settings_record(self.refiner), "axis": result.axis,
                   "slices_encoded": result.slices_encoded,
-                  "sam_agreement": round(agreement, 4), "selected": selected,
+                  "sam_agreement": round(agreement, 4), "selected": selected, "source": properties.get(SOURCE_KEY),
                   "classes": class_rows(case_id, result, initial, truth)}
         if job.ignore_disagreement:
             report["unsure_fraction"] = round(float(np.mean(labels != result.mask)), 6)
@@ -189,40 +206,43 @@ class _CaseRefiner:
                           self.dataset_json, target)
             report["export"] = str(target)
         if job.overlays:
-            save_case_overlay(folders.pseudo_labels / "overlays" / f"{case_id}.png", data[job.channel],
+            save_case_overlay(self.plan.pseudo_labels / "overlays" / f"{case_id}.png", data[job.channel],
                               {"initial": initial, "refined": result.mask, "truth": truth}, result.axis)
         report["seconds"] = round(time.perf_counter() - started, 2)
-        write_case_report(folders.pseudo_labels, case_id, report)
+        write_case_report(self.plan.pseudo_labels, case_id, report)
         return report
 
 
 def settings_record(refiner: SamRefiner) -> dict:
-    """The SAM model and the engine's settings as each case report records them (`--continue` compares them)."""
-    return {"sam": refiner.model.name, "checkpoint": refiner.model.checkpoint,
+    """The SAM model (its weights file's size and time too) and the engine's settings as each case report records
+    them (`--continue` compares them)."""
+    checkpoint = refiner.model.checkpoint
+    weights = None if checkpoint is None else file_fingerprint(Path(checkpoint), content=False)
+    return {"sam": refiner.model.name, "checkpoint": checkpoint, "checkpoint_file": weights,
             **json.loads(json.dumps(asdict(refiner.settings)))}
 
 
 def _case_done(plan: DatasetPlan, case_id: str, refiner: SamRefiner) -> bool:
-    """Finished by a run with the same initial model, SAM, engine settings and pseudo-label options (a resumed
-    re-run never mixes two models or two settings). A case left out by --min-case-agreement is finished
-    without a pseudo label."""
-    folders = plan.folders
-    report_file = case_report_path(folders.pseudo_labels, case_id)
+    """Finished by a run with the same initial model, SAM, engine settings and pseudo-label options, from the same
+    preprocessed image (a resumed re-run never mixes two models, two settings or old images). A case left out by
+    --min-case-agreement is finished without a pseudo label."""
+    report_file = case_report_path(plan.pseudo_labels, case_id)
     if not report_file.is_file():
         return False
     report = json.loads(report_file.read_text())
     if (report.get("initial_model") != plan.model_record or report.get("pseudo_options") != plan.job.pseudo_options
-            or report.get("settings") != settings_record(refiner)):
+            or report.get("settings") != settings_record(refiner)
+            or not same_source(report.get("source"), pseudo_label_source(plan.folders.unlabeled_data, case_id))):
         return False
-    return (folders.pseudo_labels / f"{case_id}.pkl").is_file() or report.get("selected") is False
+    return (plan.pseudo_labels / f"{case_id}.pkl").is_file() or report.get("selected") is False
 
 
 def remove_orphans(plan: DatasetPlan) -> None:
-    """Pseudo labels (and preprocessed images) of cases no longer in imagesUnlabeled/ would still be
-    trained on: remove them (they are our outputs, never user files), saying so."""
+    """Pseudo labels (of every plans identifier and fold) and preprocessed images of cases no longer in
+    imagesUnlabeled/ would still be trained on: remove them (they are our outputs, never user files), saying so."""
     folders = plan.folders
     current = set(plan.cases)
-    for folder in (folders.pseudo_labels, folders.unlabeled_data):
+    for folder in (*pseudo_label_sets(folders.data_folder), folders.unlabeled_data):
         for case_id in sorted(set(finished_cases(folder)) - current):
             logger.warning("%s is no longer in %s: removing its files from %s", case_id, folders.unlabeled_images,
                            folder)
@@ -236,11 +256,11 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     if job.model.tta and refiner.model.device.type == "cpu":
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")
-    folders.pseudo_labels.mkdir(parents=True, exist_ok=True)
+    plan.pseudo_labels.mkdir(parents=True, exist_ok=True)
     if job.export_dir is not None:
         claim_output_folder(job.export_dir, EXPORT_MARKER)
     mine = plan.cases[job.part_id::job.num_parts]
-    remove_stale_temporaries(folders.pseudo_labels, mine)
+    remove_stale_temporaries(plan.pseudo_labels, mine)
     remove_orphans(plan)
     todo = [c for c in mine if not (job.resume and _case_done(plan, c, refiner))]
     if len(todo) < len(mine):
@@ -257,15 +277,15 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
               "sam": {"model": refiner.model.name, "checkpoint": refiner.model.checkpoint,
                       "device": str(refiner.model.device)},
               "settings": asdict(refiner.settings)}
-    report = write_report(folders.pseudo_labels, header)
-    logger.info("pseudo labels in %s (%d cases):\n%s", folders.pseudo_labels, len(report["cases"]),
+    report = write_report(plan.pseudo_labels, header)
+    logger.info("pseudo labels in %s (%d cases):\n%s", plan.pseudo_labels, len(report["cases"]),
                 summary_table(report["summary"]))
     warn_absent_classes(report["summary"])
     left_out = [c["case"] for c in report["cases"] if c.get("selected") is False]
     if left_out:
         logger.warning("--min-case-agreement %s: %d of %d cases have no pseudo label (SAM agreement below it; see "
                        "sam_agreement in %s)", job.min_case_agreement, len(left_out), len(report["cases"]),
-                       folders.pseudo_labels / REPORT_NAME)
+                       plan.pseudo_labels / REPORT_NAME)
     return report
 
 
@@ -278,7 +298,7 @@ def write_unrefined_pseudo_labels(plan: DatasetPlan, initial: InitialModel | Non
         raise NnsamError("pseudo labels from the truth need --gt")
     # written beside the pseudo-label folder, then swapped in: a killed run never leaves a partial set (our
     # output folder, never user files; no SAM report of an earlier run may remain in it)
-    staging = folders.pseudo_labels.with_name(TEMP_PREFIX + folders.pseudo_labels.name)
+    staging = plan.pseudo_labels.with_name(TEMP_PREFIX + plan.pseudo_labels.name)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_case = _CaseRefiner(plan, None, initial)
@@ -287,8 +307,8 @@ def write_unrefined_pseudo_labels(plan: DatasetPlan, initial: InitialModel | Non
     write_json_atomic({"mode": "dataset", "dataset": folders.name, "sam": None,
                        "source": "truth" if initial is None else "initial model",
                        "initial_model": None if initial is None else plan.model_record}, staging / REPORT_NAME)
-    shutil.rmtree(folders.pseudo_labels, ignore_errors=True)
-    staging.rename(folders.pseudo_labels)
+    shutil.rmtree(plan.pseudo_labels, ignore_errors=True)
+    staging.rename(plan.pseudo_labels)
     logger.info("pseudo labels without SAM (%s) in %s (%d cases)", "truth" if initial is None else "initial model",
-                folders.pseudo_labels, len(plan.cases))
+                plan.pseudo_labels, len(plan.cases))
     return list(plan.cases)

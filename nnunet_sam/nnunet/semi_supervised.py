@@ -25,6 +25,7 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
@@ -36,9 +37,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
-from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset, pseudo_label_model,
-                                        pseudo_label_model_checkpoint)
+from nnunet_sam.errors import NnsamError, one_line_errors_at_top_level
+from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset, pseudo_label_folder,
+                                        pseudo_label_model, pseudo_label_model_checkpoint)
 from nnunet_sam.nnunet.pseudolabels import unsure_label
 from nnunet_sam.utils.atomic import atomic_path
 
@@ -211,6 +212,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise ValueError(f"{type(self).__name__}.extra_stream must be one of {EXTRA_STREAMS}, "
                              f"not {self.extra_stream!r}")
         super().__init__(plans, configuration, fold, dataset_json, device)
+        one_line_errors_at_top_level()  # nnUNetv2_train: our setup errors are one line and exit status 2
         self.probabilistic_oversampling = True  # a labelled sub-batch of 1 still gets foreground patches
         self.teacher: nn.Module | None = None
         self.extra_dataset = None
@@ -252,10 +254,15 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.plans_manager.plans_name != "nnUNetPlans":
             configuration += f" -p {self.plans_manager.plans_name}"
         if self.extra_stream == "pseudo":
-            return open_pseudo_label_dataset(self.preprocessed_dataset_folder,
-                                             f"nnsam_refine -d {dataset} -c {configuration} -f FOLD")
+            return open_pseudo_label_dataset(self.preprocessed_dataset_folder, self.pseudo_label_folder,
+                                             f"nnsam_refine -d {dataset} -c {configuration} -f {self.fold}")
         return open_unlabeled_dataset(self.preprocessed_dataset_folder,
                                       f"nnsam_preprocess_unlabeled -d {dataset} -c {configuration}")
+
+    @property
+    def pseudo_label_folder(self) -> Path:
+        """The pseudo labels made for this fold and these plans (`nnsam_refine -d ... -f FOLD`)."""
+        return pseudo_label_folder(self.preprocessed_dataset_folder, self.plans_manager.plans_name, self.fold)
 
     def on_train_start(self) -> None:
         if self.is_cascaded:  # the extra cases have no previous-stage segmentations
@@ -278,7 +285,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def check_pseudo_label_round(self) -> None:
         """A later round trains only on pseudo labels refined from the previous round's model of the same fold."""
-        trainer, checkpoint = pseudo_label_model(self.preprocessed_dataset_folder, self.fold)
+        trainer, checkpoint = pseudo_label_model(self.pseudo_label_folder, self.fold)
         if trainer != self.pseudo_labels_from:
             raise NnsamError(
                 f"{type(self).__name__} trains on pseudo labels made from a {self.pseudo_labels_from} model, but "
@@ -291,7 +298,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """Every weight of the nnU-Net that made the pseudo labels (`warm_start`)."""
         if self.extra_stream != "pseudo":
             raise NnsamError(f"{type(self).__name__}.warm_start needs pseudo labels (extra_stream 'pseudo')")
-        path = pseudo_label_model_checkpoint(self.preprocessed_dataset_folder, self.fold)
+        path = pseudo_label_model_checkpoint(self.pseudo_label_folder, self.fold)
         weights = torch.load(path, map_location=self.device, weights_only=False)["network_weights"]
         weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
         unwrap_model(self.network).load_state_dict(weights)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.casefiles import file_ending_of
 from nnunet_sam.nnunet.datasets import DatasetFolders, finished_cases
+from nnunet_sam.nnunet.provenance import SOURCE_KEY, preprocessing_hash, source_record, why_stale
 from nnunet_sam.utils.atomic import TEMP_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -88,14 +89,32 @@ def _preprocess_one(args: tuple) -> str:
     configuration_manager = plans_manager.get_configuration(configuration)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
     temp = out_dir / f"{TEMP_PREFIX}{case.case_id}.{os.getpid()}"  # its own name: two runs never share one
+    source = source_record(case.images, plans, configuration)  # before reading: a later change makes it stale
     preprocessor.run_case_save(str(temp), [str(p) for p in case.images], None, plans_manager,
                                configuration_manager, dataset_json)
     properties = load_pickle(str(temp) + ".pkl")
     properties["class_locations"] = _no_class_locations(plans_manager, dataset_json)
+    properties[SOURCE_KEY] = source
     write_pickle(properties, str(temp) + ".pkl")
     for part in _PREPROCESSED_PARTS:
         os.replace(str(temp) + part, out_dir / (case.case_id + part))
     return case.case_id
+
+
+def stale_cases(folders: DatasetFolders, cases: list[UnlabeledCase], plans: dict | None = None) -> dict[str, str]:
+    """The finished preprocessed cases among `cases` that no longer match their image files or the plans'
+    preprocessing: case id -> why (they are preprocessed again; their pseudo labels are refused)."""
+    plans = folders.plans() if plans is None else plans
+    expected = preprocessing_hash(plans, folders.configuration)
+    finished = set(finished_cases(folders.unlabeled_data))
+    stale = {}
+    for case in cases:
+        if case.case_id in finished:
+            properties = load_pickle(str(folders.unlabeled_data / f"{case.case_id}.pkl"))
+            reason = why_stale(properties.get(SOURCE_KEY), case.images, expected)
+            if reason is not None:
+                stale[case.case_id] = reason
+    return stale
 
 
 def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
@@ -134,11 +153,14 @@ def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwr
     out_dir = folders.unlabeled_data
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir, [c.case_id for c in cases])
-    done = set() if overwrite else set(finished_cases(out_dir))
+    plans, dataset_json = folders.plans(), folders.dataset_json()
+    stale = {} if overwrite else stale_cases(folders, cases, plans)
+    for case_id, reason in stale.items():
+        logger.warning("preprocessed unlabelled case %s is stale (%s): preprocessing it again", case_id, reason)
+    done = set() if overwrite else set(finished_cases(out_dir)) - set(stale)
     todo = [c for c in cases if c.case_id not in done]
     logger.info("%d unlabelled case(s) in %s: %d to preprocess, %d already done -> %s", len(cases),
                 folders.unlabeled_images, len(todo), len(cases) - len(todo), out_dir)
-    plans, dataset_json = folders.plans(), folders.dataset_json()
     jobs = [(c, out_dir, plans, folders.configuration, dataset_json) for c in todo]
     bar = dict(total=len(jobs), desc="preprocess unlabelled", unit="case", disable=not progress)
     if num_processes <= 1 or len(jobs) <= 1:
