@@ -40,7 +40,7 @@ def test_finished_files_leave_out_temporaries_only(tmp_path):
 
 @pytest.mark.parametrize("module, body, argv, has_continue", [
     ("refine", "_refine", ["-d", "1"], True),
-    ("finetune", "_finetune", ["-d", "1"], False),
+    ("finetune", "_finetune", ["-d", "1"], True),
     ("preprocess_unlabeled", "_body", ["-d", "1"], False),
     ("demo", "_demo", ["-o", "demo"], False),
 ])

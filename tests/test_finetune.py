@@ -158,11 +158,16 @@ def test_mask_losses_reward_the_right_mask():
 
 # --- nnsam_finetune on an nnU-Net dataset ------------------------------------------------------------
 
+def finetune_argv(planned_dataset) -> list[str]:
+    """nnsam_finetune's arguments for fold 0 of the planned dataset: 2 epochs on CPU (no -o)."""
+    return ["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
+            "--disable_tta", "--epochs", "2", "--min-steps", "0", "-device", "cpu"]
+
+
 @pytest.fixture(scope="module")
 def finetune_run(planned_dataset, baseline, tmp_path_factory):
     output = tmp_path_factory.mktemp("finetune") / "decoder.pth"
-    argv = ["-d", str(planned_dataset.dataset_id), "-c", CONFIG, "-f", "0", "-tr", "nnUNetTrainerShort",
-            "--disable_tta", "--epochs", "2", "--min-steps", "0", "-device", "cpu"]
+    argv = finetune_argv(planned_dataset)
     finetune_cli.main(argv + ["-o", str(output)])
     report = json.loads((output.parent / "decoder_report.json").read_text())
     return SimpleNamespace(argv=argv, output=output, report=report)

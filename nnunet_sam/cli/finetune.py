@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "shrunk, part missing or spilt into a neighbour: the boxes a weak model's masks give "
                             "refinement) instead of the true mask; 0: true boxes only")
     train.add_argument("--seed", type=int, default=defaults.seed, help="random seed (box jitter, slice order)")
+    train.add_argument("--continue", dest="resume", action="store_true",
+                       help="go on from the training state an interrupted run left beside the checkpoint "
+                            "(CHECKPOINT_NAME.partial.pth, written after the epochs); it must have been started with "
+                            "the same options. Without --continue that state is discarded and training starts over")
     val = p.add_argument_group("validation (refining the fold's nnU-Net predictions)")
     val.add_argument("-tr", dest="trainer", default="nnUNetTrainer",
                      help="trainer of the fold's nnU-Net model whose validation predictions are refined")
@@ -98,7 +102,8 @@ def _finetune(args: argparse.Namespace) -> None:
     if args.refine_validation:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = FinetuneJob(dataset=args.dataset, configuration=args.configuration, fold=args.fold, plans=args.plans,
-                      channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache)
+                      channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache,
+                      resume=args.resume)
     views_name = args.context + ("_fewshot" if args.prompts == "fewshot" else "")
     plan = plan_finetune_job(job, args.sam, views_name, args.checkpoint)
     refine_settings = RefineSettings(**view_settings(args))
@@ -114,8 +119,8 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _finetune, argv, "nothing was written (the checkpoint is saved at the end); the cached "
-                                         "embeddings are kept, so a rerun starts training at once")
+    run(build_parser(), _finetune, argv, "the finished epochs and the cached embeddings are kept: rerun the same "
+                                         "command with --continue")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ the fold has a trained nnU-Net, the Dice of its refined predictions, zero-shot v
 
 Outputs, in `nnUNet_results/DatasetXXX/nnsamFinetune__<plans>__<configuration>/fold_F/` unless `-o` says
 otherwise: the checkpoint (`nnsam_refine --checkpoint` loads it like the base model) and
-`<checkpoint name>_report.json` beside it.
+`<checkpoint name>_report.json` beside it. While it trains, `<checkpoint name>.partial.pth` beside it holds the
+training state (`training_state_path`), from which an interrupted run goes on (`FinetuneJob.resume`, --continue).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,8 +33,9 @@ from nnunet_sam.nnunet.splits import fold_cases, fold_name
 from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, LabelledVolume, RefineSettings,
                             SamModel, SamRefiner, attach_class_prompts, class_prompt_dice, decoder_dice,
                             read_checkpoint, save_finetuned, slice_examples, view_record)
+from nnunet_sam.sam.finetune import read_training_state, training_fingerprint, training_state_path
 from nnunet_sam.sam.prompts import dice
-from nnunet_sam.utils.atomic import write_json_atomic
+from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class FinetuneJob:
     evaluate_with: ModelChoice | None = field(default_factory=ModelChoice)  # nnU-Net whose validation
     # predictions are refined zero-shot and fine-tuned (its fold is `fold`); None: decoder Dice only
     cache_dir: Path | None = None  # None: nnUNet_preprocessed/DatasetXXX/nnsam_embeddings
+    resume: bool = False  # go on from an interrupted run's training state (else it is discarded)
 
 
 @dataclass
@@ -96,6 +100,25 @@ def check_output(output: Path, base_checkpoint: Path | None) -> None:
             record = None
         if record is None:
             raise NnsamError(f"-o {output} exists and was not written by nnsam_finetune; choose another file")
+    if training_state_path(output).exists():  # refuses a file there that nnsam_finetune did not write
+        read_training_state(training_state_path(output))
+
+
+def remove_killed_temporaries(targets: list[Path]) -> list[Path]:
+    """Remove the temporary files that a killed run's atomic writes toward `targets` left beside them (named
+    like `atomic_path` names them: TEMP_PREFIX, the name without its endings, "-", 8 random characters, the
+    endings); returns them."""
+    removed = []
+    for target in targets:
+        ending = "".join(target.suffixes)
+        pattern = re.compile(re.escape(TEMP_PREFIX + target.name[:len(target.name) - len(ending)] + "-")
+                             + r"[a-z0-9_]{8}" + re.escape(ending))
+        if target.parent.is_dir():
+            for path in target.parent.iterdir():
+                if pattern.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
 
 
 def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: Path | None = None) -> FinetunePlan:
@@ -239,6 +262,9 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
                      settings: FinetuneSettings) -> dict:
     """Fine-tune `model`'s decoder on the fold's training cases, validate, write checkpoint and report."""
     folders = plan.folders
+    state_path = training_state_path(plan.output)
+    for path in remove_killed_temporaries([plan.output, report_path(plan.output), state_path]):
+        logger.info("removed %s, left by a run killed while writing", path)
     if model.class_prompts is not None:  # a base checkpoint's prompts: replaced (or dropped), never re-trained
         logger.info("the class prompts of %s are %s", model.checkpoint,
                     "trained afresh" if settings.class_prompts else "dropped (train them with --context tile or "
@@ -253,13 +279,15 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     logger.info("%d labelled slices (%d class masks) from %d training case(s); embeddings in %s (%d model inputs "
                 "encoded now, %d from earlier runs)", len(examples), sum(len(e.labels) for e in examples),
                 len(volumes), cache.folder, cache.misses, cache.hits)
+    if plan.job.resume and state_path.exists():  # refuse another training's state before validation's slow work
+        read_training_state(state_path, training_fingerprint(model, refine_settings, settings, examples))
     validation = (_Validation(plan, cases, model, cache, refine_settings, settings.min_pixels, negatives)
                   if plan.validation else None)
     zero_shot = validation.measure() if validation else {}
     if settings.class_prompts:
         attach_class_prompts(model, cache, examples, cases.labels, settings.class_prompts)
     finetuner = DecoderFinetuner(model, cache, refine_settings, settings)
-    result = finetuner.fit(examples)
+    result = finetuner.fit(examples, state_path=state_path, resume=plan.job.resume)
     finetuned = validation.measure() if validation else {}
     rows, means = _combine(zero_shot, finetuned)
     label_names = {int(v): k for k, v in folders.dataset_json()["labels"].items() if isinstance(v, int)}
@@ -272,7 +300,6 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
         "settings": asdict(settings),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    save_finetuned(model, plan.output, record)
     report = {
         "dataset": folders.name, "configuration": folders.configuration, "fold": plan.job.fold,
         "channel": plan.job.channel, "checkpoint": str(plan.output),
@@ -281,13 +308,14 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
         "train_cases": plan.train, "validation_cases": plan.validation,
         "initial_model": None if plan.initial_model is None else plan.initial_model[1].to_dict(plan.initial_model[0]),
         "training": {"slices": result.slices, "masks": result.masks, "epochs": len(result.history),
-                     "seconds_per_epoch": round(result.seconds_per_epoch, 3),
+                     "epochs_resumed": result.resumed_epochs, "seconds_per_epoch": round(result.seconds_per_epoch, 3),
                      "loss": [round(r.loss, 5) for r in result.history]},
         "cache": {"folder": str(cache.folder), "encoded": cache.misses, "reused": cache.hits,
                   "megabytes": round(cache.size_bytes() / 2**20, 2)},
         "validation": {"rows": rows, "means": means},
     }
     write_json_atomic(report, report_path(plan.output))
+    save_finetuned(model, plan.output, record)  # last, as it removes the training state: a kill before it loses nothing
     logger.info("fine-tuned decoder written to %s (%.2f s per epoch)", plan.output, result.seconds_per_epoch)
     if rows:
         logger.info("validation Dice, zero-shot vs fine-tuned:\n%s", validation_table(rows, means, label_names))

@@ -14,10 +14,11 @@ builds them, so the fine-tuned decoder is used on the kind of input it learnt fr
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -108,6 +109,7 @@ class FinetuneResult:
     history: list[EpochRecord] = field(default_factory=list)
     slices: int = 0
     masks: int = 0
+    resumed_epochs: int = 0  # epochs an interrupted run had finished (fit's `resume`)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -234,8 +236,16 @@ class DecoderFinetuner:
         """A copy of the decoder's current weights."""
         return copy.deepcopy(self.model.module.mask_decoder.state_dict())
 
-    def fit(self, examples: list[SliceExample], progress: bool = True) -> FinetuneResult:
-        """Train for `epochs_for(len(examples))` epochs over `examples`; returns the loss and time per epoch."""
+    def fit(self, examples: list[SliceExample], progress: bool = True, state_path: str | Path | None = None,
+            resume: bool = False) -> FinetuneResult:
+        """Train for `epochs_for(len(examples))` epochs over `examples`; returns the loss and time per epoch.
+
+        state_path: where to keep a resumable training state (`training_state_path` of the checkpoint), written
+        atomically after each epoch (see `_STATE_SAVE_SHARE`) and after the last; `save_finetuned` removes it.
+        resume: go on from that state (refused unless it was written for the same training: see
+        `training_fingerprint`); without `resume` an existing state is discarded. The seeded random draws, the
+        slice order, the optimiser and the learning-rate schedule go on where they stopped, so a resumed run
+        ends with the same weights as an uninterrupted one (bit for bit on CPU)."""
         if not any(len(e.labels) for e in examples) and not (examples and self.model.class_prompts is not None):
             raise NnsamError("no labelled slices to fine-tune on (are the training cases' labels empty?)")
         s = self.settings
@@ -260,9 +270,15 @@ class DecoderFinetuner:
                         "epochs", len(examples), s.epochs, s.min_steps, epoch_count)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epoch_count * steps_per_epoch)
         result = FinetuneResult(slices=len(examples), masks=int(sum(len(e.labels) for e in examples)))
+        saver = None
+        if state_path is not None:
+            saver = _StateSaver(Path(state_path), training_fingerprint(self.model, self.refine_settings, s, examples),
+                                self.model, optimiser, schedule, rng)
+            saver.start(resume, result, epoch_count)
         decoder.train()
         try:
-            epochs = tqdm(range(epoch_count), desc="fine-tune decoder", unit="epoch", disable=not progress)
+            epochs = tqdm(range(len(result.history), epoch_count), desc="fine-tune decoder", unit="epoch",
+                          disable=not progress, initial=len(result.history), total=epoch_count)
             for epoch in epochs:
                 started, losses = time.perf_counter(), []
                 order = rng.permutation(len(examples))
@@ -281,6 +297,8 @@ class DecoderFinetuner:
                 result.history.append(record)
                 epochs.set_postfix(loss=f"{record.loss:.4f}")
                 logger.debug("epoch %d: loss %.4f (%.1f s)", epoch, record.loss, record.seconds)
+                if saver is not None:
+                    saver.epoch_done(result, last=epoch + 1 == epoch_count)
         finally:
             decoder.eval()
             for parameter in parameters:
@@ -316,6 +334,150 @@ class DecoderFinetuner:
         valid = None if example.valid is None else torch.from_numpy(example.valid).to(logits.device)
         loss, iou = mask_losses(logits, targets, valid)
         return loss if iou_estimate is None else loss + F.mse_loss(iou_estimate, iou)
+
+
+TRAINING_STATE_FORMAT = "nnsam_finetune training state"  # the marker that tells a state from other .pth files
+TRAINING_STATE_VERSION = 1
+_STATE_SAVE_SHARE = 0.1  # the state is written after an epoch if writing it takes at most this share of the time
+# since it was last written (many short epochs: not after each); always after the first and the last epoch
+
+_FINGERPRINT_NAMES = {  # how a refused resume names what changed: the nnsam_finetune flag, or what it is
+    "sam": "--sam", "checkpoint": "--checkpoint", "views.context": "--context", "views.axis": "--axis",
+    "views.ct_window": "--ct-window", "views.box_margin": "--box-margin", "views.grid": "--grid",
+    "settings.epochs": "--epochs", "settings.min_steps": "--min-steps", "settings.learning_rate": "--lr",
+    "settings.slices_per_step": "--slices-per-step", "settings.box_jitter": "--box-jitter",
+    "settings.weak_prompts": "--weak-prompts", "settings.seed": "--seed",
+    "settings.class_prompts": "class prompts (--context/--prompts)", "cases": "training cases (-f, splits_final.json)",
+    "slices": "number of labelled training slices", "digest": "training slices (their images, labels or views)",
+}
+
+
+def training_state_path(checkpoint: str | Path) -> Path:
+    """Where fine-tuning toward `checkpoint` keeps its resumable state: CHECKPOINT_STEM.partial.pth beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.partial.pth")
+
+
+def training_fingerprint(model: SamModel, refine_settings: RefineSettings, settings: FinetuneSettings,
+                         examples: Sequence[SliceExample]) -> dict:
+    """What a training state is valid for (JSON-like): the model and its base checkpoint, the views, the
+    settings, the training cases and a digest of their slices (cache keys, classes, masks, ignored pixels)."""
+    digest = hashlib.sha1()
+    for example in examples:
+        digest.update(f"{example.case}/{example.index}/{example.key}/{example.labels.tolist()}".encode())
+        digest.update(np.packbits(example.masks).tobytes())
+        if example.valid is not None:
+            digest.update(np.packbits(example.valid).tobytes())
+    checkpoint = None if model.checkpoint is None else str(Path(model.checkpoint).resolve())
+    return json.loads(json.dumps({
+        "sam": model.name, "checkpoint": checkpoint, "views": view_record(refine_settings),
+        "settings": asdict(settings), "cases": list(dict.fromkeys(e.case for e in examples)),
+        "slices": len(examples), "digest": digest.hexdigest()}))
+
+
+def read_training_state(path: str | Path, fingerprint: dict | None = None) -> dict:
+    """The training state `DecoderFinetuner.fit` wrote to `path` (tensors on the CPU). One-line NnsamErrors for
+    a file it did not write and, given `fingerprint` (`training_fingerprint`), for a state of another training."""
+    path = Path(path)
+    if not path.is_file():
+        raise NnsamError(f"training state {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises several types for files that are not its own
+        state = None
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        raise NnsamError(f"{path} exists and is not a training state written by nnsam_finetune; move it away or "
+                         f"choose another -o")
+    if state.get("version") != TRAINING_STATE_VERSION:
+        raise NnsamError(f"{path} was written by another version of nnsam_finetune; rerun without --continue to "
+                         f"start over")
+    if fingerprint is not None:
+        _check_fingerprint(path, json.loads(state["fingerprint"]), fingerprint)
+    return state
+
+
+def _check_fingerprint(path: Path, then: dict, now: dict) -> None:
+    """Refuse (one line) a state whose training differs from now's, naming the first difference's flag."""
+    def flat(fingerprint: dict) -> dict:
+        return {f"{key}.{inner}" if isinstance(value, dict) else key: inner_value
+                for key, value in fingerprint.items()
+                for inner, inner_value in (value.items() if isinstance(value, dict) else [(key, value)])}
+
+    then, now = flat(then), flat(now)
+    for key in list(now) + [key for key in then if key not in now]:
+        if then.get(key) != now.get(key):
+            name = _FINGERPRINT_NAMES.get(key, key)
+            values = "" if key == "digest" else f": {_short(then.get(key))} then, {_short(now.get(key))} now"
+            raise NnsamError(f"cannot resume from {path}: the interrupted run had other {name}{values}; rerun "
+                             f"with its options, or without --continue to start over")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _StateSaver:
+    """Writes `DecoderFinetuner.fit`'s training state after epochs and restores it (see `fit`)."""
+
+    def __init__(self, path: Path, fingerprint: dict, model: SamModel, optimiser: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> None:
+        self.path, self.fingerprint, self.model = path, fingerprint, model
+        self.optimiser, self.schedule, self.rng = optimiser, schedule, rng
+        self.saved_at, self.save_seconds = time.perf_counter(), 0.0
+
+    def start(self, resume: bool, result: FinetuneResult, epoch_count: int) -> None:
+        """Resume from the state (`resume`: into `result` and the training objects), or discard it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            if resume:
+                logger.info("no training state %s to resume: training starts at epoch 1 of %d", self.path, epoch_count)
+            return
+        state = read_training_state(self.path, self.fingerprint if resume else None)
+        if not resume:
+            logger.info("discarding %s, the training state of an interrupted run (--continue resumes it): training "
+                        "starts over", self.path)
+            self.path.unlink()
+            return
+        prompts = self.model.class_prompts
+        if (prompts is None) != (state["class_prompts"] is None):
+            trained = "did not train" if prompts is not None else "trained"
+            raise NnsamError(f"cannot resume from {self.path}: the interrupted run {trained} class prompts; rerun "
+                             f"without --continue to start over")
+        self.model.module.mask_decoder.load_state_dict(state["decoder"])
+        if prompts is not None:
+            prompts.load_state_dict(state["class_prompts"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and self.model.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.model.device)
+        result.history[:] = [EpochRecord(**record) for record in state["history"]]
+        result.resumed_epochs = len(result.history)
+        logger.info("resuming at epoch %d of %d (%s)", len(result.history) + 1, epoch_count, self.path)
+
+    def epoch_done(self, result: FinetuneResult, last: bool) -> None:
+        """Write the state after an epoch: always after the last, else if it keeps writing cheap enough."""
+        started = time.perf_counter()
+        if not last and (started - self.saved_at) * _STATE_SAVE_SHARE < self.save_seconds:
+            return
+        prompts = self.model.class_prompts
+        cuda = self.model.device.type == "cuda"
+        state = {
+            "format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION,
+            "fingerprint": json.dumps(self.fingerprint), "epochs_done": len(result.history),
+            "history": [asdict(record) for record in result.history],
+            "decoder": self.model.module.mask_decoder.state_dict(),
+            "class_prompts": None if prompts is None else prompts.state_dict(),
+            "optimiser": self.optimiser.state_dict(), "schedule": self.schedule.state_dict(),
+            "numpy_rng": json.dumps(self.rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.model.device) if cuda else None,
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self.saved_at = time.perf_counter()
+        self.save_seconds = self.saved_at - started
 
 
 @torch.inference_mode()
@@ -370,7 +532,8 @@ class _DiceSums:
 def save_finetuned(model: SamModel, path: str | Path, record: dict) -> Path:
     """Write the model as a checkpoint that `load_sam(model.name, path)` loads like the base model: the base
     checkpoint's weights with the fine-tuned decoder in place, plus `record` (JSON-like: what was trained
-    on, the views' settings) and the class prompts, if any. Written atomically."""
+    on, the views' settings) and the class prompts, if any. Written atomically; the training state kept beside it
+    (`training_state_path`) is then removed."""
     if model.checkpoint is None:
         raise NnsamError("the model has no base checkpoint to write the fine-tuned decoder into")
     state, _ = read_checkpoint(Path(model.checkpoint), model.name)
@@ -390,6 +553,7 @@ def save_finetuned(model: SamModel, path: str | Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"model": state, FINETUNE_KEY: record}, tmp)
+    training_state_path(path).unlink(missing_ok=True)  # the checkpoint supersedes the state training kept
     return path
 
 
