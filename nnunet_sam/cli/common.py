@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.sam.models import MODEL_TYPES
+from nnunet_sam.sam.models import MODEL_TYPES, read_checkpoint, resolve_device
 from nnunet_sam.sam.refine import RefineSettings
 from nnunet_sam.sam.views import CONTEXTS
 
@@ -22,8 +22,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
         argv: Sequence[str] | None = None, resume_hint: str = "rerun the same command") -> None:
-    """Parse arguments, run `body`; an NnsamError becomes 'PROG: error: MESSAGE' and exit status 2. Ctrl-C says
-    what was kept and `resume_hint`: how this command goes on (only flags it has)."""
+    """Parse arguments, run `body`; an NnsamError, like a flag argparse rejects, becomes 'PROG: error: MESSAGE' and
+    exit status 2. Ctrl-C says what was kept and `resume_hint`: how this command goes on (only flags it has)."""
+
+    def one_line_error(message: str) -> NoReturn:  # argparse's own error() prints the whole usage first
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = one_line_error
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:
@@ -51,6 +56,17 @@ def add_sam_arguments(parser: argparse.ArgumentParser, compile_flag: bool = True
                               "compilation of ~30-50 s; worth it from ~150 slices on")
 
 
+def check_sam_arguments(args: argparse.Namespace) -> None:
+    """One-line errors for -device, --sam and --checkpoint before any work (building the model takes seconds; a
+    shape mismatch between --sam and the weights shows only then)."""
+    resolve_device(args.device)
+    if args.checkpoint is None and args.sam != "litemedsam":
+        raise NnsamError(f"--sam {args.sam} needs --checkpoint PATH to its .pth weights (only litemedsam has "
+                         f"built-in weights)")
+    if args.checkpoint is not None:
+        read_checkpoint(args.checkpoint.expanduser(), args.sam)
+
+
 def add_view_arguments(group: argparse._ArgumentGroup) -> None:
     """--context, --grid, --axis, --channel, --ct-window, --box-margin: what SAM is shown (refinement and fine-tuning
     must agree on them)."""
@@ -72,6 +88,8 @@ def view_settings(args: argparse.Namespace) -> dict:
     """The RefineSettings fields that `add_view_arguments` sets."""
     if args.grid < 1:
         raise NnsamError(f"--grid {args.grid} must be at least 1")
+    if args.box_margin < 0:
+        raise NnsamError(f"--box-margin {args.box_margin:g} must be at least 0 (pixels added around each box)")
     if args.ct_window and not args.ct_window[0] < args.ct_window[1]:
         low, high = (f"{v:g}" for v in args.ct_window)
         raise NnsamError(f"--ct-window {low} {high}: LOW must be below HIGH (e.g. --ct-window -160 240)")

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_sam.cli.common import run
-from nnunet_sam.errors import NnsamError
+from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder
 
 logger = logging.getLogger(__name__)
+
+DEMO_MARKER = "stages"  # the folder where a demo run records its finished stages (Demo.stages)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +40,11 @@ def _demo(args: argparse.Namespace) -> None:
     from nnunet_sam.demo.pipeline import run_demo
     from nnunet_sam.sam.models import resolve_device
 
-    if args.output.exists() and not args.output.is_dir():
-        raise NnsamError(f"-o {args.output} is a file; give a folder (it is created if missing)")
-    demo, _, text = run_demo(args.output, resolve_device(args.device), args.quick, args.finetune)
+    device = resolve_device(args.device)
+    if args.output.exists():  # a file, or a folder of someone else's files (a demo run's holds stages/), is refused
+        check_output_folder(args.output, "-o", DEMO_MARKER)
+    claim_output_folder(args.output, DEMO_MARKER)  # before the first stage: a killed first run's folder stays ours
+    demo, _, text = run_demo(args.output, device, args.quick, args.finetune)
     print(text)
     logger.info("report: %s", demo.out / "report.md")
 

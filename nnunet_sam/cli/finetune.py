@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, run, view_settings
+from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, check_sam_arguments, run, view_settings
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.class_prompts import class_prompt_mode
 from nnunet_sam.sam.finetune import FinetuneSettings
@@ -96,8 +96,11 @@ def _finetune(args: argparse.Namespace) -> None:
             raise NnsamError(f"{flag} must be at least {lowest}, got {value}")
     if args.lr <= 0:
         raise NnsamError(f"--lr must be positive, got {args.lr}")
-    if not 0.0 <= args.weak_prompts <= 1.0:
-        raise NnsamError(f"--weak-prompts must be a fraction between 0 and 1, got {args.weak_prompts}")
+    for flag, value in (("--weak-prompts", args.weak_prompts), ("--box-jitter", args.box_jitter)):
+        if not 0.0 <= value <= 1.0:
+            raise NnsamError(f"{flag} must be a fraction between 0 and 1, got {value}")
+    views = view_settings(args)  # its one-line errors, and SAM's, come before planning (which may warn or write)
+    check_sam_arguments(args)
     evaluate_with = None
     if args.refine_validation:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)
@@ -106,7 +109,7 @@ def _finetune(args: argparse.Namespace) -> None:
                       resume=args.resume)
     views_name = args.context + ("_fewshot" if args.prompts == "fewshot" else "")
     plan = plan_finetune_job(job, args.sam, views_name, args.checkpoint)
-    refine_settings = RefineSettings(**view_settings(args))
+    refine_settings = RefineSettings(**views)
     if refine_settings.ct_window is not None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)

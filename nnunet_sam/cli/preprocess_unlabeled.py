@@ -29,14 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.datasets import dataset_folders
     from nnunet_sam.nnunet.splits import ensure_few_label_splits
-    from nnunet_sam.nnunet.unlabeled import preprocess_unlabeled
+    from nnunet_sam.nnunet.unlabeled import find_unlabeled_cases, preprocess_unlabeled
 
     if args.np < 1:
         raise NnsamError(f"-np {args.np}: the number of processes must be at least 1")
-    for configuration in args.c:
+    checked = []
+    for configuration in args.c:  # every configuration and case checked before anything is written
         folders = dataset_folders(args.d, configuration, args.p)
+        cases = find_unlabeled_cases(folders)
+        if not folders.data_folder.is_dir():
+            raise NnsamError(f"-c {configuration}: {folders.data_folder} not found; run nnUNetv2_preprocess -d "
+                             f"{folders.dataset_id} -c {configuration} -plans_name {folders.plans_identifier} first")
+        checked.append((folders, cases))
+    for folders, cases in checked:
         ensure_few_label_splits(folders)
-        preprocess_unlabeled(folders, num_processes=args.np, overwrite=args.overwrite)
+        preprocess_unlabeled(folders, num_processes=args.np, overwrite=args.overwrite, cases=cases)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, run, view_settings
+from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, check_sam_arguments, run, view_settings
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.models import load_sam
 from nnunet_sam.sam.prompts import KEEP_MODES
@@ -127,7 +127,19 @@ def _probability_or_off(text: str | float | None, flag: str) -> float | None:
     return value
 
 
+def _check_guard_and_reach(args: argparse.Namespace) -> None:
+    """One-line errors for the refinement's numeric flags out of range."""
+    for flag, value in (("--min-iou", args.min_iou), ("--min-agreement", args.min_agreement)):
+        if not 0.0 <= value <= 1.0:
+            raise NnsamError(f"{flag} {value:g} must be in [0, 1] (0: the guard never keeps the initial slice mask)")
+    if args.max_gap < 0:
+        raise NnsamError(f"--max-gap {args.max_gap} must be at least 0 (0: no missing slices are filled)")
+    if args.recover_reach < -1:
+        raise NnsamError(f"--recover-reach {args.recover_reach} must be -1 (off) or more")
+
+
 def settings_from_args(args: argparse.Namespace) -> RefineSettings:
+    _check_guard_and_reach(args)
     return RefineSettings(prompts=args.prompts, keep=args.keep, max_gap=args.max_gap, min_sam_iou=args.min_iou,
                           min_agreement=args.min_agreement, evidence=args.evidence, recover_reach=args.recover_reach,
                           confident=_probability_or_off(args.keep_confident, "--keep-confident"), fuse=args.fuse,
@@ -137,8 +149,9 @@ def settings_from_args(args: argparse.Namespace) -> RefineSettings:
 
 def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
     from nnunet_sam.nnunet.predict import InitialModel, ModelChoice
-    from nnunet_sam.nnunet.refine_dataset import (DatasetJob, ct_window_in_preprocessed_units, plan_dataset_job,
-                                                  refine_dataset, write_unrefined_pseudo_labels)
+    from nnunet_sam.nnunet.refine_dataset import (DatasetJob, plan_dataset_job, refine_dataset,
+                                                  write_unrefined_pseudo_labels)
+    from nnunet_sam.nnunet.splits import fold_name
     from nnunet_sam.sam.models import resolve_device
 
     if args.no_sam and (args.num_parts > 1 or args.resume):
@@ -148,8 +161,13 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
                          f"is no SAM label: leave one of them out")
     if args.min_case_agreement is not None and not 0.0 <= args.min_case_agreement <= 1.0:
         raise NnsamError(f"--min-case-agreement {args.min_case_agreement} must be a Dice in [0, 1], e.g. 0.85")
+    if args.np < 1:
+        raise NnsamError(f"-np {args.np}: the number of processes must be at least 1")
+    if settings.ct_window is not None:  # in HU: checked against the plans before plan_dataset_job preprocesses
+        settings.ct_window = _ct_window_in_plans_units(args, settings.ct_window)
 
-    choice = ModelChoice(trainer=args.trainer, folds=tuple(args.folds) if args.folds else None,
+    folds = tuple(fold_name(f) for f in args.folds) if args.folds else None  # a bad -f: before any model is sought
+    choice = ModelChoice(trainer=args.trainer, folds=folds,
                          checkpoint=args.checkpoint_name, tta=not args.disable_tta)
     job = DatasetJob(dataset=args.dataset, configuration=args.configuration, plans=args.plans, model=choice,
                      channel=args.channel, export_dir=args.export, gt_dir=args.gt, overlays=args.overlays,
@@ -157,11 +175,6 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
                      ignore_disagreement=args.ignore_disagreement,
                      min_case_agreement=args.min_case_agreement)
     plan = plan_dataset_job(job)
-    if settings.ct_window is not None:
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        settings.ct_window = ct_window_in_preprocessed_units(
-            settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
     device = resolve_device(args.device)
     initial = InitialModel(plan.model_folder, plan.model, device)
     if args.no_sam:
@@ -169,6 +182,21 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
         return
     model = load_sam(args.sam, args.checkpoint, device, compile_encoder=args.compile)
     refine_dataset(plan, SamRefiner(model, settings), initial)
+
+
+def _ct_window_in_plans_units(args: argparse.Namespace, window: tuple[float, float]) -> tuple[float, float]:
+    """--ct-window (HU) in the units of the -d/-c/-p plans' CT normalisation of --channel; one-line errors."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_sam.nnunet.datasets import dataset_folders
+    from nnunet_sam.nnunet.refine_dataset import ct_window_in_preprocessed_units
+
+    folders = dataset_folders(args.dataset, args.configuration, args.plans)
+    plans_manager = PlansManager(folders.plans())
+    n_channels = len(plans_manager.get_configuration(args.configuration).normalization_schemes)
+    if not 0 <= args.channel < n_channels:
+        raise NnsamError(f"--channel {args.channel} does not exist: {folders.name} has {n_channels} channel(s)")
+    return ct_window_in_preprocessed_units(window, plans_manager, args.configuration, args.channel)
 
 
 def _sam_label_options(args: argparse.Namespace) -> list[str]:
@@ -180,6 +208,9 @@ def _sam_label_options(args: argparse.Namespace) -> list[str]:
 
 def _refine(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)  # its one-line errors come before any work
+    if args.num_parts < 1:
+        raise NnsamError(f"--num_parts {args.num_parts} must be at least 1 (processes that share the cases)")
+    check_sam_arguments(args)
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
         if files or args.probabilities is not None:

@@ -129,12 +129,12 @@ def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: P
     n_channels = len(folders.dataset_json()["channel_names"])
     if not 0 <= job.channel < n_channels:
         raise NnsamError(f"--channel {job.channel} does not exist: {folders.name} has {n_channels} channel(s)")
+    output = job.output or default_output(folders, fold, sam, views)
+    check_output(output, base_checkpoint)  # before fold_cases, which may write splits_final.json
     train, validation = fold_cases(folders, fold)
     if fold == "all":
         logger.warning("fold all: every labelled case trains the decoder; there are no validation cases to "
                        "compare zero-shot and fine-tuned SAM on (use a numbered fold for that)")
-    output = job.output or default_output(folders, fold, sam, views)
-    check_output(output, base_checkpoint)
     initial = None
     if job.evaluate_with is not None and validation:
         choice = ModelChoice(job.evaluate_with.trainer, (fold,), job.evaluate_with.checkpoint, job.evaluate_with.tta)
