@@ -7,14 +7,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 
+from nnunet_sam.nnunet import report as report_module
 from nnunet_sam.nnunet.report import CASES_FOLDER, REPORT_NAME, class_rows, write_case_report, write_report
 from nnunet_sam.nnunet.unlabeled import remove_stale_temporaries
 from nnunet_sam.sam.refine import ClassStats, RefineResult
-from nnunet_sam.utils.atomic import TEMP_PREFIX, finished_files
+from nnunet_sam.utils.atomic import (TEMP_PREFIX, atomic_path, finished_files, remove_dead_temporaries,
+                                    temporary_prefix)
 
 
 def _case(case_id: str) -> dict:
@@ -30,6 +33,19 @@ def test_a_killed_writers_partial_case_report_is_not_aggregated(tmp_path):
     report = write_report(tmp_path, {"mode": "files"})
     assert [case["case"] for case in report["cases"]] == ["case_a"]
     assert json.loads((tmp_path / REPORT_NAME).read_text())["summary"]["1"]["cases"] == 1
+
+
+def test_parts_aggregate_one_at_a_time_so_the_last_report_has_every_case(tmp_path):
+    write_case_report(tmp_path, "case_a", _case("case_a"))
+    with report_module._locked(tmp_path / CASES_FOLDER):  # another part is aggregating
+        writer = threading.Thread(target=write_report, args=(tmp_path, {"mode": "files"}))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and not (tmp_path / REPORT_NAME).exists()
+        write_case_report(tmp_path, "case_b", _case("case_b"))  # that part's last case, finished meanwhile
+    writer.join(30)
+    assert [case["case"] for case in json.loads((tmp_path / REPORT_NAME).read_text())["cases"]] == [
+        "case_a", "case_b"]
 
 
 def test_finished_files_leave_out_temporaries_only(tmp_path):
@@ -59,10 +75,14 @@ def test_ctrl_c_names_only_flags_the_command_has(monkeypatch, capsys, module, bo
     assert ("--continue" in cli.build_parser().format_help()) == has_continue
 
 
-def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_path):
+def _dead_pid() -> int:
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)
-    dead, alive = int(finished.stdout), os.getpid()
+    return int(finished.stdout)
+
+
+def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_path):
+    dead, alive = _dead_pid(), os.getpid()
     names = {"fixed": f"{TEMP_PREFIX}c1.b2nd", "dead": f"{TEMP_PREFIX}c1.{dead}_seg.b2nd",
              "alive": f"{TEMP_PREFIX}c1.{alive}.pkl", "other case": f"{TEMP_PREFIX}c2.{dead}.pkl",
              "finished": "c1.pkl"}
@@ -85,3 +105,31 @@ def test_a_class_the_mask_misses_but_the_truth_has_counts_in_the_dice(tmp_path):
     write_case_report(tmp_path, "case", {"case": "case", "classes": rows})
     summary = write_report(tmp_path, {})["summary"]
     assert summary["2"]["mean_dice_after"] == 0.0 and summary["1"]["mean_dice_after"] == 1.0
+
+
+def test_a_killed_atomic_writes_temporaries_go_a_running_writers_and_other_files_stay(tmp_path):
+    dead, target = _dead_pid(), tmp_path / "case_1.nii.gz"
+    (tmp_path / "sub").mkdir()
+    killed = [tmp_path / (temporary_prefix(target, dead) + "ab_cd123.nii.gz"),
+              tmp_path / "sub" / (temporary_prefix(tmp_path / "sub" / "r.json", dead) + "zzzzzzzz.json")]
+    kept = [tmp_path / (temporary_prefix(target) + "ab_cd123.nii.gz"),  # this process: a write in progress
+            tmp_path / f"{TEMP_PREFIX}notes-{dead}.txt",  # not named as atomic_path names
+            tmp_path / (temporary_prefix(target, dead)[:-7] + "ffffff-ab_cd123.nii.gz"),  # another machine's
+            tmp_path / "case_1.nii.gz", tmp_path / f"{TEMP_PREFIX}c1.{dead}.pkl"]
+    if kept[2].name == killed[0].name:  # this machine's tag happens to be ffffff
+        kept.pop(2)
+    for path in killed + kept:
+        path.write_bytes(b"x")
+    assert remove_dead_temporaries(tmp_path) == killed[:1]
+    assert remove_dead_temporaries(tmp_path, recursive=True) == killed[1:]
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
+def test_an_atomic_write_has_the_permissions_of_an_ordinary_one(tmp_path):
+    ordinary, atomic = tmp_path / "ordinary.json", tmp_path / "atomic.json"
+    ordinary.write_text("{}")
+    with atomic_path(atomic) as tmp:
+        assert tmp.name.startswith(temporary_prefix(atomic)) and tmp.name.endswith(".json")
+        tmp.write_text("{}")
+    assert atomic.stat().st_mode == ordinary.stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.json", "ordinary.json"]

@@ -26,7 +26,7 @@ from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, LabelledVolume, attach_class_prompts,
                                      read_training_state, save_finetuned, slice_examples, training_state_path)
 from nnunet_sam.sam.models import load_sam
-from nnunet_sam.utils.atomic import TEMP_PREFIX
+from nnunet_sam.utils.atomic import temporary_prefix
 
 FINETUNE = FinetuneSettings(epochs=3, min_steps=0, class_prompts="learnt")  # prompts: their state resumes too
 
@@ -153,7 +153,7 @@ def test_a_killed_nnsam_finetune_continues_to_the_uninterrupted_decoder(planned_
             killed.wait()
     assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert read_training_state(state)["epochs_done"] == 1 and not output.exists()
-    left = output.with_name(f"{TEMP_PREFIX}decoder-x1y2z3w4.partial.pth")  # as if killed while writing the state
+    left = state.with_name(temporary_prefix(state, killed.pid) + "x1y2z3w4.partial.pth")  # killed mid-write
     left.write_bytes(b"half a state")
     continued = subprocess.run(command + ["-o", str(output), "--continue"], check=True, env=planned_dataset.env,
                                capture_output=True, text=True, timeout=600)

@@ -53,3 +53,26 @@ def test_cases_no_longer_unlabelled_lose_their_preprocessed_files_and_reports(tm
     assert sorted(p.name for p in labels.iterdir() if p.is_file()) == ["kept.pkl", "kept_seg.b2nd"]
     assert sorted(p.name for p in images.iterdir()) == ["kept.b2nd", "kept.pkl"]
     assert case_report_path(labels, "kept").is_file() and not case_report_path(labels, "gone").exists()
+
+
+def test_rewriting_a_pseudo_label_never_pairs_the_new_label_with_the_old_pkl(tmp_path, monkeypatch):
+    from nnunet_sam.nnunet import pseudolabels
+    from nnunet_sam.nnunet.datasets import finished_cases
+
+    manager = LabelManager({"background": 0, "organ": 1}, regions_class_order=None)
+    seg = np.zeros((1, 4, 8, 8), dtype=np.int16)
+    seg[0, 1:3, 2:5, 2:5] = 1
+    pseudolabels.write_pseudo_label(tmp_path, "case_a", seg, {"spacing": [1, 1, 1]}, manager, [4, 8, 8])
+    assert finished_cases(tmp_path) == ["case_a"]
+    real_replace = pseudolabels.os.replace
+
+    def killed_before_the_pkl(source, target):
+        if str(target).endswith(".pkl"):
+            raise KeyboardInterrupt  # as if killed after the new label went in
+        real_replace(source, target)
+
+    monkeypatch.setattr(pseudolabels.os, "replace", killed_before_the_pkl)
+    with pytest.raises(KeyboardInterrupt):
+        pseudolabels.write_pseudo_label(tmp_path, "case_a", np.zeros_like(seg), {"spacing": [1, 1, 1]}, manager,
+                                        [4, 8, 8])
+    assert finished_cases(tmp_path) == []  # unfinished: redone by --continue, never trained on

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, 
                             read_checkpoint, save_finetuned, slice_examples, view_record)
 from nnunet_sam.sam.finetune import read_training_state, training_fingerprint, training_state_path
 from nnunet_sam.sam.prompts import dice
-from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
+from nnunet_sam.utils.atomic import write_json_atomic
+from nnunet_sam.utils.output_folders import remove_killed_writes
 
 logger = logging.getLogger(__name__)
 
@@ -102,23 +102,6 @@ def check_output(output: Path, base_checkpoint: Path | None) -> None:
             raise NnsamError(f"-o {output} exists and was not written by nnsam_finetune; choose another file")
     if training_state_path(output).exists():  # refuses a file there that nnsam_finetune did not write
         read_training_state(training_state_path(output))
-
-
-def remove_killed_temporaries(targets: list[Path]) -> list[Path]:
-    """Remove the temporary files that a killed run's atomic writes toward `targets` left beside them (named
-    like `atomic_path` names them: TEMP_PREFIX, the name without its endings, "-", 8 random characters, the
-    endings); returns them."""
-    removed = []
-    for target in targets:
-        ending = "".join(target.suffixes)
-        pattern = re.compile(re.escape(TEMP_PREFIX + target.name[:len(target.name) - len(ending)] + "-")
-                             + r"[a-z0-9_]{8}" + re.escape(ending))
-        if target.parent.is_dir():
-            for path in target.parent.iterdir():
-                if pattern.fullmatch(path.name):
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-    return removed
 
 
 def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: Path | None = None) -> FinetunePlan:
@@ -263,8 +246,7 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     """Fine-tune `model`'s decoder on the fold's training cases, validate, write checkpoint and report."""
     folders = plan.folders
     state_path = training_state_path(plan.output)
-    for path in remove_killed_temporaries([plan.output, report_path(plan.output), state_path]):
-        logger.info("removed %s, left by a run killed while writing", path)
+    remove_killed_writes(plan.output.parent)  # that folder only: -o may name a file in a user's big folder
     if model.class_prompts is not None:  # a base checkpoint's prompts: replaced (or dropped), never re-trained
         logger.info("the class prompts of %s are %s", model.checkpoint,
                     "trained afresh" if settings.class_prompts else "dropped (train them with --context tile or "

@@ -66,7 +66,8 @@ def oversampling_keys(label_manager: LabelManager) -> list:
 def write_pseudo_label(folder: Path, case_id: str, seg: np.ndarray, properties: dict,
                        label_manager: LabelManager, patch_size: list[int]) -> None:
     """Write CASE_seg.b2nd and CASE.pkl (with class_locations for foreground oversampling), each
-    atomically, the .pkl last so a case counts as finished only when complete."""
+    atomically, the .pkl last so a case counts as finished only when complete (an earlier .pkl is removed
+    first: never a new label with an old .pkl)."""
     folder.mkdir(parents=True, exist_ok=True)
     properties = dict(properties)
     properties["class_locations"] = DefaultPreprocessor._sample_foreground_locations(
@@ -74,6 +75,7 @@ def write_pseudo_label(folder: Path, case_id: str, seg: np.ndarray, properties: 
     blocks, chunks = comp_blosc2_params(seg.shape, tuple(patch_size), seg.itemsize)
     temp = folder / f"{TEMP_PREFIX}{case_id}_seg"
     nnUNetDatasetBlosc2.save_seg(seg, str(temp), chunks_seg=chunks, blocks_seg=blocks)
+    (folder / f"{case_id}.pkl").unlink(missing_ok=True)  # an earlier label's: unfinished until the new .pkl
     os.replace(f"{temp}.b2nd", folder / f"{case_id}_seg.b2nd")
     write_pickle(properties, str(folder / f"{TEMP_PREFIX}{case_id}.pkl"))
     os.replace(folder / f"{TEMP_PREFIX}{case_id}.pkl", folder / f"{case_id}.pkl")

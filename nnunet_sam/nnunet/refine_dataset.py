@@ -32,7 +32,7 @@ from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, pr
                                          remove_stale_temporaries)
 from nnunet_sam.sam.refine import SamRefiner
 from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
-from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder
+from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder, remove_killed_writes
 from nnunet_sam.visualize import save_case_overlay
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class _CaseRefiner:
 
     def __call__(self, case_id: str) -> dict:
         started = time.perf_counter()
-        job, folders = self.plan.job, self.plan.folders
+        job = self.plan.job
         data, placeholder, _, properties = self.images.load_case(case_id)
         data = np.asarray(data[:])
         initial, probabilities = self.initial.predict(data)
@@ -257,6 +257,7 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")
     plan.pseudo_labels.mkdir(parents=True, exist_ok=True)
+    remove_killed_writes(plan.pseudo_labels, recursive=True)  # our folder: its reports, overlays
     if job.export_dir is not None:
         claim_output_folder(job.export_dir, EXPORT_MARKER)
     mine = plan.cases[job.part_id::job.num_parts]

@@ -3,9 +3,12 @@ resumed runs never clash) and `refine_report.json` aggregating them, plus a summ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -91,12 +94,31 @@ def warn_absent_classes(summary: dict[str, dict]) -> list[str]:
 
 
 def write_report(out_dir: Path, header: dict) -> dict:
-    """Aggregate every finished case of `out_dir` into refine_report.json (atomically) and return it."""
+    """Aggregate every finished case of `out_dir` into refine_report.json (atomically) and return it. Parts
+    of a split run (--num_parts) aggregate one at a time, so the last to finish writes every case."""
     folder = out_dir / CASES_FOLDER
-    cases = [json.loads(p.read_text()) for p in finished_files(folder, "*.json")] if folder.is_dir() else []
-    report = {**header, "summary": summarize(cases), "cases": cases}
-    write_json_atomic(report, out_dir / REPORT_NAME)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):
+        cases = [json.loads(p.read_text()) for p in finished_files(folder, "*.json")]
+        report = {**header, "summary": summarize(cases), "cases": cases}
+        write_json_atomic(report, out_dir / REPORT_NAME)
     return report
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (flock; where there is none, e.g. Windows, no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def summary_table(summary: dict[str, dict]) -> str:

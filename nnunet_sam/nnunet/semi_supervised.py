@@ -42,6 +42,7 @@ from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabele
                                         pseudo_label_model, pseudo_label_model_checkpoint)
 from nnunet_sam.nnunet.pseudolabels import unsure_label
 from nnunet_sam.utils.atomic import atomic_path
+from nnunet_sam.utils.output_folders import remove_killed_writes
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
 EXTRA_STREAMS = ("pseudo", "unlabeled")
@@ -269,6 +270,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise NnsamError(f"{type(self).__name__} does not support cascade configurations "
                              f"({self.configuration_name}); use 3d_fullres, 3d_lowres or 2d")
         self.extra_dataset = self.open_extra_dataset()  # fail before any data loader or training starts
+        remove_killed_writes(Path(self.output_folder))  # a checkpoint half-written by a killed run
         if self.pseudo_labels_from is not None:
             self.check_pseudo_label_round()
         if self.warm_start and self.current_epoch == 0:

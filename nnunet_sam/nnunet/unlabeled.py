@@ -23,7 +23,7 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.casefiles import file_ending_of
 from nnunet_sam.nnunet.datasets import DatasetFolders, finished_cases
 from nnunet_sam.nnunet.provenance import SOURCE_KEY, preprocessing_hash, source_record, why_stale
-from nnunet_sam.utils.atomic import TEMP_PREFIX
+from nnunet_sam.utils.atomic import TEMP_PREFIX, process_running
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def _preprocess_one(args: tuple) -> str:
     properties["class_locations"] = _no_class_locations(plans_manager, dataset_json)
     properties[SOURCE_KEY] = source
     write_pickle(properties, str(temp) + ".pkl")
+    (out_dir / f"{case.case_id}.pkl").unlink(missing_ok=True)  # a stale case is unfinished until the new .pkl
     for part in _PREPROCESSED_PARTS:
         os.replace(str(temp) + part, out_dir / (case.case_id + part))
     return case.case_id
@@ -126,18 +127,8 @@ def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
             (folder / f"{TEMP_PREFIX}{case_id}{part}").unlink(missing_ok=True)
         for path in folder.glob(f"{TEMP_PREFIX}{case_id}.*"):
             writer = path.name[len(f"{TEMP_PREFIX}{case_id}."):].split("_")[0].split(".")[0]
-            if writer.isdigit() and not _process_running(int(writer)):
+            if writer.isdigit() and not process_running(int(writer)):
                 path.unlink(missing_ok=True)
-
-
-def _process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,

@@ -6,11 +6,14 @@ replaced; a killed run's temporary files do not count as content.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.utils.atomic import finished_files
+from nnunet_sam.utils.atomic import finished_files, remove_dead_temporaries
+
+logger = logging.getLogger(__name__)
 
 
 def check_output_folder(folder: Path, flag: str, marker: str) -> None:
@@ -34,5 +37,13 @@ def check_output_folder(folder: Path, flag: str, marker: str) -> None:
 
 
 def claim_output_folder(folder: Path, marker: str) -> None:
-    """Create `folder` (if needed) and its marker folder, before the first output is written into it."""
+    """Create `folder` (if needed) and its marker folder, before the first output is written into it; remove
+    what killed runs left half-written anywhere in it."""
     (folder / marker).mkdir(parents=True, exist_ok=True)
+    remove_killed_writes(folder, recursive=True)
+
+
+def remove_killed_writes(folder: Path, recursive: bool = False) -> None:
+    """Remove the temporary files that runs killed while writing left in `folder` (see `atomic_path`)."""
+    for path in remove_dead_temporaries(folder, recursive):
+        logger.info("removed %s, left by a run killed while writing", path)
