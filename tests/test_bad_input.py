@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import pickle
 import shlex
 import shutil
 import subprocess
@@ -21,10 +23,13 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import PlannedDataset, error_of, make_phantom, write_nifti
-from nnunet_sam.cli import demo, finetune, preprocess_unlabeled, refine
+from nnunet_sam.cli import check, demo, finetune, preprocess_unlabeled, refine
 
 MAINS = {"nnsam_refine": refine.main, "nnsam_preprocess_unlabeled": preprocess_unlabeled.main,
-         "nnsam_finetune": finetune.main, "nnsam_demo": demo.main}
+         "nnsam_finetune": finetune.main, "nnsam_demo": demo.main, "nnsam_check": check.main}
+TRAIN = "nnUNetv2_train"  # nnU-Net's own command with one of our trainers: shell rows only
+PROGRAM = {TRAIN: "nnunet-sam"}  # the name an error line starts with, where it is not the command's
+PSEUDO_SET = "nnUNetPlans_3d_fullres_pseudolabels/nnUNetPlans/fold_0"  # the session dataset's set for fold 0
 SHAPE = (6, 32, 32)  # files-mode phantoms: tiny, the errors come before any SAM work
 
 
@@ -61,6 +66,8 @@ class Row:
     prepare: tuple[Prepare, ...] = ()  # run in order before the command
     model: bool = False  # needs the trained baseline (nnUNetTrainerShort fold 0; its splits_final.json too)
     shell: bool = False  # run the installed console script in a subprocess
+    training_log: bool = False  # nnUNetv2_train: nnU-Net's trainer writes its training log (and the fold
+    # folder) while it is constructed, before any of our code runs; only that may appear
 
 
 # --- what rows prepare ------------------------------------------------------------------------------------------
@@ -86,6 +93,26 @@ def copy_preprocessed(scene: Scene, *leave_out: str) -> Path:
     shutil.copytree(scene.dataset.preprocessed, copy, ignore=shutil.ignore_patterns(*leave_out))
     scene.monkeypatch.setenv("nnUNet_preprocessed", str(copy.parent))
     return copy
+
+
+def without_pseudo_labels(scene: Scene) -> None:
+    """A preprocessed copy without any pseudo-label set (as before the first nnsam_refine -d)."""
+    copy_preprocessed(scene, "*_pseudolabels")
+
+
+def without_unlabeled(scene: Scene) -> None:
+    """A preprocessed copy without preprocessed unlabelled cases (as before nnsam_preprocess_unlabeled)."""
+    copy_preprocessed(scene, "*_unlabeled")
+
+
+def leaking_pseudo_labels(scene: Scene) -> None:
+    """A preprocessed copy whose fold-0 pseudo-label set says an ensemble of folds 0 and 1 made it."""
+    labels = copy_preprocessed(scene, "*_pseudolabels") / PSEUDO_SET
+    labels.mkdir(parents=True)
+    model = {"trainer": "nnUNetTrainerShort", "folds": ["0", "1"], "checkpoint": "checkpoint_final.pth",
+             "tta": False, "folder": str(scene.dataset.results)}
+    (labels / "refine_report.json").write_text(json.dumps({"mode": "dataset", "initial_model": model}))
+    (labels / f"{UN}.pkl").write_bytes(pickle.dumps({}))  # a finished case (read only after the fold check)
 
 
 def zscore_plans(scene: Scene) -> None:
@@ -160,6 +187,7 @@ FILES = case_files()
 UN = "pipelinetestUn_000"  # the planned dataset's first unlabelled case
 DS = "-d {id} -device cpu"  # dataset-mode basics
 SHORT = DS + " -tr nnUNetTrainerShort"  # ... with the trained baseline
+TRAIN_PSEUDO = "{id} 3d_fullres 0 -tr nnUNetTrainerSAMPseudoShort -device cpu"
 IO = "-i {tmp}/images -m {tmp}/masks -o {tmp}/out -device cpu"  # files mode
 
 ROWS = [
@@ -313,6 +341,20 @@ ROWS = [
         ("-o {tmp}/decoder.txt should name a .pth file",), (fresh_preprocessed,)),
     Row("grid zero, fold without a trained nnU-Net", "nnsam_finetune", DS + " --grid 0",
         ("--grid 0 must be at least 1",), model=True),
+    # nnsam_check
+    Row("check: dataset unknown", "nnsam_check", "-d 4711", ("dataset 4711 not found", "check -d")),
+    Row("check: configuration not preprocessed", "nnsam_check", "-d {id} -c 3d_fullres 2d",
+        ("-c 2d:", "run nnUNetv2_preprocess -d {id} -c 2d")),
+    Row("check: plans unknown", "nnsam_check", "-d {id} -p nnUNetResEncUNetMPlans",
+        ("nnUNetResEncUNetMPlans.json not found", "(or check -p)")),
+    # nnUNetv2_train with our trainers (the error comes before nnU-Net writes anything)
+    Row("trainer without pseudo labels", TRAIN, TRAIN_PSEUDO, ("nnsam_refine -d", "-f 0"), (without_pseudo_labels,),
+        shell=True, training_log=True),
+    Row("trainer with leaking pseudo labels", TRAIN, TRAIN_PSEUDO,
+        ("come from fold(s) 0, 1, not fold 0 alone", "leakage"), (leaking_pseudo_labels,), shell=True,
+        training_log=True),
+    Row("trainer without preprocessed unlabelled cases", TRAIN, TRAIN_PSEUDO.replace("SAMPseudo", "MeanTeacher"),
+        ("nnsam_preprocess_unlabeled -d",), (without_unlabeled,), shell=True, training_log=True),
     # nnsam_demo
     Row("demo -o is a file", "nnsam_demo", "-o {tmp}/a_file -device cpu",
         ("-o {tmp}/a_file is a file, not a folder", "name a new folder"), (text_file("a_file"),)),
@@ -367,12 +409,16 @@ def stderr_logging(capsys, caplog) -> Iterator[None]:
     logging.getLogger().removeHandler(handler)
 
 
-def shell_error(command: str, argv: list[str], env: dict) -> str:
-    """Run the installed console script; expect exit status 2 and one stderr line; return it."""
+def shell_error(command: str, argv: list[str]) -> str:
+    """Run the installed console script (in this process's environment, with the row's changes); expect exit
+    status 2 and one stderr line; return it."""
     script = Path(sys.executable).parent / command
-    result = subprocess.run([str(script), *argv], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(script), *argv], env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
+    if command == TRAIN:  # torch and nnU-Net warn on stderr before our trainer runs: ours is the last line, alone
+        assert [line for line in lines if line.startswith(f"{PROGRAM[TRAIN]}:")] == lines[-1:], lines
+        return lines[-1]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -396,17 +442,32 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(row: Row, planned_data
     watched = [planned_dataset.raw, planned_dataset.preprocessed, planned_dataset.results, tmp_path]
     before = snapshot(watched)
     if row.shell:
-        message = shell_error(row.command, argv, planned_dataset.env)
+        message = shell_error(row.command, argv)
     else:
         message = error_of(MAINS[row.command], argv, capsys)
-    assert message.startswith(f"{row.command}: error: ")
+    assert message.startswith(f"{PROGRAM.get(row.command, row.command)}: error: ")
     for fragment in row.expected:
         assert fragment.format(**scene.fields) in message
-    assert snapshot(watched) == before
+    after = snapshot(watched)
+    if row.training_log:
+        after = {path: digest for path, digest in after.items() if path in before or not nnunet_training_log(path)}
+    assert after == before
+
+
+def nnunet_training_log(path: str) -> bool:
+    """nnU-Net's training log of one of our trainers, or one of the folders holding it."""
+    parts = Path(path).parts
+    trainer = next((i for i, part in enumerate(parts) if part.startswith("nnUNetTrainer")), None)
+    if trainer is None:
+        return False
+    rest = parts[trainer + 1:]
+    return len(rest) == 0 or (rest[0].startswith("fold_") and (
+        len(rest) == 1 or (len(rest) == 2 and rest[1].startswith("training_log_") and rest[1].endswith(".txt"))))
 
 
 def test_the_table_covers_every_command_and_enough_kinds() -> None:
     """Every console script has rows, kinds are unique (they name the tests), and some rows run in a shell."""
-    assert {row.command for row in ROWS} == set(MAINS)
+    assert {row.command for row in ROWS} == set(MAINS) | {TRAIN}
+    assert all(row.shell for row in ROWS if row.command not in MAINS)
     assert len({row.kind for row in ROWS}) == len(ROWS) >= 25
     assert sum(row.shell for row in ROWS) >= 2

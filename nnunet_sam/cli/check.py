@@ -34,9 +34,14 @@ def _check(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.check import check_dataset, findings_table
     from nnunet_sam.nnunet.datasets import dataset_folders
 
+    from nnunet_sam.nnunet.unlabeled import require_preprocessed
+
+    checked = [dataset_folders(args.dataset, configuration, args.plans) for configuration in args.configurations]
+    for folders in checked:  # every configuration before the first finding
+        require_preprocessed(folders)
     findings = []
-    for configuration in args.configurations:
-        findings += check_dataset(dataset_folders(args.dataset, configuration, args.plans))
+    for folders in checked:
+        findings += check_dataset(folders)
     if findings:
         logger.warning("%d finding(s):\n%s", len(findings), findings_table(findings))
         sys.exit(1)

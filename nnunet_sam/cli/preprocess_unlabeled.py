@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.datasets import dataset_folders
     from nnunet_sam.nnunet.splits import ensure_few_label_splits
-    from nnunet_sam.nnunet.unlabeled import find_unlabeled_cases, preprocess_unlabeled
+    from nnunet_sam.nnunet.unlabeled import find_unlabeled_cases, preprocess_unlabeled, require_preprocessed
 
     if args.np < 1:
         raise NnsamError(f"-np {args.np}: the number of processes must be at least 1")
@@ -37,9 +37,7 @@ def _body(args: argparse.Namespace) -> None:
     for configuration in args.c:  # every configuration and case checked before anything is written
         folders = dataset_folders(args.d, configuration, args.p)
         cases = find_unlabeled_cases(folders)
-        if not folders.data_folder.is_dir():
-            raise NnsamError(f"-c {configuration}: {folders.data_folder} not found; run nnUNetv2_preprocess -d "
-                             f"{folders.dataset_id} -c {configuration} -plans_name {folders.plans_identifier} first")
+        require_preprocessed(folders)
         checked.append((folders, cases))
     for folders, cases in checked:
         ensure_few_label_splits(folders)

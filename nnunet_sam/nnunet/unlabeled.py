@@ -131,16 +131,22 @@ def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
                 path.unlink(missing_ok=True)
 
 
+def require_preprocessed(folders: DatasetFolders) -> None:
+    """Refuse a configuration whose labelled cases nnU-Net has not preprocessed (plans, splits and the
+    unlabelled cases' preprocessing all come from there)."""
+    if not folders.data_folder.is_dir():
+        raise NnsamError(f"-c {folders.configuration}: {folders.data_folder} not found; run nnUNetv2_preprocess -d "
+                         f"{folders.dataset_id} -c {folders.configuration} -plans_name {folders.plans_identifier} "
+                         f"first")
+
+
 def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwrite: bool = False,
                          progress: bool = True, cases: list[UnlabeledCase] | None = None) -> list[str]:
     """Preprocess every unlabelled case (or those of `cases`, as `find_unlabeled_cases` gives them) not
     yet done (all with `overwrite`); return the ids processed."""
     if cases is None:
         cases = find_unlabeled_cases(folders)
-    if not folders.data_folder.is_dir():
-        raise NnsamError(f"{folders.data_folder} not found: the labelled cases are not preprocessed for "
-                         f"{folders.configuration}; run nnUNetv2_preprocess -d {folders.dataset_id} -c "
-                         f"{folders.configuration} -plans_name {folders.plans_identifier}")
+    require_preprocessed(folders)
     out_dir = folders.unlabeled_data
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir, [c.case_id for c in cases])
