@@ -34,6 +34,7 @@ from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, 
                             read_checkpoint, save_finetuned, slice_examples, view_record)
 from nnunet_sam.sam.finetune import read_training_state, training_fingerprint, training_state_path
 from nnunet_sam.sam.prompts import dice
+from nnunet_sam.sam.refine import PREPROCESSED_UNITS
 from nnunet_sam.utils.atomic import write_json_atomic
 from nnunet_sam.utils.output_folders import remove_killed_writes
 
@@ -275,7 +276,7 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     label_names = {int(v): k for k, v in folders.dataset_json()["labels"].items() if isinstance(v, int)}
     record = {
         **view_record(refine_settings),
-        "ct_window_units": "nnU-Net preprocessed intensities",
+        "ct_window_units": PREPROCESSED_UNITS,
         "data": f"{folders.name} {folders.configuration} fold {plan.job.fold}",
         "train_cases": plan.train,
         "labels": {str(label): label_names.get(label, str(label)) for label in cases.labels},

@@ -30,7 +30,7 @@ from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows,
                                      write_case_report, write_report)
 from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
                                          remove_stale_temporaries)
-from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.sam.refine import PREPROCESSED_UNITS, SamRefiner
 from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
 from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder, remove_killed_writes
 from nnunet_sam.visualize import save_case_overlay
@@ -253,6 +253,8 @@ def remove_orphans(plan: DatasetPlan) -> None:
 def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> dict:
     """Pseudo-label this part's unlabelled cases; return the aggregated report (all parts so far)."""
     job, folders = plan.job, plan.folders
+    labels = PlansManager(folders.plans()).get_label_manager(folders.dataset_json()).foreground_labels
+    refiner.check_finetuned_for(labels, PREPROCESSED_UNITS)  # before anything is written
     if job.model.tta and refiner.model.device.type == "cpu":
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")

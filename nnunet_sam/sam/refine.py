@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import (KEEP_MODES, SlicePrompt, activation_region, background_points, bounding_box,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROMPT_SETS = ("box", "box+points")
+PREPROCESSED_UNITS = "nnU-Net preprocessed intensities"  # the units of a dataset-mode --ct-window (and of the
+# window recorded in a checkpoint fine-tuned by nnsam_finetune)
 _KEEP_SCORE = 1e4  # score of a guard-kept initial mask: beats any SAM logit
 
 
@@ -158,6 +161,25 @@ class SamRefiner:
             if self.settings.prompts != "box":
                 logger.warning("the SAM decoder in %s was fine-tuned with box prompts only; --prompts %s also "
                                "gives it points it was not fine-tuned on", model.checkpoint, self.settings.prompts)
+
+    def check_finetuned_for(self, labels: Sequence[int], window_units: str) -> None:
+        """Before any work: refuse `labels` that the checkpoint's fine-tuned class prompts do not know; warn when
+        its decoder was fine-tuned on another CT window (compared where both windows are in `window_units`)."""
+        record = self.model.finetuned
+        if not record:
+            return
+        prompts = self.model.class_prompts
+        unknown = [] if prompts is None else sorted({int(v) for v in labels} - set(prompts.labels))
+        if unknown:
+            raise NnsamError(f"the class prompts of {self.model.checkpoint} were fine-tuned for labels "
+                             f"{prompts.labels}, not {unknown}; fine-tune them on this dataset (nnsam_finetune) "
+                             f"or pass another --checkpoint")
+        trained = record.get("ct_window")
+        current = None if self.settings.ct_window is None else [float(v) for v in self.settings.ct_window]
+        if record.get("ct_window_units") == window_units and "ct_window" in record and (
+                (trained is None) != (current is None) or (current is not None and not np.allclose(trained, current))):
+            logger.warning("the SAM decoder in %s was fine-tuned on slices with CT window %s but refinement uses "
+                           "%s (%s); pass the same --ct-window", self.model.checkpoint, trained, current, window_units)
 
     @property
     def batch_size(self) -> int:
