@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     from nnunet_sam.nnunet.check import check_dataset, findings_table
     from nnunet_sam.nnunet.datasets import dataset_folders
-
     from nnunet_sam.nnunet.unlabeled import require_preprocessed
 
     checked = [dataset_folders(args.dataset, configuration, args.plans) for configuration in args.configurations]

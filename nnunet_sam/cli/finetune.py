@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _finetune(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_sam.nnunet.finetune_dataset import FinetuneJob, check_output, finetune_dataset, plan_finetune_job
+    from nnunet_sam.nnunet.finetune_dataset import FinetuneJob, check_not_base, finetune_dataset, plan_finetune_job
     from nnunet_sam.nnunet.predict import ModelChoice
     from nnunet_sam.nnunet.refine_dataset import ct_window_in_preprocessed_units
     from nnunet_sam.sam.models import load_sam
@@ -100,8 +100,8 @@ def _finetune(args: argparse.Namespace) -> None:
         if not 0.0 <= value <= 1.0:
             raise NnsamError(f"{flag} must be a fraction between 0 and 1, got {value}")
     views = view_settings(args)  # its one-line errors, and SAM's, come before planning (which may warn or write)
-    if args.output is not None:  # -o naming the base or a user's file is told before the checkpoint is read
-        check_output(args.output, args.checkpoint)
+    if args.output is not None:  # before check_sam_arguments reads the base checkpoint (the rest of -o's checks
+        check_not_base(args.output, args.checkpoint)  # come with planning)
     check_sam_arguments(args)
     evaluate_with = None
     if args.refine_validation:

@@ -88,12 +88,17 @@ def report_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}_report.json")
 
 
+def check_not_base(output: Path, base_checkpoint: Path | None) -> None:
+    """Refuse an output that is the base checkpoint (told before that checkpoint is read)."""
+    if base_checkpoint is not None and output.resolve() == base_checkpoint.resolve():
+        raise NnsamError(f"-o {output} is the base --checkpoint; write the fine-tuned one to another file")
+
+
 def check_output(output: Path, base_checkpoint: Path | None) -> None:
     """Refuse outputs that would overwrite something not written by nnsam_finetune (the base weights, user files)."""
     if output.suffix != ".pth":
         raise NnsamError(f"-o {output} should name a .pth file (the fine-tuned checkpoint)")
-    if base_checkpoint is not None and output.resolve() == base_checkpoint.resolve():
-        raise NnsamError(f"-o {output} is the base --checkpoint; write the fine-tuned one to another file")
+    check_not_base(output, base_checkpoint)
     if output.exists():
         try:
             _, record = read_checkpoint(output, "any")

@@ -253,8 +253,8 @@ def remove_orphans(plan: DatasetPlan) -> None:
 def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> dict:
     """Pseudo-label this part's unlabelled cases; return the aggregated report (all parts so far)."""
     job, folders = plan.job, plan.folders
-    labels = PlansManager(folders.plans()).get_label_manager(folders.dataset_json()).foreground_labels
-    refiner.check_finetuned_for(labels, PREPROCESSED_UNITS)  # before anything is written
+    refine_case = _CaseRefiner(plan, refiner, initial)
+    refiner.check_finetuned_for(refine_case.label_manager.foreground_labels, PREPROCESSED_UNITS)  # before writing
     if job.model.tta and refiner.model.device.type == "cpu":
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")
@@ -268,7 +268,6 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
     todo = [c for c in mine if not (job.resume and _case_done(plan, c, refiner))]
     if len(todo) < len(mine):
         logger.info("--continue: %d of %d cases already done, skipped", len(mine) - len(todo), len(mine))
-    refine_case = _CaseRefiner(plan, refiner, initial)
     for case_id in tqdm(todo, desc="unlabelled cases", unit="case"):
         report = refine_case(case_id)
         logger.info("%s: %d slices encoded in %.1f s, SAM agreement %.3f%s", case_id, report["slices_encoded"],
