@@ -139,7 +139,7 @@ def main() -> None:
         os.environ.setdefault("nnUNet_n_proc_DA", "1")
         os.environ.setdefault("nnUNet_def_n_proc", "2")
     sys.path.insert(0, str(REPO / "tests"))
-    from test_trainers import prepare_dataset  # the tests' data set-up: synthetic dataset, fake extra cases
+    from helpers.trainer_data import prepare_dataset  # synthetic dataset, fake extra cases, short trainers
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]

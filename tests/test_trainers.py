@@ -1,20 +1,17 @@
 """The semi-supervised trainers: pure helpers, and real nnU-Net trainings on a tiny synthetic dataset.
 
-The integration fixture plans and preprocesses a 2-labelled-case dataset with nnU-Net's own Python entry
-points, fakes the `_unlabeled` and `_pseudolabels` folders by copying preprocessed labelled cases under
-unlabelled case ids, and writes very short subclasses of our trainers into a temporary folder that
+The integration fixture (`tests/helpers/trainer_data.py`) plans and preprocesses a 2-labelled-case dataset with
+nnU-Net's own Python entry points, fakes the `_unlabeled` and `_pseudolabels` folders from preprocessed labelled
+cases under unlabelled case ids, and writes very short subclasses of our trainers into a temporary folder that
 `nnUNet_extTrainer` points to, next to our trainers folder: exactly what a user does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +19,13 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_sam.demo.nnunet_setup import plan_and_preprocess, spawn_pools_in_threads, write_short_trainers
+from helpers.trainer_data import CONFIGURATION, DATASET, environment, fake_model_record, prepare_dataset
+from nnunet_sam.demo.nnunet_setup import spawn_pools_in_threads
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.semi_supervised import (SemiSupervisedLoss, StepContext, concat_batches, ema_alpha,
                                                probabilities_fn, rampup_weight, slice_outputs, split_batch_size,
                                                teacher_noise, unwrap_model, update_ema)
 
-DATASET = "Dataset990_SyntheticCT"
-CONFIGURATION = "3d_fullres"
 SHORT = {"nnUNetTrainerSAMPseudo": "nnUNetTrainerSAMPseudoShort",
          "nnUNetTrainerMeanTeacher": "nnUNetTrainerMeanTeacherShort",
          "nnUNetTrainerSAMPseudoMeanTeacher": "nnUNetTrainerSAMPseudoMeanTeacherShort"}
@@ -183,81 +179,12 @@ def test_nnunet_finds_our_trainers(name, monkeypatch, capsys):
 # Integration: real nnU-Net planning, preprocessing and trainings
 # ---------------------------------------------------------------------------------------------------
 
-def fake_extra_cases(data_folder: Path, case_ids: dict[str, str]) -> None:
-    """Copy preprocessed labelled cases (`case_ids`: labelled id -> new id) into the `_unlabeled` folder
-    (placeholder labels, no class locations) and the `_pseudolabels` folder (their labels as pseudo
-    labels): the layout of nnsam_preprocess_unlabeled and nnsam_refine -d."""
-    import blosc2
-    from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
-
-    from nnunet_sam.nnunet.datasets import pseudo_label_folder, unlabeled_folder
-
-    unlabeled = unlabeled_folder(data_folder)
-    unlabeled.mkdir(exist_ok=True)
-    for source, target in case_ids.items():
-        shutil.copy(data_folder / f"{source}.b2nd", unlabeled / f"{target}.b2nd")
-        seg = blosc2.open(str(data_folder / f"{source}_seg.b2nd"), mode="r")[:]
-        blosc2.asarray(np.where(seg < 0, -1, 0).astype(np.int16), urlpath=str(unlabeled / f"{target}_seg.b2nd"),
-                       mode="w")
-        properties = load_pickle(str(data_folder / f"{source}.pkl"))
-        write_pickle({**properties, "class_locations": {}}, str(unlabeled / f"{target}.pkl"))
-    for fold in ("0", "1", "all"):  # one pseudo-label set per training fold, each made by "that fold's model"
-        pseudo = pseudo_label_folder(data_folder, "nnUNetPlans", fold)
-        pseudo.mkdir(parents=True, exist_ok=True)
-        for source, target in case_ids.items():
-            shutil.copy(data_folder / f"{source}_seg.b2nd", pseudo / f"{target}_seg.b2nd")
-            shutil.copy(data_folder / f"{source}.pkl", pseudo / f"{target}.pkl")
-        (pseudo / "refine_report.json").write_text(json.dumps({"initial_model": fake_model_record([fold])}))
-
-
-def fake_model_record(folds: list[str], trainer: str = "nnUNetTrainer", folder: str = "unused") -> dict:
-    """An initial model as refine_report.json records it."""
-    return {"trainer": trainer, "folds": folds, "checkpoint": "checkpoint_final.pth", "tta": False, "folder": folder}
-
-
-def prepare_dataset(root: Path, trainer_folder: Path, epochs: int = 2, iterations: int = 2,
-                    shape: tuple[int, int, int] = (32, 48, 48)) -> dict[str, str]:
-    """The whole set-up under `root` (also used by benchmarks/train_speed.py); returns the environment
-    variables it needs, which it also sets."""
-    from nnunet_sam.cli.trainer_dir import trainer_dir
-    from nnunet_sam.demo.dataset import SyntheticDatasetSpec, write_synthetic_dataset
-    from batchgenerators.utilities.file_and_folder_operations import save_json
-
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
-           "nnUNet_results": str(root / "results"),
-           "nnUNet_extTrainer": os.pathsep.join((str(trainer_folder), str(trainer_dir())))}
-    os.environ.update(env)
-    spec = SyntheticDatasetSpec(labelled=2, unlabelled=2, test=0, shape=shape)
-    write_synthetic_dataset(root / "raw", spec)
-    plan_and_preprocess(spec.dataset_id)
-    preprocessed = root / "preprocessed" / DATASET
-    labelled = ["syntheticctTr_000", "syntheticctTr_001"]
-    save_json([{"train": [labelled[0]], "val": [labelled[1]]}, {"train": [labelled[1]], "val": [labelled[0]]}],
-              str(preprocessed / "splits_final.json"))
-    fake_extra_cases(preprocessed / "nnUNetPlans_3d_fullres",
-                     {labelled[0]: "syntheticctUn_000", labelled[1]: "syntheticctUn_001"})
-    write_short_trainers(trainer_folder, epochs, iterations)
-    return env
-
-
 def make_trainer(name: str, fold, continue_training: bool = False):
     """What nnUNetv2_train does before training: find the trainer class through nnUNet_extTrainer."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     return get_trainer_from_args(DATASET, CONFIGURATION, fold, name, continue_training=continue_training,
                                  device=torch.device("cpu"))
-
-
-@contextmanager
-def environment(variables: dict[str, str]):
-    """Set environment variables for the duration of the block; the whole environment is restored."""
-    saved = dict(os.environ)
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
