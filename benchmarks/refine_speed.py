@@ -78,7 +78,7 @@ def probability_cost(model: SamModel, image: np.ndarray, mask: np.ndarray, spaci
         filling, _ = timed(lambda: SamRefiner(model, cache=cache).refine(image, mask, spacing))
         plain = min(timed(lambda: SamRefiner(model, cache=cache).refine(image, mask, spacing))[0] for _ in range(2))
         guided = min(timed(lambda: SamRefiner(model, cache=cache).refine(image, mask, spacing,
-                                                                          probabilities=probabilities))[0]
+                                                                         probabilities=probabilities))[0]
                      for _ in range(2))
     return {"encoder": filling - plain, "plain": plain, "guided": guided, "extra": guided - plain}
 

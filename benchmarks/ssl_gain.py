@@ -54,6 +54,8 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / ".cache" / "ssl_gain"
 PLOT = HERE / "ssl_gain.png"
 TITLE = "Semi-supervised gain (benchmarks/ssl_gain.py)"
+
+
 @dataclass(frozen=True)
 class Arm:
     trainer: str  # the trainer class (our trainers' short variant is trainer + SUFFIX)

@@ -57,6 +57,23 @@ def degrade(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return out
 
 
+# --- test tiers: `make quick` runs `-m "not slow"` -------------------------------------------------------
+
+SLOW_FIXTURES = {  # set-ups that plan nnU-Net datasets, train, fine-tune SAM or install the package
+    "planned_dataset", "baseline", "nnunet_data", "trained", "fewshot", "finetuned", "finetune_run", "training",
+    "finetuner", "installed", "unlabeled", "pseudo_labels", "pristine", "more_unlabelled", "preprocessed_reference",
+    "refined_reference", "files_job", "files_reference",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that uses a slow set-up is slow: marked here, so that a new test on such a fixture cannot slip
+    into the quick tier. Slow tests without one are marked where they are written."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def phantom() -> Phantom:
     return make_phantom()

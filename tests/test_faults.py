@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -14,10 +13,9 @@ import pytest
 
 from nnunet_sam.nnunet import report as report_module
 from nnunet_sam.nnunet.report import CASES_FOLDER, REPORT_NAME, class_rows, write_case_report, write_report
-from nnunet_sam.nnunet.unlabeled import remove_stale_temporaries
 from nnunet_sam.sam.refine import ClassStats, RefineResult
 from nnunet_sam.utils.atomic import (TEMP_PREFIX, atomic_path, finished_files, remove_dead_temporaries,
-                                    temporary_prefix)
+                                     temporary_prefix)
 
 
 def _case(case_id: str) -> dict:
@@ -81,16 +79,20 @@ def _dead_pid() -> int:
     return int(finished.stdout)
 
 
-def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_path):
-    dead, alive = _dead_pid(), os.getpid()
-    names = {"fixed": f"{TEMP_PREFIX}c1.b2nd", "dead": f"{TEMP_PREFIX}c1.{dead}_seg.b2nd",
-             "alive": f"{TEMP_PREFIX}c1.{alive}.pkl", "other case": f"{TEMP_PREFIX}c2.{dead}.pkl",
-             "finished": "c1.pkl"}
-    for name in names.values():
-        (tmp_path / name).write_bytes(b"x")
-    remove_stale_temporaries(tmp_path, ["c1"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["alive"], names["other case"], names["finished"]])
+def test_a_killed_case_writers_parts_go_and_a_running_writers_stay(tmp_path):
+    """nnU-Net's case writers append `.b2nd`, `_seg.b2nd` and `.pkl` to a `temporary_base` name: the one
+    clean-up (`remove_dead_temporaries`) removes a dead writer's parts of any case, keeps a running writer's."""
+    from nnunet_sam.nnunet.preprocessed_cases import PARTS, temporary_base
+
+    dead = _dead_pid()
+    killed = [tmp_path / f"{temporary_prefix(tmp_path / case, dead)}k1ll3d00{part}" for case in ("c1", "c2")
+              for part in PARTS]
+    running = temporary_base(tmp_path, "c1")  # this process: a case being written
+    kept = [tmp_path / f"{running.name}{part}" for part in PARTS] + [tmp_path / "c1.pkl"]
+    for path in killed + kept:
+        path.write_bytes(b"x")
+    assert sorted(remove_dead_temporaries(tmp_path)) == sorted(killed)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
 
 
 def test_a_class_the_mask_misses_but_the_truth_has_counts_in_the_dice(tmp_path):

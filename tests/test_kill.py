@@ -469,7 +469,7 @@ def test_two_refine_files_parts_at_once_share_one_output_folder(files_job: Files
 
 
 def test_two_preprocess_unlabeled_at_once_on_one_dataset(more_unlabelled: DatasetCopy,
-                                                          preprocessed_reference: DatasetCopy, tmp_path: Path) -> None:
+                                                         preprocessed_reference: DatasetCopy, tmp_path: Path) -> None:
     """Two nnsam_preprocess_unlabeled started together on one dataset: both exit 0; every case is complete and
     equals a single run's; no temporary files."""
     work = copy_of(more_unlabelled, tmp_path / "dataset")

@@ -179,7 +179,7 @@ def test_our_trainers_train_on_pseudo_labels_and_predict(planned_dataset, pseudo
 
 def test_pseudo_labels_that_no_longer_fit_their_images_are_refused(planned_dataset, pseudo_labels, tmp_path):
     from nnunet_sam.errors import NnsamError
-    from nnunet_sam.nnunet.datasets import open_pseudo_label_dataset
+    from nnunet_sam.nnunet.pseudolabels import open_pseudo_label_dataset
 
     folder, _ = pseudo_labels
     data = tmp_path / DATA_ID  # a copy: the session's dataset stays as it is
@@ -196,7 +196,7 @@ def test_pseudo_labels_that_no_longer_fit_their_images_are_refused(planned_datas
 
 
 def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset, pseudo_labels, baseline,
-                                                               litemedsam):
+                                                                litemedsam):
     """A re-run with another initial model, other engine settings or other pseudo-label options, resumed with
     --continue, never keeps the old run's labels."""
     from nnunet_sam.nnunet.predict import ModelChoice
@@ -222,12 +222,12 @@ def test_continue_redoes_cases_made_by_another_model_or_options(planned_dataset,
         assert not any(_case_done(same, c, SamRefiner(litemedsam, settings)) for c in same.cases)
 
 
-def test_a_changed_unlabelled_image_is_preprocessed_again_and_its_pseudo_label_refused(planned_dataset, pseudo_labels,
-                                                                                      litemedsam):
+def test_a_changed_unlabelled_image_is_preprocessed_again_and_its_pseudo_label_refused(planned_dataset,
+                                                                                       pseudo_labels, litemedsam):
     """Only the changed case is preprocessed again; its pseudo label is refused by the trainers and redone by
     --continue; the same bytes copied back make the old pseudo label valid again."""
     from nnunet_sam.errors import NnsamError
-    from nnunet_sam.nnunet.datasets import open_pseudo_label_dataset
+    from nnunet_sam.nnunet.pseudolabels import open_pseudo_label_dataset
     from nnunet_sam.nnunet.predict import ModelChoice
     from nnunet_sam.nnunet.refine_dataset import DatasetJob, _case_done, plan_dataset_job
     from nnunet_sam.sam import SamRefiner

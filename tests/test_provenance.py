@@ -76,7 +76,7 @@ def test_each_plans_and_training_fold_has_its_own_pseudo_label_set(tmp_path):
     (["all"], "0", True), (["all"], "all", False), (None, "0", False),  # None: the truth (a benchmark's ceiling)
 ])
 def test_trainers_refuse_pseudo_labels_made_by_a_model_that_saw_their_validation_cases(tmp_path, made_by, fold,
-                                                                                      leaks):
+                                                                                       leaks):
     model = None if made_by is None else {"trainer": "nnUNetTrainer", "folds": made_by}
     (tmp_path / "refine_report.json").write_text(json.dumps({"initial_model": model}))
     if leaks:

@@ -34,7 +34,8 @@ def test_sam_agreement_is_the_mean_dice_over_the_classes_either_map_has():
 def test_cases_no_longer_unlabelled_lose_their_preprocessed_files_and_reports(tmp_path):
     from types import SimpleNamespace
 
-    from nnunet_sam.nnunet.datasets import finished_cases, pseudo_label_folder, unlabeled_folder
+    from nnunet_sam.nnunet.datasets import pseudo_label_folder, unlabeled_folder
+    from nnunet_sam.nnunet.preprocessed_cases import finished_cases
     from nnunet_sam.nnunet.refine_dataset import remove_orphans
     from nnunet_sam.nnunet.report import case_report_path, write_case_report
 
@@ -57,7 +58,7 @@ def test_cases_no_longer_unlabelled_lose_their_preprocessed_files_and_reports(tm
 
 def test_rewriting_a_pseudo_label_never_pairs_the_new_label_with_the_old_pkl(tmp_path, monkeypatch):
     from nnunet_sam.nnunet import pseudolabels
-    from nnunet_sam.nnunet.datasets import finished_cases
+    from nnunet_sam.nnunet.preprocessed_cases import finished_cases
 
     manager = LabelManager({"background": 0, "organ": 1}, regions_class_order=None)
     seg = np.zeros((1, 4, 8, 8), dtype=np.int16)

@@ -94,13 +94,15 @@ def test_tiles_place_each_slice_in_its_cell_and_come_back():
         assert back.shape == (1, 30, 40) and dice(back[0].numpy() > 0, volume[index] > 0.5) > 0.9
         row, col = layout.cell_origin(position)
         box = geometry.boxes_to_input(np.array([[10, 5 + index, 19, 14 + index]]))[0]
-        assert np.allclose(box, [col + 10 * 3.2, row + (5 + index) * 3.2, col + 20 * 3.2 - 1, row + (15 + index) * 3.2 - 1])
+        assert np.allclose(box, [col + 10 * 3.2, row + (5 + index) * 3.2, col + 20 * 3.2 - 1,
+                                 row + (15 + index) * 3.2 - 1])
         assert np.allclose(geometry.boxes_to_input(np.array([[0, 0, 39, 29]]), margin=50)[0],
                            [col, row, col + 127, row + 95])  # clipped to the cell's image
         assert np.allclose(geometry.points_to_input(np.array([[0, 0]]))[0], [col + 1.1, row + 1.1])
         grid = geometry.mask_to_grid(volume[index] > 0.5, 64)
         assert grid.shape == (64, 64) and abs(float(grid.sum()) - 100 * 3.2 ** 2 / 16) < 1.0
-        assert float(grid[row // 4:(row + 96) // 4, col // 4:(col + 128) // 4].sum()) == pytest.approx(float(grid.sum()))
+        cell = grid[row // 4:(row + 96) // 4, col // 4:(col + 128) // 4]
+        assert float(cell.sum()) == pytest.approx(float(grid.sum()))
     with pytest.raises(ValueError):
         layout.tile(volume, [0, 1, 2, 3, 4])
 

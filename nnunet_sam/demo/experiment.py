@@ -138,7 +138,7 @@ class Experiment:
                                 cases: list[str] | None = None) -> int:
         """Pseudo labels without SAM: the initial model's predictions, or (`initial_trainer=None`) the truth; only
         for `cases` if given (the others get none)."""
-        from nnunet_sam.nnunet.datasets import remove_case
+        from nnunet_sam.nnunet.preprocessed_cases import remove_case
         from nnunet_sam.nnunet.refine_dataset import write_unrefined_pseudo_labels
 
         if initial_trainer is None:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle
 
-from nnunet_sam.nnunet.datasets import (DatasetFolders, finished_cases, pseudo_label_root, pseudo_label_sets,
-                                        pseudo_label_source)
+from nnunet_sam.nnunet.datasets import DatasetFolders, pseudo_label_root, pseudo_label_sets
+from nnunet_sam.nnunet.preprocessed_cases import finished_cases
+from nnunet_sam.nnunet.pseudolabels import pseudo_label_source
 from nnunet_sam.nnunet.provenance import SOURCE_KEY, file_fingerprint, preprocessing_hash, same_source, why_stale
 from nnunet_sam.nnunet.report import REPORT_NAME, case_report_path
 from nnunet_sam.nnunet.unlabeled import UnlabeledCase, find_unlabeled_cases
@@ -97,7 +98,8 @@ def _check_pseudo_label_set(folders: DatasetFolders, labels: Path, cases: list[U
     current = {c.case_id for c in cases}
     for case_id in finished_cases(labels):
         if case_id not in current or not (images / f"{case_id}.pkl").is_file():
-            findings.append(Finding(labels, case_id, "no preprocessed image of an unlabelled case", f"{fix} removes it"))
+            findings.append(Finding(labels, case_id, "no preprocessed image of an unlabelled case",
+                                    f"{fix} removes it"))
         elif not same_source(pseudo_label_source(labels, case_id), pseudo_label_source(images, case_id)):
             findings.append(Finding(labels, case_id, "stale: made from an earlier preprocessing of its image",
                                     f"{fix} --continue"))

@@ -1,5 +1,5 @@
-"""Where a dataset's files live, the nnU-Net way, and the dataset classes for unlabelled and
-pseudo-labelled cases.
+"""Where a dataset's files live, the nnU-Net way, which pseudo labels a fold may read, and the dataset of the
+unlabelled cases (the pseudo labels' file format and dataset: `pseudolabels.py`).
 
 Layout (beside nnU-Net's own folders; `<data_identifier>` is the configuration's, e.g.
 `nnUNetPlans_3d_fullres`):
@@ -26,11 +26,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.provenance import SOURCE_KEY, same_source
+from nnunet_sam.nnunet.preprocessed_cases import finished_cases
 
 UNLABELED_IMAGES = "imagesUnlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
@@ -73,20 +73,6 @@ def training_fold(model_folds: list[str] | tuple[str, ...]) -> str:
     """The one training fold that may read pseudo labels made by a model of `model_folds`: fold k for fold k's
     model, `all` for fold all's model or for an ensemble (its models saw the other folds' validation cases)."""
     return str(model_folds[0]) if len(model_folds) == 1 else "all"
-
-
-def finished_cases(folder: Path) -> list[str]:
-    """Case ids whose `.pkl` exists: it is written last, so it marks a finished case."""
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".pkl") and not p.name.startswith("."))
-
-
-def remove_case(folder: Path, case_id: str) -> None:
-    """Remove one preprocessed case (image and/or segmentation) from `folder`, the .pkl first: a case without it
-    is not finished (`finished_cases`), so no trainer reads what remains if this is interrupted."""
-    for part in (f"{case_id}.pkl", f"{case_id}.b2nd", f"{case_id}_seg.b2nd"):
-        (folder / part).unlink(missing_ok=True)
 
 
 @dataclass
@@ -179,32 +165,6 @@ def dataset_folders(dataset: str, configuration: str, plans_identifier: str = "n
                           data_identifier=data_identifier)
 
 
-class PseudoLabelDataset(nnUNetDatasetBlosc2):
-    """Unlabelled cases with their pseudo labels, read like nnU-Net's own training cases.
-
-    Images come from the `_unlabeled` folder, labels and properties (with the pseudo labels'
-    `class_locations`, used for foreground oversampling) from the `_pseudolabels` folder."""
-
-    def __init__(self, images_folder: str | os.PathLike, labels_folder: str | os.PathLike,
-                 identifiers: list[str] | None = None) -> None:
-        self.labels_folder = str(labels_folder)
-        if identifiers is None:
-            identifiers = finished_cases(Path(labels_folder))
-        super().__init__(str(images_folder), identifiers)
-
-    def load_case(self, identifier: str):
-        data, _, seg_prev, _ = super().load_case(identifier)
-        seg = _open_b2nd(os.path.join(self.labels_folder, identifier + "_seg.b2nd"), self.mmap_kwargs)
-        properties = load_pickle(os.path.join(self.labels_folder, identifier + ".pkl"))
-        return data, seg, seg_prev, properties
-
-
-def _open_b2nd(path: str, mmap_kwargs: dict):
-    import blosc2
-
-    return blosc2.open(urlpath=path, mode="r", dparams={"nthreads": 1}, **mmap_kwargs)
-
-
 def open_unlabeled_dataset(preprocessed_data_folder: str | os.PathLike, command_hint: str) -> nnUNetDatasetBlosc2:
     """The preprocessed unlabelled cases; a clear error naming `command_hint` when there are none."""
     folder = unlabeled_folder(preprocessed_data_folder)
@@ -212,36 +172,6 @@ def open_unlabeled_dataset(preprocessed_data_folder: str | os.PathLike, command_
     if not cases:
         raise NnsamError(f"no preprocessed unlabelled cases in {folder}; run {command_hint}")
     return nnUNetDatasetBlosc2(str(folder), cases)
-
-
-def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, labels: Path,
-                              command_hint: str) -> PseudoLabelDataset:
-    """The pseudo-labelled cases of the set in `labels` (`pseudo_label_folder`), checked before training: made for
-    this fold (no leakage), from the current preprocessed images; clear errors naming `command_hint`."""
-    images = unlabeled_folder(preprocessed_data_folder)
-    cases = finished_cases(labels)
-    if not cases:
-        raise NnsamError(f"no pseudo labels in {labels}; run {command_hint}")
-    check_made_for_fold(labels, labels.name.removeprefix("fold_"), command_hint)
-    missing = [c for c in cases if not (images / f"{c}.b2nd").is_file()]
-    if missing:
-        raise NnsamError(f"pseudo label {missing[0]} in {labels} has no preprocessed image in {images}; "
-                         f"rerun nnsam_preprocess_unlabeled and then {command_hint}")
-    for case in cases:
-        image_shape = _open_b2nd(str(images / f"{case}.b2nd"), {}).shape[1:]
-        label_shape = _open_b2nd(str(labels / f"{case}_seg.b2nd"), {}).shape[1:]
-        if image_shape != label_shape:
-            raise NnsamError(f"pseudo label {case} has shape {label_shape} but its preprocessed image {image_shape} "
-                             f"(preprocessed again since?); make new pseudo labels: {command_hint}")
-        if not same_source(pseudo_label_source(labels, case), pseudo_label_source(images, case)):
-            raise NnsamError(f"pseudo label {case} in {labels} was made from an earlier preprocessing of its image "
-                             f"(image file or plans changed since); make new pseudo labels: {command_hint}")
-    return PseudoLabelDataset(images, labels, cases)
-
-
-def pseudo_label_source(folder: Path, case_id: str) -> dict | None:
-    """The source record (image files, preprocessing) in a preprocessed case's or a pseudo label's .pkl."""
-    return load_pickle(str(folder / f"{case_id}.pkl")).get(SOURCE_KEY)
 
 
 def made_by(labels: Path) -> dict | None:

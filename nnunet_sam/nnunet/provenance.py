@@ -92,6 +92,7 @@ def same_source(first: dict | None, second: dict | None) -> bool:
     with the same bytes (file times may differ: a file copied back is the same file)."""
     if first is None or second is None:
         return first is second
+
     def contents(record: dict) -> list:
         return [image.get("sha256") for image in record.get("images", [])]
 

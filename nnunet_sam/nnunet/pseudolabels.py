@@ -1,5 +1,11 @@
-"""Pseudo labels where the trainers read them (preprocessed space, nnU-Net's formats), and their
-export to the raw images' geometry with nnU-Net's own export."""
+"""Pseudo labels where the trainers read them: the one owner of their file format (write, read, validate), their
+values (the unsure label, disagreement, agreement), and their export to the raw images' geometry.
+
+A pseudo-label set (`datasets.pseudo_label_folder`: one plans identifier and training fold) holds, per case,
+`CASE_seg.b2nd` and `CASE.pkl` in nnU-Net's preprocessed format (`preprocessed_cases`), beside the case's image in
+the `_unlabeled` folder, plus the set's `refine_report.json`. The `.pkl` carries the pseudo label's
+`class_locations` (foreground oversampling) and the image's source record (`provenance`).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,17 @@ import os
 from pathlib import Path
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import write_pickle
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_sam.utils.atomic import TEMP_PREFIX
+from nnunet_sam.errors import NnsamError
+from nnunet_sam.nnunet.datasets import check_made_for_fold, unlabeled_folder
+from nnunet_sam.nnunet.nnunet_internals import open_b2nd, sample_foreground_locations, save_segmentation
+from nnunet_sam.nnunet.preprocessed_cases import (IMAGE, PROPERTIES, SEGMENTATION, finished_cases, part_path,
+                                                  publish_case, read_properties, temporary_base, write_properties)
+from nnunet_sam.nnunet.provenance import SOURCE_KEY, same_source
 
 OUTSIDE = -1  # nnU-Net's label for voxels outside the nonzero mask
 
@@ -65,20 +74,68 @@ def oversampling_keys(label_manager: LabelManager) -> list:
 
 def write_pseudo_label(folder: Path, case_id: str, seg: np.ndarray, properties: dict,
                        label_manager: LabelManager, patch_size: list[int]) -> None:
-    """Write CASE_seg.b2nd and CASE.pkl (with class_locations for foreground oversampling), each
-    atomically, the .pkl last so a case counts as finished only when complete (an earlier .pkl is removed
-    first: never a new label with an old .pkl)."""
+    """Write CASE_seg.b2nd and CASE.pkl (with class_locations for foreground oversampling), each under this
+    writer's temporary name first, the .pkl published last (an earlier .pkl is removed first: never a new label
+    with an old .pkl)."""
     folder.mkdir(parents=True, exist_ok=True)
     properties = dict(properties)
-    properties["class_locations"] = DefaultPreprocessor._sample_foreground_locations(
-        seg, oversampling_keys(label_manager))
-    blocks, chunks = comp_blosc2_params(seg.shape, tuple(patch_size), seg.itemsize)
-    temp = folder / f"{TEMP_PREFIX}{case_id}_seg"
-    nnUNetDatasetBlosc2.save_seg(seg, str(temp), chunks_seg=chunks, blocks_seg=blocks)
-    (folder / f"{case_id}.pkl").unlink(missing_ok=True)  # an earlier label's: unfinished until the new .pkl
-    os.replace(f"{temp}.b2nd", folder / f"{case_id}_seg.b2nd")
-    write_pickle(properties, str(folder / f"{TEMP_PREFIX}{case_id}.pkl"))
-    os.replace(folder / f"{TEMP_PREFIX}{case_id}.pkl", folder / f"{case_id}.pkl")
+    properties["class_locations"] = sample_foreground_locations(seg, oversampling_keys(label_manager))
+    temporary = temporary_base(folder, case_id)
+    save_segmentation(seg, str(temporary), patch_size)
+    write_properties(properties, temporary)
+    publish_case(temporary, folder, case_id, (SEGMENTATION, PROPERTIES))
+
+
+def pseudo_label_source(folder: Path, case_id: str) -> dict | None:
+    """The source record (image files, preprocessing) in a preprocessed case's or a pseudo label's .pkl."""
+    return read_properties(folder, case_id).get(SOURCE_KEY)
+
+
+class PseudoLabelDataset(nnUNetDatasetBlosc2):
+    """Unlabelled cases with their pseudo labels, read like nnU-Net's own training cases: images from the
+    `_unlabeled` folder, labels and properties (with the pseudo labels' `class_locations`) from the set."""
+
+    def __init__(self, images_folder: str | os.PathLike, labels_folder: str | os.PathLike,
+                 identifiers: list[str] | None = None) -> None:
+        self.labels_folder = Path(labels_folder)
+        if identifiers is None:
+            identifiers = finished_cases(self.labels_folder)
+        super().__init__(str(images_folder), identifiers)
+
+    def load_case(self, identifier: str):
+        data, _, seg_prev, _ = super().load_case(identifier)
+        seg = open_b2nd(str(part_path(self.labels_folder, identifier, SEGMENTATION)), self)
+        return data, seg, seg_prev, read_properties(self.labels_folder, identifier)
+
+
+def open_pseudo_label_dataset(preprocessed_data_folder: str | os.PathLike, labels: Path,
+                              command_hint: str) -> PseudoLabelDataset:
+    """The pseudo-labelled cases of the set in `labels` (`pseudo_label_folder`), checked before training: made for
+    this fold (no leakage), from the current preprocessed images; clear errors naming `command_hint`."""
+    images = unlabeled_folder(preprocessed_data_folder)
+    cases = finished_cases(labels)
+    if not cases:
+        raise NnsamError(f"no pseudo labels in {labels}; run {command_hint}")
+    check_made_for_fold(labels, labels.name.removeprefix("fold_"), command_hint)
+    missing = [c for c in cases if not part_path(images, c, IMAGE).is_file()]
+    if missing:
+        raise NnsamError(f"pseudo label {missing[0]} in {labels} has no preprocessed image in {images}; "
+                         f"rerun nnsam_preprocess_unlabeled and then {command_hint}")
+    for case in cases:
+        check_pseudo_label(labels, images, case, command_hint)
+    return PseudoLabelDataset(images, labels, cases)
+
+
+def check_pseudo_label(labels: Path, images: Path, case_id: str, command_hint: str) -> None:
+    """Refuse a pseudo label whose shape or source record differs from its preprocessed image's."""
+    image_shape = open_b2nd(str(part_path(images, case_id, IMAGE))).shape[1:]
+    label_shape = open_b2nd(str(part_path(labels, case_id, SEGMENTATION))).shape[1:]
+    if image_shape != label_shape:
+        raise NnsamError(f"pseudo label {case_id} has shape {label_shape} but its preprocessed image {image_shape} "
+                         f"(preprocessed again since?); make new pseudo labels: {command_hint}")
+    if not same_source(pseudo_label_source(labels, case_id), pseudo_label_source(images, case_id)):
+        raise NnsamError(f"pseudo label {case_id} in {labels} was made from an earlier preprocessing of its image "
+                         f"(image file or plans changed since); make new pseudo labels: {command_hint}")
 
 
 def export_to_raw(labels: np.ndarray, properties: dict, plans_manager: PlansManager,
@@ -88,7 +145,7 @@ def export_to_raw(labels: np.ndarray, properties: dict, plans_manager: PlansMana
     n_classes = len(plans_manager.get_label_manager(dataset_json).all_labels)
     one_hot = (np.arange(n_classes)[:, None, None, None] == np.maximum(labels, 0)[None]).astype(np.float32)
     ending = dataset_json["file_ending"]
-    temp = target.parent / f"{TEMP_PREFIX}{target.name[: -len(ending)]}"
+    temp = temporary_base(target.parent, target.name[: -len(ending)])
     export_prediction_from_logits(one_hot, properties, configuration_manager, plans_manager, dataset_json,
                                   str(temp), save_probabilities=False)
     os.replace(f"{temp}{ending}", target)

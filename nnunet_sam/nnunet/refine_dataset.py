@@ -20,16 +20,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.nnunet.datasets import (DatasetFolders, case_spacing, dataset_folders, finished_cases,
-                                        pseudo_label_sets, pseudo_label_source, remove_case, training_fold)
+from nnunet_sam.nnunet.datasets import DatasetFolders, case_spacing, dataset_folders, pseudo_label_sets, training_fold
 from nnunet_sam.nnunet.predict import InitialModel, ModelChoice, resolve_model
 from nnunet_sam.nnunet.provenance import SOURCE_KEY, file_fingerprint, same_source
-from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark_disagreement, sam_agreement,
-                                            unsure_label, write_pseudo_label)
+from nnunet_sam.nnunet.preprocessed_cases import finished_cases, remove_case
+from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark_disagreement, pseudo_label_source,
+                                            sam_agreement, unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
-                                     write_case_report, write_report)
-from nnunet_sam.nnunet.unlabeled import (UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled,
-                                         remove_stale_temporaries)
+                                      write_case_report, write_report)
+from nnunet_sam.nnunet.unlabeled import UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled
 from nnunet_sam.sam.refine import PREPROCESSED_UNITS, SamRefiner
 from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
 from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder, remove_killed_writes
@@ -259,11 +258,10 @@ def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")
     plan.pseudo_labels.mkdir(parents=True, exist_ok=True)
-    remove_killed_writes(plan.pseudo_labels, recursive=True)  # our folder: its reports, overlays
+    remove_killed_writes(plan.pseudo_labels, recursive=True)  # our folder: its cases, reports, overlays
     if job.export_dir is not None:
         claim_output_folder(job.export_dir, EXPORT_MARKER)
     mine = plan.cases[job.part_id::job.num_parts]
-    remove_stale_temporaries(plan.pseudo_labels, mine)
     remove_orphans(plan)
     todo = [c for c in mine if not (job.resume and _case_done(plan, c, refiner))]
     if len(todo) < len(mine):

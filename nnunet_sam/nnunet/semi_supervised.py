@@ -13,8 +13,9 @@ the student's probabilities are pulled towards the teacher's (MSE, sigmoid ramp-
 what validation uses and what the checkpoint's ``network_weights`` holds (what `nnUNetv2_predict`
 loads); the student is saved as ``student_weights`` so ``--c`` resumes exactly.
 
-The trainers in `nnunet_sam/trainers/` are tiny subclasses that set the class attributes. This module
-lives outside that folder because nnU-Net imports every module there as a top-level module.
+The trainers in the top-level `trainers/` folder (installed as `nnunet_sam.trainers`) are tiny subclasses that
+set the class attributes. This module lives outside that folder because nnU-Net imports every module there as a
+top-level module. nnU-Net's private attributes are reached through `nnunet_internals` only.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
 from nnunet_sam.errors import NnsamError, one_line_errors_at_top_level
-from nnunet_sam.nnunet.datasets import (open_pseudo_label_dataset, open_unlabeled_dataset, pseudo_label_folder,
-                                        pseudo_label_model, pseudo_label_model_checkpoint)
-from nnunet_sam.nnunet.pseudolabels import unsure_label
+from nnunet_sam.nnunet.datasets import (open_unlabeled_dataset, pseudo_label_folder, pseudo_label_model,
+                                        pseudo_label_model_checkpoint)
+from nnunet_sam.nnunet.nnunet_internals import (augmenter_data_loader, batch_size_during, check_nnunet_version,
+                                                checkpoint_bytes, initial_patch_size, stop_augmenter)
+from nnunet_sam.nnunet.pseudolabels import open_pseudo_label_dataset, unsure_label
 from nnunet_sam.utils.atomic import atomic_path
 from nnunet_sam.utils.output_folders import remove_killed_writes
 
@@ -213,7 +216,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             raise ValueError(f"{type(self).__name__}.extra_stream must be one of {EXTRA_STREAMS}, "
                              f"not {self.extra_stream!r}")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        one_line_errors_at_top_level()  # nnUNetv2_train: our setup errors are one line and exit status 2
+        one_line_errors_at_top_level()
+        check_nnunet_version()  # nnUNetv2_train: our setup errors are one line and exit status 2
         self.probabilistic_oversampling = True  # a labelled sub-batch of 1 still gets foreground patches
         self.teacher: nn.Module | None = None
         self.extra_dataset = None
@@ -309,12 +313,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def get_dataloaders(self):
         """nnU-Net's labelled streams with the labelled share of the batch, plus the extra stream."""
         n_labelled, n_extra = split_batch_size(self.batch_size, self.labelled_fraction)
-        planned = self.batch_size
-        self.batch_size = n_labelled
-        try:
+        with batch_size_during(self, n_labelled):
             dataloader_train, dataloader_val = super().get_dataloaders()
-        finally:
-            self.batch_size = planned
         self.dataloader_extra = self._extra_dataloader(dataloader_train, n_extra)
         return dataloader_train, dataloader_val
 
@@ -323,10 +323,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         in the same kind of augmenter."""
         if self.extra_dataset is None:
             self.extra_dataset = self.open_extra_dataset()
-        labelled = dataloader_train.generator if hasattr(dataloader_train, "generator") else dataloader_train.data_loader
+        labelled = augmenter_data_loader(dataloader_train)
         oversample = self.oversample_foreground_percent if self.extra_stream == "pseudo" else 0.0
-        loader = nnUNetDataLoader(self.extra_dataset, batch_size,
-                                  self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2],
+        loader = nnUNetDataLoader(self.extra_dataset, batch_size, initial_patch_size(self),
                                   self.configuration_manager.patch_size, self.label_manager,
                                   oversample_foreground_percent=oversample, probabilistic_oversampling=True,
                                   transforms=labelled.transforms)
@@ -340,7 +339,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def on_train_end(self) -> None:
         super().on_train_end()
         if isinstance(self.dataloader_extra, NonDetMultiThreadedAugmenter):
-            self.dataloader_extra._finish()
+            stop_augmenter(self.dataloader_extra)
 
     # --- training ----------------------------------------------------------------------------------
 
@@ -420,20 +419,18 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written atomically; with a teacher, `network_weights` is the teacher and
         `student_weights` the student."""
-        buffer = io.BytesIO()
-        super().save_checkpoint(buffer)  # nnU-Net builds its checkpoint dict and torch.saves it here
-        if buffer.tell() == 0:  # not rank 0, or checkpointing disabled
+        saved = checkpoint_bytes(super().save_checkpoint)
+        if not saved:  # not rank 0, or checkpointing disabled
             return
         with atomic_path(filename) as tmp:
             if self.teacher is None:
-                tmp.write_bytes(buffer.getvalue())
+                tmp.write_bytes(saved)
             else:
-                torch.save(self._with_teacher_weights(buffer), tmp)
+                torch.save(self._with_teacher_weights(saved), tmp)
 
-    def _with_teacher_weights(self, buffer: io.BytesIO) -> dict:
-        """The checkpoint saved in `buffer` with the teacher as `network_weights` plus `student_weights`."""
-        buffer.seek(0)
-        checkpoint = torch.load(buffer, map_location="cpu", weights_only=False)
+    def _with_teacher_weights(self, saved: bytes) -> dict:
+        """The checkpoint `saved` with the teacher as `network_weights` plus `student_weights`."""
+        checkpoint = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=False)
         checkpoint["student_weights"] = checkpoint["network_weights"]
         checkpoint["network_weights"] = self.teacher.state_dict()
         return checkpoint

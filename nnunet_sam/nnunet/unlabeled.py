@@ -1,34 +1,35 @@
 """Preprocess `imagesUnlabeled/` with a dataset's plans, using nnU-Net's own preprocessor.
 
-Each case is written under a temporary name and renamed when complete, its `.pkl` last, so an
-interrupted run leaves no case that looks finished; finished cases are skipped on the next run.
+Each case is written under its writer's temporary name and renamed when complete, its `.pkl` last
+(`preprocessed_cases`), so an interrupted run leaves no case that looks finished; finished cases are skipped on
+the next run, and what a killed writer left is removed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.casefiles import file_ending_of
-from nnunet_sam.nnunet.datasets import DatasetFolders, finished_cases
+from nnunet_sam.nnunet.datasets import DatasetFolders
+from nnunet_sam.nnunet.preprocessed_cases import (PROPERTIES, finished_cases, publish_case, read_properties,
+                                                  temporary_base, write_properties)
 from nnunet_sam.nnunet.provenance import SOURCE_KEY, preprocessing_hash, source_record, why_stale
-from nnunet_sam.utils.atomic import TEMP_PREFIX, process_running
+from nnunet_sam.utils.output_folders import remove_killed_writes
 
 logger = logging.getLogger(__name__)
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_PREPROCESSED_PARTS = (".b2nd", "_seg.b2nd", ".pkl")  # the .pkl last: it marks a finished case
 
 
 @dataclass
@@ -88,17 +89,15 @@ def _preprocess_one(args: tuple) -> str:
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
-    temp = out_dir / f"{TEMP_PREFIX}{case.case_id}.{os.getpid()}"  # its own name: two runs never share one
+    temp = temporary_base(out_dir, case.case_id)  # its own name: two runs never share one
     source = source_record(case.images, plans, configuration)  # before reading: a later change makes it stale
     preprocessor.run_case_save(str(temp), [str(p) for p in case.images], None, plans_manager,
                                configuration_manager, dataset_json)
-    properties = load_pickle(str(temp) + ".pkl")
+    properties = load_pickle(f"{temp}{PROPERTIES}")
     properties["class_locations"] = _no_class_locations(plans_manager, dataset_json)
     properties[SOURCE_KEY] = source
-    write_pickle(properties, str(temp) + ".pkl")
-    (out_dir / f"{case.case_id}.pkl").unlink(missing_ok=True)  # a stale case is unfinished until the new .pkl
-    for part in _PREPROCESSED_PARTS:
-        os.replace(str(temp) + part, out_dir / (case.case_id + part))
+    write_properties(properties, temp)
+    publish_case(temp, out_dir, case.case_id)  # a stale case is unfinished until its new .pkl is in place
     return case.case_id
 
 
@@ -111,24 +110,11 @@ def stale_cases(folders: DatasetFolders, cases: list[UnlabeledCase], plans: dict
     stale = {}
     for case in cases:
         if case.case_id in finished:
-            properties = load_pickle(str(folders.unlabeled_data / f"{case.case_id}.pkl"))
+            properties = read_properties(folders.unlabeled_data, case.case_id)
             reason = why_stale(properties.get(SOURCE_KEY), case.images, expected)
             if reason is not None:
                 stale[case.case_id] = reason
     return stale
-
-
-def remove_stale_temporaries(folder: Path, case_ids: list[str]) -> None:
-    """Delete what an interrupted run left under temporary names for these cases (only these: other
-    processes of a split run may be writing theirs): the writer's fixed names, and the per-process names of
-    processes that no longer run on this machine (a running process's files are its work in progress)."""
-    for case_id in case_ids:
-        for part in _PREPROCESSED_PARTS:
-            (folder / f"{TEMP_PREFIX}{case_id}{part}").unlink(missing_ok=True)
-        for path in folder.glob(f"{TEMP_PREFIX}{case_id}.*"):
-            writer = path.name[len(f"{TEMP_PREFIX}{case_id}."):].split("_")[0].split(".")[0]
-            if writer.isdigit() and not process_running(int(writer)):
-                path.unlink(missing_ok=True)
 
 
 def require_preprocessed(folders: DatasetFolders) -> None:
@@ -149,7 +135,7 @@ def preprocess_unlabeled(folders: DatasetFolders, num_processes: int = 1, overwr
     require_preprocessed(folders)
     out_dir = folders.unlabeled_data
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir, [c.case_id for c in cases])
+    remove_killed_writes(out_dir)  # a running writer's (another part of a split run) are kept
     plans, dataset_json = folders.plans(), folders.dataset_json()
     stale = {} if overwrite else stale_cases(folders, cases, plans)
     for case_id, reason in stale.items():

@@ -1,9 +1,9 @@
 """Atomic file writing: write to a temporary file in the target folder, then rename.
 
 A temporary file is named after its target and its writer: ``TEMP_PREFIX + stem + "-" + pid + "-" + host + "-"
-+ 8 random characters + endings`` (host: 6 hex digits of the machine's name). A later run removes the ones
-whose writer no longer runs on this machine (`remove_dead_temporaries`); a running writer's, or another
-machine's, are left alone.
++ 8 random characters + endings`` (host: 6 hex digits of the machine's name; writers of nnU-Net's preprocessed
+cases add ``_seg.b2nd``, ``.b2nd`` or ``.pkl`` to such a name). A later run removes the ones whose writer no
+longer runs on this machine (`remove_dead_temporaries`); a running writer's, or another machine's, are left alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 TEMP_PREFIX = ".nnsam-tmp-"
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 _TEMPORARY = re.compile(re.escape(TEMP_PREFIX) + r"(?P<stem>.*)-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[a-z0-9_]{8}"
-                        r"(?P<ending>(\.[^.]*)*)")
+                        r"(?P<ending>(_seg)?(\.[^.]*)*)")  # _seg: nnU-Net's writers append "_seg.b2nd" to a base name
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the permissions that an ordinary open() would give the finished file
 
