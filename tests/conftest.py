@@ -62,7 +62,7 @@ def degrade(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 SLOW_FIXTURES = {  # set-ups that plan nnU-Net datasets, train, fine-tune SAM or install the package
     "planned_dataset", "baseline", "nnunet_data", "trained", "fewshot", "finetuned", "finetune_run", "training",
     "finetuner", "installed", "unlabeled", "pseudo_labels", "pristine", "more_unlabelled", "preprocessed_reference",
-    "refined_reference", "files_job", "files_reference",
+    "refined_reference", "files_job", "files_reference", "degraded_result",
 }
 
 

@@ -116,6 +116,7 @@ def test_nnsam_refine_recovers_slices_with_a_tile_checkpoint(fewshot, tmp_path):
     assert json.loads((tmp_path / "off" / "refine_report.json").read_text())["summary"]["1"]["slices_recovered"] == 0
 
 
+@pytest.mark.slow
 def test_learnt_prompts_start_as_a_whole_image_box_train_and_round_trip(tmp_path):
     model = load_sam("litemedsam", device="cpu")
     cache = EmbeddingCache(tmp_path, model)
@@ -220,6 +221,7 @@ def test_stability_score_prefers_sharp_masks():
     assert stability_score(torch.full((4, 4), -5.0)) == 0.0
 
 
+@pytest.mark.slow
 def test_a_dropped_recovered_slice_gives_other_classes_their_pixels_back(litemedsam, phantom, monkeypatch):
     labels = np.zeros(phantom.labels.shape, dtype=np.uint8)
     labels[2:13, 10:30, 10:24] = 2

@@ -43,6 +43,7 @@ def restored_environment():
     os.environ.update(saved)
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_reports_and_resumes(tmp_path, restored_environment):
     spec = DemoDataSpec(dataset_id=993, name="DemoTest", cases=12, shape=(48, 48), organs=2, validation=2)
     schedule = Schedule(2, 2, 1)

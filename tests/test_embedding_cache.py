@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from nnunet_sam.sam.embedding_cache import EmbeddingCache, encoder_fingerprint
@@ -18,6 +19,7 @@ def _views(phantom, model, context: str) -> np.ndarray:
     return np.stack([resize_view(slice_view(volume, index, context), geometry) for index in (6, 8)])
 
 
+@pytest.mark.slow
 def test_views_are_encoded_once_across_runs(tmp_path, phantom, litemedsam):
     views = _views(phantom, litemedsam, "single")
     calls = litemedsam.encoder_calls

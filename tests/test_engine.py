@@ -47,6 +47,7 @@ def test_a_missing_slice_is_filled_from_interpolated_boxes(phantom, degraded_res
     assert dice(phantom.labels[missing] == 2, result.mask[missing] == 2) > 0.6
 
 
+@pytest.mark.slow
 def test_a_correct_mask_is_not_made_worse(phantom, litemedsam):
     result = SamRefiner(litemedsam).refine(phantom.image, phantom.labels, phantom.spacing)
     for label, value in _dices(phantom.labels, result.mask).items():
@@ -63,6 +64,7 @@ def test_report_counts_add_up(phantom, degraded_result):
         assert 0.0 < stats.mean_sam_iou <= 1.0
 
 
+@pytest.mark.slow
 def test_the_guard_keeps_the_initial_mask_where_sam_is_not_trusted(phantom, litemedsam):
     mask = degrade(phantom.labels)
     strict = SamRefiner(litemedsam, RefineSettings(min_sam_iou=0.999))
@@ -73,6 +75,7 @@ def test_the_guard_keeps_the_initial_mask_where_sam_is_not_trusted(phantom, lite
     assert all(s.slices_refined == 0 and s.slices_kept > 0 for s in result.classes.values())
 
 
+@pytest.mark.slow
 def test_output_keeps_dtype_shape_and_never_overlaps(phantom, litemedsam):
     mask = degrade(phantom.labels).astype(np.int16)
     result = SamRefiner(litemedsam, RefineSettings(prompts="box+points", context="adjacent")).refine(
@@ -82,6 +85,7 @@ def test_output_keeps_dtype_shape_and_never_overlaps(phantom, litemedsam):
     assert dice(phantom.labels > 0, result.mask > 0) > 0.6
 
 
+@pytest.mark.slow
 def test_slicing_along_another_axis_gives_slices_of_that_axis(phantom, litemedsam):
     transposed = SamRefiner(litemedsam).refine(np.moveaxis(phantom.image, 0, 2), np.moveaxis(phantom.labels, 0, 2),
                                                (1.0, 1.0, 3.0))
@@ -98,6 +102,7 @@ def test_2d_images_work(litemedsam):
     assert dice(labels == 1, result.mask == 1) > dice(labels == 1, weak == 1)
 
 
+@pytest.mark.slow
 def test_probabilities_choose_the_component(phantom, litemedsam):
     mask = np.zeros_like(phantom.labels)
     mask[phantom.labels == 1] = 1
@@ -108,6 +113,7 @@ def test_probabilities_choose_the_component(phantom, litemedsam):
     assert not result.mask[2:5, 38:46, 2:10].any()
 
 
+@pytest.mark.slow
 def test_pieces_keeps_a_right_piece_that_is_smaller_than_a_wrong_one(litemedsam):
     """A class mask in two pieces: a small one on the right organ, a larger one on a neighbour (the model's
     identity error). keep="largest" keeps the wrong one; keep="pieces" refines each piece on its own, so the
@@ -158,6 +164,7 @@ def test_a_checkpoint_of_another_model_type_is_refused(tmp_path, litemedsam):
         load_sam("vit_b", wrong, device="cpu")
 
 
+@pytest.mark.slow
 def test_segment_anything_checkpoints_load_and_refine(tmp_path):
     """Meta's vit_b path end to end (1024 input, pixel normalisation, decoder broadcasting), with random
     weights saved as a checkpoint: only shapes and plumbing can be checked without the real file."""
@@ -178,6 +185,7 @@ def test_segment_anything_checkpoints_load_and_refine(tmp_path):
     assert medsam.pixel_mean is None and medsam.input_size == 1024
 
 
+@pytest.mark.slow
 def test_compiled_encoder_gives_the_same_embeddings():
     model = load_sam("litemedsam", device="cpu")
     views = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
@@ -195,6 +203,7 @@ def _one_slice(shape=(16, 64, 64)):
     return p.image[8:9], p.labels[8:9]
 
 
+@pytest.mark.slow
 def test_a_correct_mask_with_its_probabilities_stays_correct(phantom, litemedsam):
     from nnunet_sam.demo.degrade import soft_probabilities
 
@@ -206,6 +215,7 @@ def test_a_correct_mask_with_its_probabilities_stays_correct(phantom, litemedsam
         assert stats.voxels_confident + stats.voxels_sam_decided == stats.voxels_after
 
 
+@pytest.mark.slow
 def test_where_the_model_is_sure_sam_changes_nothing(litemedsam):
     image, labels = _one_slice()
     weak = degrade(labels)
@@ -220,6 +230,7 @@ def test_where_the_model_is_sure_sam_changes_nothing(litemedsam):
     assert sum(s.voxels_overruled for s in result.classes.values()) == int((loose.mask != weak).sum())
 
 
+@pytest.mark.slow
 def test_probabilities_keep_the_right_piece_when_the_larger_one_is_wrong(litemedsam):
     """The failure measured on real CT: a class mask in two pieces, the larger on a neighbouring organ. Size
     keeps the wrong piece; the model's probability mass keeps the right one, which SAM then refines."""
@@ -243,6 +254,7 @@ def test_probabilities_keep_the_right_piece_when_the_larger_one_is_wrong(litemed
     assert not (by_evidence.mask[0][neighbour] == 1).any()
 
 
+@pytest.mark.slow
 def test_a_class_the_argmax_never_predicts_is_found_from_its_probability(litemedsam):
     """SAM-Mix's activation-map prompts with the model's softmax: class 2 never wins the argmax (0.4 against
     the background's 0.6 on the organ) but gets a box there, and SAM segments it."""

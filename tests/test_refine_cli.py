@@ -45,6 +45,7 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+@pytest.mark.slow
 def test_refines_a_folder_keeping_geometry_and_pixel_type(tmp_path):
     folders = _make_folders(tmp_path)
     out = tmp_path / "out"
@@ -68,6 +69,7 @@ def test_refines_a_folder_keeping_geometry_and_pixel_type(tmp_path):
     assert not [p for p in _files_under(out) if p.name.startswith(TEMP_PREFIX)]
 
 
+@pytest.mark.slow
 def test_parts_split_the_cases_and_continue_skips_finished_ones(tmp_path):
     folders = _make_folders(tmp_path)
     out = tmp_path / "out"
@@ -213,6 +215,7 @@ def test_output_folder_must_not_be_a_user_folder_and_needs_a_parent(tmp_path, ca
     assert "is a file, not a folder" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_an_output_folder_a_killed_run_left_is_ours_to_continue(tmp_path):
     folders = _make_folders(tmp_path, cases=1)
     out = tmp_path / "out"
@@ -261,6 +264,7 @@ def _write_probabilities(folders: dict[str, Path], cases: int = 2, shape_change:
     return folder
 
 
+@pytest.mark.slow
 def test_probabilities_guide_files_mode_and_the_report_says_what_they_decided(tmp_path):
     folders = _make_folders(tmp_path, cases=1)
     probabilities = _write_probabilities(folders, cases=1)
