@@ -1,18 +1,30 @@
 """The refinement engine: turn an imperfect label map into a SAM-refined one, slice by slice.
 
-Per class: clean the mask, derive prompts per slice (box, and for `box+points` a positive point and
-negative points), fill slices the mask misses between two slices that have it with interpolated
-boxes. Per model input (a slice's view, or a tile of slices): encode it once; per slice, decode all
-classes' prompts together, keep the initial mask where SAM disagrees (the agreement guard), resolve
-overlaps by the highest logit. A fine-tuned model with class prompts also looks for each class on slices
-near it that the initial mask misses (`sam/recovery.py`).
+`SamRefiner.refine` runs in four stages, each with its own small state (the pattern of segment-anything's
+automatic mask generator: `refine -> _decode -> _process_slice -> _decode_prompts`):
+
+1. plan (`sam/refine_plan.py`, state `RefinePlan`): per class, clean the mask and derive prompts per slice:
+   boxes (and points), interpolated boxes across gaps, the probability map's boxes, other classes' points as
+   negatives, and where a fine-tuned model's class prompts may recover each class.
+2. encode/decode (state `EncodeRun`, result `SliceDecoding` per slice): per model input (a slice's view, or a
+   tile of slices), encode once (in batches, through the embedding cache); per slice, decode all classes'
+   prompts together and apply the agreement guard (`Verdict`): keep the initial mask where SAM is unsure,
+   disagrees, or its border fits the image worse.
+3. recover (state `Recovery`): with class prompts, look for each class on slices near it that the initial mask
+   misses (while the slice's embedding is at hand, `sam/recovery.py`); after the last slice, keep only the
+   slices that continue their object.
+4. assemble (state `LabelCanvas`): per slice, resolve overlaps by the highest score (a slice that lost a
+   recovered class is assembled again); with the model's probabilities, keep its sure labels (the band) or
+   fuse; count the statistics -> `RefineResult`.
+
+Only the plan knows where prompts come from: a new prompt source changes `sam/refine_plan.py` alone.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +33,9 @@ from tqdm import tqdm
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
-from nnunet_sam.sam.prompts import (KEEP_MODES, SlicePrompt, activation_region, background_points, bounding_box,
-                                    clean_mask, dice, drop_small_components, interior_point, interpolate_boxes,
-                                    slice_pieces)
-from nnunet_sam.sam.recovery import MIN_STABILITY, RecoveryPlan, plan_recovery, region_mask, stability_score
+from nnunet_sam.sam.prompts import KEEP_MODES, SlicePrompt, dice
+from nnunet_sam.sam.recovery import MIN_STABILITY, RecoveryPlan, region_mask, stability_score
+from nnunet_sam.sam.refine_plan import Planner, PromptSource, RefinePlan, source_of
 from nnunet_sam.sam.views import CONTEXTS, ViewGeometry, VolumeViews
 
 if TYPE_CHECKING:
@@ -50,7 +61,7 @@ class RefineSettings:
     box_margin: float = 6.0  # grow boxes by this many model-input pixels
     keep: str = "largest"  # connected components kept per class: "largest" or "all" (one box around them per
     # slice), or "pieces": all, each piece of a slice with its own box and its own guard decision, so that SAM
-    # cannot trade a piece on the right organ for one on a neighbour (see `_class_prompts`)
+    # cannot trade a piece on the right organ for one on a neighbour (see `sam/refine_plan.py`)
     max_gap: int = 3  # bridge up to this many missing slices (one object; interpolated boxes)
     background_points: int = 1  # negative points inside the box (box+points only)
     min_sam_iou: float = 0.5  # guard: keep the initial slice mask if SAM's IoU estimate is lower
@@ -133,6 +144,130 @@ class RefineResult:
     slices_encoded: int  # model inputs encoded (a tile of context "tile" counts once)
 
 
+# --- the stages' state ------------------------------------------------------------------------------------------
+
+@dataclass
+class RefineInputs:
+    """A case made ready for the stages: its views, and its arrays with the slicing axis first."""
+
+    views: VolumeViews
+    initial: np.ndarray  # (N, H, W) the initial labels
+    probabilities: np.ndarray | None  # (K, N, H, W) the initial model's softmax, if given
+    labels: list[int]  # the foreground labels to refine, ascending
+
+
+@dataclass
+class EncodeRun:
+    """Stage 2's state: the model inputs to encode, in batches, and how many were encoded (not cached)."""
+
+    batches: list[list[int]]
+    encoded: int = 0
+
+
+@dataclass
+class Verdict:
+    """The agreement guard's decision on SAM's mask for one prompt."""
+
+    prompt: SlicePrompt
+    source: PromptSource
+    iou: float  # SAM's IoU estimate
+    accepted: bool
+
+
+@dataclass
+class SliceDecoding:
+    """Stages 2 and 3 on one slice: a label and a score map (H, W) per decoded prompt, then per recovered class.
+    A positive score claims the pixel; a guard-kept initial mask scores +_KEEP_SCORE, the rest -_KEEP_SCORE."""
+
+    index: int
+    labels: list[int]
+    scores: list[torch.Tensor]
+    verdicts: list[Verdict]  # one per decoded prompt
+    recovered: list[int]  # the classes the class prompts found (the last entries of `labels`)
+
+    def on_cpu(self) -> SliceDecoding:
+        return replace(self, scores=[score.cpu() for score in self.scores])
+
+    def without(self, dropped: set[int]) -> tuple[list[int], list[torch.Tensor]]:
+        """The labels and scores of the classes not in `dropped`."""
+        keep = [k for k, label in enumerate(self.labels) if label not in dropped]
+        return [self.labels[k] for k in keep], [self.scores[k] for k in keep]
+
+
+@dataclass
+class Recovery:
+    """Stage 3's state: the slices where the class prompts found each class, and those slices' decodings
+    (scores on the CPU), kept until it is known which found slices continue their object."""
+
+    plans: list[RecoveryPlan]
+    found: dict[int, set[int]] = field(default_factory=dict)  # label -> slices where it was found
+    pending: dict[int, SliceDecoding] = field(default_factory=dict)  # slice -> its decoding
+
+    @classmethod
+    def start(cls, plans: list[RecoveryPlan]) -> Recovery:
+        return cls(plans, {plan.label: set() for plan in plans})
+
+    def note(self, decoded: SliceDecoding) -> None:
+        """Record the classes found on a decoded slice."""
+        for label in decoded.recovered:
+            self.found[label].add(decoded.index)
+        if decoded.recovered:
+            self.pending[decoded.index] = decoded.on_cpu()
+
+    def settle(self, stats: dict[int, ClassStats]) -> dict[int, set[int]]:
+        """Keep the found slices that continue their object (beyond its ends, only those next to it) and count
+        them in `stats`; return, per slice, the classes dropped there."""
+        dropped: dict[int, set[int]] = {}
+        for plan in self.plans:
+            kept = plan.connected(self.found[plan.label])
+            for index in self.found[plan.label] - kept:
+                dropped.setdefault(index, set()).add(plan.label)
+            stats[plan.label].slices_recovered = len(kept)
+            stats[plan.label]._added_slices |= kept
+        return dropped
+
+
+@dataclass
+class LabelCanvas:
+    """Stage 4's state: the refined label slices, assembled as their scores come."""
+
+    refined: np.ndarray  # (N, H, W) labels, of the initial mask's dtype
+    fused: np.ndarray | None  # (K, N, H, W) the model's probabilities, when SAM and the model decide together
+    band: np.ndarray | None  # ... when the model's sure labels are kept (`confident`)
+    sam_certainty: np.ndarray | None  # (N, H, W) SAM's probability of the label it gave, where the band asks
+    # whether SAM is sure (`sure_sam`)
+
+    @classmethod
+    def start(cls, case: RefineInputs, settings: RefineSettings) -> LabelCanvas:
+        probabilities = case.probabilities
+        band = probabilities is not None and not settings.fuse and settings.confident is not None
+        return cls(refined=np.zeros_like(case.initial),
+                   fused=probabilities if probabilities is not None and settings.fuse else None,
+                   band=probabilities if band else None,
+                   sam_certainty=np.ones(case.initial.shape, dtype=np.float32) if band and settings.sure_sam else None)
+
+    def put(self, index: int, labels: list[int], scores: list[torch.Tensor]) -> None:
+        """Assemble slice `index` from its classes' scores (no scores: background)."""
+        if not scores:
+            self.refined[index] = 0
+            if self.sam_certainty is not None:
+                self.sam_certainty[index] = 1.0
+            return
+        self.refined[index] = _assemble(labels, scores, self.refined.dtype,
+                                        None if self.fused is None else self.fused[:, index])
+        if self.sam_certainty is not None:
+            self.sam_certainty[index] = torch.stack(scores).amax(dim=0).abs().sigmoid().cpu().numpy()
+
+    def finish(self, cleaned: dict[int, np.ndarray], threshold: float | None,
+               stats: dict[int, ClassStats]) -> np.ndarray:
+        """The refined labels; with the band, the model's cleaned labels where it is sure (`_keep_confident`)."""
+        if self.band is None:
+            return self.refined
+        return _keep_confident(self.refined, self.band, cleaned, threshold, stats, self.sam_certainty)
+
+
+# --- the engine -------------------------------------------------------------------------------------------------
+
 class SamRefiner:
     """Refine label maps with a SAM model. Like `SamPredictor`: construct once, call `refine` per case."""
 
@@ -196,167 +331,124 @@ class SamRefiner:
         (`activation`). labels: the foreground labels to refine (default: those present in the mask, or with
         probabilities every class 1..K-1).
         """
+        case = self._prepare(image, mask, spacing, probabilities, labels)
+        # 1. plan: the prompts per slice, and where class prompts may recover each class
+        plan = Planner(self.settings).plan(case.initial, case.probabilities, case.labels, self._recoverable_labels())
+        stats = {label: ClassStats(label=label, voxels_before=int((case.initial == label).sum()))
+                 for label in case.labels}
+        run = EncodeRun(self._batches(case.views, plan))
+        recovery, canvas = Recovery.start(plan.recovery), LabelCanvas.start(case, self.settings)
+        # 2. encode each model input once, decode its slices (3. searching them for recoverable classes), 4. assemble
+        for decoded in self._decode(case.views, plan, run, progress):
+            _count_verdicts(stats, decoded)
+            recovery.note(decoded)
+            canvas.put(decoded.index, decoded.labels, decoded.scores)
+        # 3. recover: keep the recovered slices that continue their object; assemble the others again without them
+        for index, dropped in recovery.settle(stats).items():
+            canvas.put(index, *recovery.pending[index].without(dropped))
+        # 4. assemble: with the band, the model's sure labels stay; then the statistics of the final labels
+        refined = canvas.finish(plan.cleaned, self.settings.confident, stats)
+        _count_voxels(stats, case.initial, refined)
+        return RefineResult(mask=case.views.from_slices(refined), classes=stats, axis=case.views.axis,
+                            slices_encoded=run.encoded)
+
+    def _prepare(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
+                 probabilities: np.ndarray | None, labels: Iterable[int] | None) -> RefineInputs:
+        """Check the case's arrays, build its views, and move the slicing axis first."""
+        _check_arrays(image, mask, probabilities)
+        if probabilities is not None and labels is None:
+            labels = range(1, probabilities.shape[0])
         s = self.settings
-        if image.shape != mask.shape:
-            raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
-        if mask.ndim != 3:
-            raise ValueError(f"expected 3D arrays (use shape (1, Y, X) for 2D images), got {mask.ndim}D")
-        if probabilities is not None:
-            _check_probabilities(probabilities, mask)
-            if labels is None:
-                labels = range(1, probabilities.shape[0])
         views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window, s.grid)
-        volume = views.volume
         initial = views.to_slices(mask)
-        probs = None if probabilities is None else views.to_slices(probabilities, leading=1)
+        return RefineInputs(
+            views=views, initial=initial,
+            probabilities=None if probabilities is None else views.to_slices(probabilities, leading=1),
+            labels=sorted(int(v) for v in (np.unique(initial) if labels is None else labels) if v > 0))
 
-        labels = sorted(int(v) for v in (np.unique(initial) if labels is None else labels) if v > 0)
-        stats = {label: ClassStats(label=label, voxels_before=int((initial == label).sum())) for label in labels}
-        cleaned: dict[int, np.ndarray] = {}
-        by_slice: dict[int, list[SlicePrompt]] = {}
-        for label in labels:
-            cleaned[label], class_prompts = self._class_prompts(
-                initial == label, None if probs is None else probs[label], label)
-            for index, prompts in class_prompts.items():
-                by_slice.setdefault(index, []).extend(prompts)
-        if probs is not None and s.activation is not None:
-            self._add_probability_prompts(by_slice, probs, labels)
-        if s.prompts == "box+points":
-            _add_other_classes_as_negatives(by_slice)
-
-        plans = self._recovery_plans(by_slice, cleaned, labels)
-        recover_at: dict[int, list[RecoveryPlan]] = {}
-        for plan in plans:
-            for index in plan.regions:
-                recover_at.setdefault(index, []).append(plan)
-        found: dict[int, set[int]] = {plan.label: set() for plan in plans}
-        pending: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
-
-        refined = np.zeros_like(initial)
-        fused = probs if probs is not None and s.fuse else None  # per slice, SAM and the model decide together
-        band = probs is not None and not s.fuse and s.confident is not None
-        # SAM's probability of the label it gave, where the band asks whether SAM is sure
-        sam_certainty = np.ones(refined.shape, dtype=np.float32) if band and s.sure_sam else None
-
-        def place(index: int, slice_labels: list[int], scores: list[torch.Tensor]) -> None:
-            refined[index] = _assemble(slice_labels, scores, refined.dtype, None if fused is None else fused[:, index])
-            if sam_certainty is not None:
-                sam_certainty[index] = torch.stack(scores).amax(dim=0).abs().sigmoid().cpu().numpy()
-
-        order = sorted({views.input_of(index) for index in [*by_slice, *recover_at]})
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        encoded = 0
-        for batch in tqdm(batches, desc="SAM views", unit="batch", disable=not progress, leave=False):
-            inputs = views.model_inputs(batch)
-            if self.cache is not None:
-                misses = self.cache.misses
-                embeddings = self.cache.embeddings(inputs, self.batch_size)
-                encoded += self.cache.misses - misses
-            else:
-                embeddings = self.model.encode(inputs)
-                encoded += len(batch)
-            for j, input_id in enumerate(batch):
-                for index in views.slices_of(input_id):
-                    prompts, candidates = by_slice.get(index, []), recover_at.get(index, [])
-                    if not prompts and not candidates:
-                        continue
-                    geometry = views.geometry_of(index)
-                    scores = self._decode_slice(embeddings[j:j + 1], index, prompts, geometry, volume[index],
-                                                [cleaned[p.label][index] if p.region is None else p.region
-                                                 for p in prompts], stats) if prompts else []
-                    slice_labels = [p.label for p in prompts]
-                    recovered = self._recover_slice(embeddings[j:j + 1], candidates, index, geometry)
-                    for label, score in recovered:
-                        found[label].add(index)
-                        slice_labels.append(label)
-                        scores.append(score)
-                    if recovered:  # kept until it is known which recovered slices continue their object
-                        pending[index] = (slice_labels, [score.cpu() for score in scores])
-                    if scores:
-                        place(index, slice_labels, scores)
-        dropped: dict[int, set[int]] = {}
-        for plan in plans:  # beyond the ends, only slices that continue the object stay
-            kept = plan.connected(found[plan.label])
-            for index in found[plan.label] - kept:
-                dropped.setdefault(index, set()).add(plan.label)
-            stats[plan.label].slices_recovered = len(kept)
-            stats[plan.label]._added_slices |= kept
-        for index, labels_dropped in dropped.items():  # assembled again: other classes get their pixels back
-            slice_labels, scores = pending[index]
-            keep = [k for k, label in enumerate(slice_labels) if label not in labels_dropped]
-            if keep:
-                place(index, [slice_labels[k] for k in keep], [scores[k] for k in keep])
-            else:
-                refined[index] = 0
-                if sam_certainty is not None:
-                    sam_certainty[index] = 1.0
-        if band:
-            refined = _keep_confident(refined, probs, cleaned, s.confident, stats, sam_certainty)
-
-        for label, stat in stats.items():
-            stat.voxels_after = int((refined == label).sum())
-            stat.dice_initial_refined = dice(initial == label, refined == label)
-            stat.mean_sam_iou = float(np.mean(stat._iou_values)) if stat._iou_values else None
-        return RefineResult(mask=views.from_slices(refined), classes=stats, axis=views.axis,
-                            slices_encoded=encoded)
-
-    def _class_prompts(self, binary: np.ndarray, probabilities: np.ndarray | None,
-                       label: int) -> tuple[np.ndarray, dict[int, list[SlicePrompt]]]:
-        """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice: one box around
-        the slice's mask, or with keep="pieces" one per piece (a mask on two organs gives two prompts, each
-        refined or kept on its own; measured in benchmarks/RESULTS.md, "Semi-supervised gain")."""
-        s = self.settings
-        cleaned = clean_mask(binary, probabilities, keep=s.keep, axis=0, max_gap=s.max_gap)
-        prompts: dict[int, list[SlicePrompt]] = {}
-        outline: dict[int, np.ndarray] = {}  # slice -> box around all its pieces (for the gaps between slices)
-        for index in np.flatnonzero(cleaned.any(axis=(1, 2))):
-            whole = drop_small_components(cleaned[index])
-            outline[int(index)] = bounding_box(whole)
-            if s.keep == "pieces":
-                prompts[int(index)] = [self._piece_prompt(piece, label, piece) for piece in slice_pieces(whole)]
-            else:
-                prompts[int(index)] = [self._piece_prompt(whole, label)]
-        for index, box in interpolate_boxes(outline, s.max_gap).items():
-            prompts[index] = [SlicePrompt(label=label, box=box, interpolated=True)]
-        return cleaned, prompts
-
-    def _add_probability_prompts(self, by_slice: dict[int, list[SlicePrompt]], probs: np.ndarray,
-                                 labels: list[int]) -> None:
-        """Boxes where a class's probability reaches `activation` on slices without its prompts (SAM-Mix's
-        activation-map prompts, the model's softmax as the activation map): one per slice, around that area."""
-        n = probs.shape[1]
-        for label in labels:
-            prompted = np.zeros(n, dtype=bool)
-            prompted[[i for i, prompts in by_slice.items() if any(p.label == label for p in prompts)]] = True
-            region = activation_region(probs[label], prompted, self.settings.activation, self.settings.max_gap)
-            for index in np.flatnonzero(region.any(axis=(1, 2))):
-                area = drop_small_components(region[index])
-                prompt = self._piece_prompt(area, label, area)
-                prompt.from_probabilities = True
-                by_slice.setdefault(int(index), []).append(prompt)
-
-    def _piece_prompt(self, piece: np.ndarray, label: int, region: np.ndarray | None = None) -> SlicePrompt:
-        """The box (and with box+points, the points) of one piece of a class's slice mask."""
-        with_points = self.settings.prompts == "box+points"
-        box = bounding_box(piece)
-        return SlicePrompt(label=label, box=box, point=interior_point(piece) if with_points else None,
-                           negatives=background_points(piece, box, self.settings.background_points if with_points
-                                                       else 0), region=region)
-
-    def _recovery_plans(self, by_slice: dict[int, list[SlicePrompt]], cleaned: dict[int, np.ndarray],
-                        labels: list[int]) -> list[RecoveryPlan]:
-        """Where the model's class prompts may look for each class (none without class prompts)."""
+    def _recoverable_labels(self) -> list[int]:
+        """The labels the model's class prompts may recover: none without class prompts, with recover_reach < 0,
+        or on views the decoder was not fine-tuned on."""
         class_prompts = self.model.class_prompts
         if class_prompts is None or self.settings.recover_reach < 0 or not self.views_match:
             return []
-        plans = []
-        for label in labels:
-            if label in class_prompts.labels:
-                own = {index: p for index, prompts in by_slice.items() for p in prompts if p.label == label}
-                plan = plan_recovery(label, own, cleaned[label], self.settings.recover_reach)
-                if plan is not None:
-                    plans.append(plan)
-        return plans
+        return list(class_prompts.labels)
+
+    # --- stage 2: encode and decode ---
+
+    def _batches(self, views: VolumeViews, plan: RefinePlan) -> list[list[int]]:
+        """The model inputs that show the plan's slices, in order, `batch_size` per encoder call."""
+        order = sorted({views.input_of(index) for index in plan.slices()})
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _decode(self, views: VolumeViews, plan: RefinePlan, run: EncodeRun,
+                progress: bool) -> Iterator[SliceDecoding]:
+        """Stage 2: encode each batch of model inputs once; decode, in order, every slice of theirs with work."""
+        for batch in tqdm(run.batches, desc="SAM views", unit="batch", disable=not progress, leave=False):
+            embeddings = self._embed(views.model_inputs(batch), run)
+            for j, input_id in enumerate(batch):
+                for index in views.slices_of(input_id):
+                    if plan.has_work(index):  # (a tile also shows slices without prompts)
+                        yield self._process_slice(embeddings[j:j + 1], index, views, plan)
+
+    def _embed(self, inputs: np.ndarray, run: EncodeRun) -> torch.Tensor:
+        """The embeddings of a batch of model inputs, from the cache where it has them; counts those encoded."""
+        if self.cache is None:
+            run.encoded += len(inputs)
+            return self.model.encode(inputs)
+        misses = self.cache.misses
+        embeddings = self.cache.embeddings(inputs, self.batch_size)
+        run.encoded += self.cache.misses - misses
+        return embeddings
+
+    def _process_slice(self, embedding: torch.Tensor, index: int, views: VolumeViews,
+                       plan: RefinePlan) -> SliceDecoding:
+        """Stages 2 and 3 on one slice: decode its prompts under the guard, then look for its recovery candidates."""
+        geometry, prompts = views.geometry_of(index), plan.prompts.get(index, [])
+        verdicts, scores = self._decode_prompts(embedding, prompts, geometry, views.volume[index],
+                                                plan.initial_masks(index)) if prompts else ([], [])
+        recovered = self._recover_slice(embedding, plan.recovery_at(index), index, geometry)
+        found = [label for label, _ in recovered]
+        return SliceDecoding(index, [p.label for p in prompts] + found, scores + [score for _, score in recovered],
+                             verdicts, found)
+
+    def _decode_prompts(self, embedding: torch.Tensor, prompts: list[SlicePrompt], geometry: ViewGeometry,
+                        image: np.ndarray, initial_masks: list[np.ndarray]) -> tuple[list[Verdict], list[torch.Tensor]]:
+        """Decode all prompts of one slice together and apply the guard: per prompt, the verdict and the score
+        (SAM's logits where accepted, else `_guarded_score`)."""
+        logits, ious = self._sam_logits(embedding, prompts, geometry)
+        verdicts, scores = [], []
+        for prompt, initial, slice_logits, iou in zip(prompts, initial_masks, logits, ious):
+            verdicts.append(self._judge(prompt, initial, (slice_logits > 0).cpu().numpy(), iou, image))
+            scores.append(_guarded_score(verdicts[-1], slice_logits, initial))
+        return verdicts, scores
+
+    def _sam_logits(self, embedding: torch.Tensor, prompts: list[SlicePrompt],
+                    geometry: ViewGeometry) -> tuple[torch.Tensor, np.ndarray]:
+        """SAM's logits on the slice grid (N, H, W) and IoU estimates (N,) for a slice's prompts: their boxes,
+        and with box+points a second pass with the points and the first pass's masks."""
+        s = self.settings
+        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), s.box_margin)
+        decoded = self.model.decode(embedding, boxes)
+        if s.prompts == "box+points":
+            points, point_labels = _point_arrays(prompts, geometry)
+            decoded = self.model.decode(embedding, boxes, points, point_labels, decoded.low_res_logits)
+        return geometry.logits_to_slice(decoded.low_res_logits), decoded.iou
+
+    def _judge(self, prompt: SlicePrompt, initial: np.ndarray, sam_mask: np.ndarray, iou: np.floating,
+               image: np.ndarray) -> Verdict:
+        """The agreement guard: SAM's mask is accepted if SAM is confident (IoU estimate, a non-empty mask) and,
+        as the prompt's source asks, it agrees with the initial mask (the prompt's area) and its border fits the
+        image at least as well."""
+        s, source = self.settings, source_of(prompt)
+        accepted = bool(iou >= s.min_sam_iou and sam_mask.any())
+        if accepted and source.agree:
+            accepted = dice(initial, sam_mask) >= s.min_agreement
+        if accepted and source.evidence and s.evidence:
+            accepted = region_contrast(image, sam_mask) >= region_contrast(image, initial)
+        return Verdict(prompt, source, float(iou), bool(accepted))
+
+    # --- stage 3: recover (the search; `Recovery` settles it) ---
 
     @torch.inference_mode()
     def _recover_slice(self, embedding: torch.Tensor, plans: list[RecoveryPlan], index: int,
@@ -374,47 +466,6 @@ class SamRefiner:
                 recovered.append((plan.label, score))
         return recovered
 
-    def _decode_slice(self, embedding: torch.Tensor, index: int, prompts: list[SlicePrompt], geometry: ViewGeometry,
-                      image: np.ndarray, initial_masks: list[np.ndarray],
-                      stats: dict[int, ClassStats]) -> list[torch.Tensor]:
-        """Decode all prompts of one slice and apply the guard: per prompt, SAM's logits where accepted,
-        else +-_KEEP_SCORE on the initial mask. Updates the classes' statistics."""
-        s = self.settings
-        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), s.box_margin)
-        decoded = self.model.decode(embedding, boxes)
-        if s.prompts == "box+points":
-            points, point_labels = _point_arrays(prompts, geometry)
-            decoded = self.model.decode(embedding, boxes, points, point_labels, decoded.low_res_logits)
-        logits = geometry.logits_to_slice(decoded.low_res_logits)
-        scores = []
-        for prompt, initial, slice_logits, iou in zip(prompts, initial_masks, logits, decoded.iou):
-            stat = stats[prompt.label]
-            stat._iou_values.append(float(iou))
-            sam_mask = (slice_logits > 0).cpu().numpy()
-            confident = iou >= s.min_sam_iou and sam_mask.any()
-            if prompt.interpolated:
-                accepted = bool(confident)
-                stat.slices_filled += int(accepted)
-            elif prompt.from_probabilities:  # `initial` is the probability map's area: SAM must find about it
-                accepted = bool(confident and dice(initial, sam_mask) >= s.min_agreement)
-                stat.slices_from_probabilities += int(accepted)
-            else:
-                accepted = bool(confident and dice(initial, sam_mask) >= s.min_agreement)
-                if accepted and s.evidence:
-                    accepted = region_contrast(image, sam_mask) >= region_contrast(image, initial)
-                stat.slices_refined += int(accepted)
-                stat.slices_kept += int(not accepted)
-            if accepted and (prompt.interpolated or prompt.from_probabilities):
-                stat._added_slices.add(index)
-            if accepted:
-                score = slice_logits.float()
-            else:
-                score = torch.full(slice_logits.shape, -_KEEP_SCORE, device=slice_logits.device)
-                if not prompt.from_probabilities:  # a rejected probability box adds nothing
-                    score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
-            scores.append(score)
-        return scores
-
 
 def _axis_name(axis: int | None) -> str:
     return "the through-plane axis" if axis is None else f"axis {axis}"
@@ -422,6 +473,52 @@ def _axis_name(axis: int | None) -> str:
 
 def _views_name(context: str | None, grid: int) -> str:
     return f"{context!r}" + (f" (grid {grid})" if context == "tile" else "")
+
+
+def _check_arrays(image: np.ndarray, mask: np.ndarray, probabilities: np.ndarray | None) -> None:
+    """The image and the mask must be 3D of one shape, the probabilities fit them (`_check_probabilities`)."""
+    if image.shape != mask.shape:
+        raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
+    if mask.ndim != 3:
+        raise ValueError(f"expected 3D arrays (use shape (1, Y, X) for 2D images), got {mask.ndim}D")
+    if probabilities is not None:
+        _check_probabilities(probabilities, mask)
+
+
+def _guarded_score(verdict: Verdict, slice_logits: torch.Tensor, initial: np.ndarray) -> torch.Tensor:
+    """A prompt's score on its slice: SAM's logits where the guard accepted its mask, else -_KEEP_SCORE, and
+    +_KEEP_SCORE on the initial mask where its source keeps that (a rejected probability box adds nothing)."""
+    if verdict.accepted:
+        return slice_logits.float()
+    score = torch.full(slice_logits.shape, -_KEEP_SCORE, device=slice_logits.device)
+    if verdict.source.keeps_initial:
+        score[torch.from_numpy(initial).to(slice_logits.device)] = _KEEP_SCORE
+    return score
+
+
+def _count_verdicts(stats: dict[int, ClassStats], decoded: SliceDecoding) -> None:
+    """Count a decoded slice's verdicts: SAM's IoU estimates, and per prompt source the slices accepted (and
+    rejected); a slice that an accepted prompt adds to its class is remembered for the band."""
+    for verdict in decoded.verdicts:
+        stat, source = stats[verdict.prompt.label], verdict.source
+        stat._iou_values.append(verdict.iou)
+        _increment(stat, source.accepted_count, int(verdict.accepted))
+        if source.rejected_count is not None:
+            _increment(stat, source.rejected_count, int(not verdict.accepted))
+        if verdict.accepted and source.adds_slice:
+            stat._added_slices.add(decoded.index)
+
+
+def _increment(stat: ClassStats, name: str, amount: int) -> None:
+    setattr(stat, name, getattr(stat, name) + amount)
+
+
+def _count_voxels(stats: dict[int, ClassStats], initial: np.ndarray, refined: np.ndarray) -> None:
+    """The statistics of the final labels: voxels, Dice with the initial mask, SAM's mean IoU estimate."""
+    for label, stat in stats.items():
+        stat.voxels_after = int((refined == label).sum())
+        stat.dice_initial_refined = dice(initial == label, refined == label)
+        stat.mean_sam_iou = float(np.mean(stat._iou_values)) if stat._iou_values else None
 
 
 def _assemble(labels: list[int], scores: list[torch.Tensor], dtype: np.dtype,
@@ -478,15 +575,6 @@ def _keep_confident(refined: np.ndarray, probs: np.ndarray, cleaned: dict[int, n
         stat.voxels_sam_decided = int((mine & ~sure).sum())
         stat.voxels_overruled = int((overruled & ((refined == label) | (model_labels == label))).sum())
     return result
-
-
-def _add_other_classes_as_negatives(by_slice: dict[int, list[SlicePrompt]]) -> None:
-    """Each class's positive point is a negative point for the other classes on the same slice."""
-    for prompts in by_slice.values():
-        for prompt in prompts:
-            others = [p.point for p in prompts if p is not prompt and p.point is not None]
-            if others:
-                prompt.negatives = np.concatenate([prompt.negatives, np.stack(others)])
 
 
 def _point_arrays(prompts: list[SlicePrompt], geometry: ViewGeometry) -> tuple[np.ndarray, np.ndarray]:
