@@ -180,7 +180,7 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
     if args.no_sam:
         write_unrefined_pseudo_labels(plan, initial)
         return
-    model = load_sam(args.sam, args.checkpoint, device, compile_encoder=args.compile)
+    model = load_sam(args.model_type, args.checkpoint, device, compile_encoder=args.compile)
     refine_dataset(plan, SamRefiner(model, settings), initial)
 
 
@@ -236,7 +236,7 @@ def _refine_files(args: argparse.Namespace, settings: RefineSettings) -> None:
                    channel=args.channel, resume=args.resume, num_parts=args.num_parts,
                    part_id=args.part_id, overlays=args.overlays, probabilities_dir=args.probabilities)
     plan = plan_files_job(job)
-    model = load_sam(args.sam, args.checkpoint, args.device, compile_encoder=args.compile)
+    model = load_sam(args.model_type, args.checkpoint, args.device, compile_encoder=args.compile)
     refine_folder(plan, SamRefiner(model, settings))
 
 
