@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from nnunet_sam.errors import NnsamError, setting_names
-from nnunet_sam.sam.models import MODEL_TYPES, read_checkpoint, resolve_device
+from nnunet_sam.sam.models import MODEL_TYPES, model_spec, read_checkpoint, resolve_device, weights_for
 from nnunet_sam.sam.refine import RefineSettings
 from nnunet_sam.sam.views import CONTEXTS
 
@@ -92,11 +92,8 @@ def check_sam_arguments(args: argparse.Namespace) -> None:
     """One-line errors for -device, --sam and --checkpoint before any work (building the model takes seconds; a
     shape mismatch between --sam and the weights shows only then)."""
     resolve_device(args.device)
-    if args.checkpoint is None and args.model_type != "litemedsam":
-        raise NnsamError(f"--sam {args.model_type} needs --checkpoint PATH to its .pth weights (only litemedsam has "
-                         f"built-in weights)")
-    if args.checkpoint is not None:
-        read_checkpoint(args.checkpoint.expanduser(), args.model_type)
+    if args.checkpoint is not None or model_spec(args.model_type).needs_checkpoint:
+        read_checkpoint(weights_for(args.model_type, args.checkpoint), args.model_type)
 
 
 def add_view_arguments(group: argparse._ArgumentGroup) -> None:
