@@ -1,8 +1,9 @@
 """What every console script shares: logging set-up, one-line errors and how flags are spelt.
 
 The flag rule: a flag that means what a flag of nnU-Net's commands means is spelt exactly as nnU-Net spells it
-(-d -c -f -p -tr -chk -i -o -np -device --disable_tta, as in nnUNetv2_predict, nnUNetv2_train and
-nnUNetv2_plan_and_preprocess); every other flag is ours and --kebab-case (--max-gap, --ct-window, --no-sam).
+(-d -c -f -p -tr -chk -i -o -np -device --disable_tta -num_parts -part_id, as in nnUNetv2_predict,
+nnUNetv2_train and nnUNetv2_plan_and_preprocess); every other flag is ours and --kebab-case (--max-gap,
+--ct-window, --no-sam).
 Ours too: --continue (nnU-Net's resume flags, --c and --continue_prediction, each fit only one of our commands),
 -m (the masks beside nnU-Net's -i/-o) and -v (short for nnU-Net's --verbose). A renamed flag keeps its former
 spelling as a hidden alias (`add_renamed_argument`), so old command lines still work.
