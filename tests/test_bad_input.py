@@ -223,7 +223,7 @@ ROWS = [
     # nnsam_refine, dataset-mode options
     Row("processes zero", "nnsam_refine", DS + " -np 0", ("-np 0: the number of processes must be at least 1",)),
     Row("no-sam with continue", "nnsam_refine", DS + " --no-sam --continue",
-        ("--no-sam writes every case in one run", "leave out --num_parts and --continue")),
+        ("--no-sam writes every case in one run", "leave out -num_parts and --continue")),
     Row("min-case-agreement above 1", "nnsam_refine", DS + " --min-case-agreement 1.5",
         ("--min-case-agreement 1.5 must be a Dice in [0, 1]", "e.g. 0.85")),
     Row("ct-window on a z-score channel", "nnsam_refine", DS + " --ct-window -160 240",
@@ -231,7 +231,7 @@ ROWS = [
     Row("dataset and files mode together", "nnsam_refine", DS + " -i {tmp}",
         ("use either -d (dataset mode) or -i/-m/-o/--probabilities (files mode), not both",)),
     # nnsam_refine, options of both modes (refinement, SAM, device, parts)
-    Row("num_parts zero", "nnsam_refine", DS + " --num_parts 0", ("--num_parts 0 must be at least 1",)),
+    Row("num_parts zero", "nnsam_refine", DS + " -num_parts 0", ("-num_parts 0 must be at least 1",)),
     Row("part_id out of range", "nnsam_refine", DS + " --num_parts 2 --part_id 2",
         ("--part_id must be in 0..1 for --num_parts 2",)),
     Row("ct-window inverted", "nnsam_refine", DS + " --ct-window 240 -160",

@@ -165,7 +165,7 @@ def test_a_fine_tuned_checkpoint_is_checked_against_the_refinement_before_any_wo
         refiner.check_finetuned_for([1, 2], PREPROCESSED_UNITS)
     assert "CT window" not in caplog.text
     with pytest.raises(NnsamError, match=r"fine-tuned for labels \[1, 2\], not \[3\]; fine-tune them on this "
-                                         r"dataset \(nnsam_finetune\) or pass another --checkpoint"):
+                                         r"dataset \(nnsam_finetune\) or pass another checkpoint$"):
         refiner.check_finetuned_for([1, 3], PREPROCESSED_UNITS)
     for window in ((-1.0, 3.0), None):
         other = SamRefiner(model, RefineSettings(context="tile", grid=2, ct_window=window))

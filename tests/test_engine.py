@@ -147,7 +147,7 @@ def test_an_unknown_keep_mode_is_refused():
 def test_load_sam_errors_name_the_file(tmp_path):
     with pytest.raises(NnsamError, match="not found.*missing.pth"):
         load_sam("vit_b", tmp_path / "missing.pth", device="cpu")
-    with pytest.raises(NnsamError, match="needs --checkpoint"):
+    with pytest.raises(NnsamError, match="model_type vit_b needs checkpoint PATH"):
         load_sam("vit_b", None, device="cpu")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"this is not a checkpoint")

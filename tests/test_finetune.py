@@ -102,7 +102,7 @@ def test_the_checkpoint_round_trips_into_refinement(finetuned, litemedsam, tmp_p
 
     with caplog.at_level(logging.WARNING):
         SamRefiner(loaded, RefineSettings(context="adjacent"))
-    assert "fine-tuned on 'single' views" in caplog.text and "--axis" not in caplog.text
+    assert "fine-tuned on 'single' views" in caplog.text and "pass the same axis" not in caplog.text
     with caplog.at_level(logging.WARNING):
         SamRefiner(loaded, RefineSettings(axis=1))
     assert "fine-tuned on slices along the through-plane axis but refinement slices along axis 1" in caplog.text

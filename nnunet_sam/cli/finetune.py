@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-steps", type=int, default=defaults.min_steps, metavar="N",
                        help="at least this many optimiser steps: with a few labelled slices, --epochs is raised to "
                             "reach it (0: exactly --epochs)")
-    train.add_argument("--lr", type=float, default=defaults.learning_rate,
+    train.add_argument("--lr", dest="learning_rate", type=float, default=defaults.learning_rate,
                        help="AdamW learning rate (cosine decay to 0)")
     train.add_argument("--slices-per-step", type=int, default=defaults.slices_per_step,
                        help="slices (with all their classes) per optimiser step")
@@ -94,8 +94,8 @@ def _finetune(args: argparse.Namespace) -> None:
                                 ("--min-steps", args.min_steps, 0)):
         if value < lowest:
             raise NnsamError(f"{flag} must be at least {lowest}, got {value}")
-    if args.lr <= 0:
-        raise NnsamError(f"--lr must be positive, got {args.lr}")
+    if args.learning_rate <= 0:
+        raise NnsamError(f"--lr must be positive, got {args.learning_rate}")
     for flag, value in (("--weak-prompts", args.weak_prompts), ("--box-jitter", args.box_jitter)):
         if not 0.0 <= value <= 1.0:
             raise NnsamError(f"{flag} must be a fraction between 0 and 1, got {value}")
@@ -110,16 +110,16 @@ def _finetune(args: argparse.Namespace) -> None:
                       channel=args.channel, output=args.output, evaluate_with=evaluate_with, cache_dir=args.cache,
                       resume=args.resume)
     views_name = args.context + ("_fewshot" if args.prompts == "fewshot" else "")
-    plan = plan_finetune_job(job, args.sam, views_name, args.checkpoint)
+    plan = plan_finetune_job(job, args.model_type, views_name, args.checkpoint)
     refine_settings = RefineSettings(**views)
     if refine_settings.ct_window is not None:
         refine_settings.ct_window = ct_window_in_preprocessed_units(
             refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
-    settings = FinetuneSettings(epochs=args.epochs, min_steps=args.min_steps, learning_rate=args.lr,
+    settings = FinetuneSettings(epochs=args.epochs, min_steps=args.min_steps, learning_rate=args.learning_rate,
                                 slices_per_step=args.slices_per_step,
                                 box_jitter=args.box_jitter, weak_prompts=args.weak_prompts, seed=args.seed,
                                 class_prompts=class_prompt_mode(args.context, args.prompts))
-    model = load_sam(args.sam, args.checkpoint, args.device)
+    model = load_sam(args.model_type, args.checkpoint, args.device)
     finetune_dataset(plan, model, refine_settings, settings)
 
 

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, check_sam_arguments, run, view_settings
+from nnunet_sam.cli.common import (add_renamed_argument, add_sam_arguments, add_view_arguments, check_sam_arguments,
+                                   run, view_settings)
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.models import load_sam
 from nnunet_sam.sam.prompts import KEEP_MODES
@@ -106,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_group = p.add_argument_group("running")
     run_group.add_argument("--continue", dest="resume", action="store_true",
                            help="skip cases whose refined mask and report already exist")
-    run_group.add_argument("--num_parts", type=int, default=1, help="split the cases into this many parts")
-    run_group.add_argument("--part_id", type=int, default=0, help="which part this process does (0-based)")
+    add_renamed_argument(run_group, "-num_parts", "--num_parts", dest="num_parts", type=int, default=1,
+                         help="split the cases into this many parts")
+    add_renamed_argument(run_group, "-part_id", "--part_id", dest="part_id", type=int, default=0,
+                         help="which part this process does (0-based)")
     run_group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -155,7 +158,7 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
     from nnunet_sam.sam.models import resolve_device
 
     if args.no_sam and (args.num_parts > 1 or args.resume):
-        raise NnsamError("--no-sam writes every case in one run; leave out --num_parts and --continue")
+        raise NnsamError("--no-sam writes every case in one run; leave out -num_parts and --continue")
     if args.no_sam and _sam_label_options(args):
         raise NnsamError(f"{_sam_label_options(args)[0]} compares SAM's label with the model's; with --no-sam there "
                          f"is no SAM label: leave one of them out")
@@ -180,7 +183,7 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
     if args.no_sam:
         write_unrefined_pseudo_labels(plan, initial)
         return
-    model = load_sam(args.sam, args.checkpoint, device, compile_encoder=args.compile)
+    model = load_sam(args.model_type, args.checkpoint, device, compile_encoder=args.compile)
     refine_dataset(plan, SamRefiner(model, settings), initial)
 
 
@@ -209,7 +212,7 @@ def _sam_label_options(args: argparse.Namespace) -> list[str]:
 def _refine(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)  # its one-line errors come before any work
     if args.num_parts < 1:
-        raise NnsamError(f"--num_parts {args.num_parts} must be at least 1 (processes that share the cases)")
+        raise NnsamError(f"-num_parts {args.num_parts} must be at least 1 (processes that share the cases)")
     check_sam_arguments(args)
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
@@ -236,7 +239,7 @@ def _refine_files(args: argparse.Namespace, settings: RefineSettings) -> None:
                    channel=args.channel, resume=args.resume, num_parts=args.num_parts,
                    part_id=args.part_id, overlays=args.overlays, probabilities_dir=args.probabilities)
     plan = plan_files_job(job)
-    model = load_sam(args.sam, args.checkpoint, args.device, compile_encoder=args.compile)
+    model = load_sam(args.model_type, args.checkpoint, args.device, compile_encoder=args.compile)
     refine_folder(plan, SamRefiner(model, settings))
 
 

@@ -3,9 +3,9 @@
 CFR's fine-tuned decoder segments tiled 3D patches with no user prompt; few-shot SAM derives its prompts
 from the labelled slices. Both are `ClassPrompts`, trained with the decoder on cached embeddings:
 
-- "learnt" (what `--context tile` trains): per class, prompt tokens that start as the prompt encoder's
+- "learnt" (what context "tile" trains): per class, prompt tokens that start as the prompt encoder's
   embedding of a box over the whole input and are learnt; the dense prompt is SAM's "no mask" embedding.
-- "fewshot" (`--prompts fewshot`): the class prototype (the mean image embedding under the class's
+- "fewshot" (prompts "fewshot"): the class prototype (the mean image embedding under the class's
   labelled pixels) is one more prompt token, and the dense prompt is a similarity map of the image to the
   class and background prototypes (temperature x (cosine to class - cosine to background)), given to SAM
   as a mask prompt. The prototypes stay fixed; tokens and temperature are learnt.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_sam.errors import NnsamError
+from nnunet_sam.errors import NnsamError, SettingError
 
 if TYPE_CHECKING:
     from nnunet_sam.sam.embedding_cache import EmbeddingCache
@@ -34,7 +34,7 @@ PROMPT_MODES = ("learnt", "fewshot")
 
 
 def class_prompt_mode(context: str, prompts: str) -> str | None:
-    """The class prompts fine-tuning trains for views `context` and `--prompts` `prompts` ("box" or
+    """The class prompts fine-tuning trains for views `context` and prompts `prompts` ("box" or
     "fewshot"): few-shot ones when asked, learnt ones for tiles (CFR's prompt-free decoder), else none."""
     if prompts == "fewshot":
         return "fewshot"
@@ -136,6 +136,6 @@ def class_prototypes(cache: EmbeddingCache, examples: Sequence[SliceExample], la
         weights += grid.flatten(1).sum(dim=1)
     if sums is None or (weights == 0).any():
         absent = [name for name, w in zip(["background", *labels], weights.tolist()) if w == 0]
-        raise NnsamError(f"no labelled pixels of {absent} to pool few-shot prototypes from (every class needs "
-                         f"labelled pixels in the training cases; otherwise use --prompts box)")
+        raise SettingError("no labelled pixels of {absent} to pool few-shot prototypes from (every class needs "
+                           "labelled pixels in the training cases; otherwise use {prompts} box)", absent=absent)
     return sums / weights[:, None]

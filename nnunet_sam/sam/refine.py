@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_sam.errors import NnsamError
+from nnunet_sam.errors import NnsamError, SettingError, SettingText
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import KEEP_MODES, SlicePrompt, dice
@@ -285,17 +285,20 @@ class SamRefiner:
             current = _views_name(self.settings.context, self.settings.grid)
             self.views_match = not model.finetuned.get("context") or trained == current
             if not self.views_match:
-                logger.warning("the SAM decoder in %s was fine-tuned on %s views but refinement uses %s; pass the "
-                               "same --context (and --grid)%s", model.checkpoint, trained, current,
-                               "; its class prompts recover no slices on other views" if model.class_prompts else "")
+                logger.warning(SettingText(
+                    "the SAM decoder in {path} was fine-tuned on {trained} views but refinement uses {current}; pass "
+                    "the same {context} (and {grid}){note}", path=model.checkpoint, trained=trained, current=current,
+                    note="; its class prompts recover no slices on other views" if model.class_prompts else ""))
             trained_axis = model.finetuned.get("axis", self.settings.axis)  # (a record without it: no warning)
             if trained_axis != self.settings.axis:
-                logger.warning("the SAM decoder in %s was fine-tuned on slices along %s but refinement slices "
-                               "along %s; pass the same --axis", model.checkpoint, _axis_name(trained_axis),
-                               _axis_name(self.settings.axis))
+                logger.warning(SettingText("the SAM decoder in {path} was fine-tuned on slices along {trained} but "
+                                           "refinement slices along {current}; pass the same {axis}",
+                                           path=model.checkpoint, trained=_axis_name(trained_axis),
+                                           current=_axis_name(self.settings.axis)))
             if self.settings.prompts != "box":
-                logger.warning("the SAM decoder in %s was fine-tuned with box prompts only; --prompts %s also "
-                               "gives it points it was not fine-tuned on", model.checkpoint, self.settings.prompts)
+                logger.warning(SettingText("the SAM decoder in {path} was fine-tuned with box prompts only; {prompts} "
+                                           "{value} also gives it points it was not fine-tuned on",
+                                           path=model.checkpoint, value=self.settings.prompts))
 
     def check_finetuned_for(self, labels: Sequence[int], window_units: str) -> None:
         """Before any work: refuse `labels` that the checkpoint's fine-tuned class prompts do not know; warn when
@@ -306,15 +309,17 @@ class SamRefiner:
         prompts = self.model.class_prompts
         unknown = [] if prompts is None else sorted({int(v) for v in labels} - set(prompts.labels))
         if unknown:
-            raise NnsamError(f"the class prompts of {self.model.checkpoint} were fine-tuned for labels "
-                             f"{prompts.labels}, not {unknown}; fine-tune them on this dataset (nnsam_finetune) "
-                             f"or pass another --checkpoint")
+            raise SettingError("the class prompts of {path} were fine-tuned for labels {labels}, not {unknown}; "
+                               "fine-tune them on this dataset (nnsam_finetune) or pass another {checkpoint}",
+                               path=self.model.checkpoint, labels=prompts.labels, unknown=unknown)
         trained = record.get("ct_window")
         current = None if self.settings.ct_window is None else [float(v) for v in self.settings.ct_window]
         if record.get("ct_window_units") == window_units and "ct_window" in record and (
                 (trained is None) != (current is None) or (current is not None and not np.allclose(trained, current))):
-            logger.warning("the SAM decoder in %s was fine-tuned on slices with CT window %s but refinement uses "
-                           "%s (%s); pass the same --ct-window", self.model.checkpoint, trained, current, window_units)
+            logger.warning(SettingText("the SAM decoder in {path} was fine-tuned on slices with CT window {trained} "
+                                       "but refinement uses {current} ({units}); pass the same {ct_window}",
+                                       path=self.model.checkpoint, trained=trained, current=current,
+                                       units=window_units))
 
     @property
     def batch_size(self) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_sam.errors import NnsamError
+from nnunet_sam.errors import SettingError
 
 CONTEXTS = ("single", "adjacent", "tile")
 
@@ -212,8 +212,8 @@ class TileLayout:
     def for_slices(cls, slice_shape: Sequence[int], pixel_spacing: Sequence[float], input_size: int,
                    grid: int) -> "TileLayout":
         if grid < 1 or input_size // grid < 8:
-            raise NnsamError(f"--grid {grid}: a {grid}x{grid} tiling does not fit the {input_size}-pixel model input "
-                             f"(cells need 8 pixels or more); use a smaller --grid")
+            raise SettingError("{grid} {value}: a {value}x{value} tiling does not fit the {size}-pixel model input "
+                               "(cells need 8 pixels or more); use a smaller {grid}", value=grid, size=input_size)
         return cls(grid, view_geometry(slice_shape, pixel_spacing, input_size // grid), input_size)
 
     @property
