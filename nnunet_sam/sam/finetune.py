@@ -492,7 +492,8 @@ def decoder_dice(model: SamModel, cache: EmbeddingCache, examples: list[SliceExa
 
 
 @torch.inference_mode()
-def class_prompt_dice(model: SamModel, cache: EmbeddingCache, examples: list[SliceExample]) -> dict[str, dict[int, float]]:
+def class_prompt_dice(model: SamModel, cache: EmbeddingCache,
+                      examples: list[SliceExample]) -> dict[str, dict[int, float]]:
     """Dice per case and class of the prompt-free masks (`model.class_prompts`, no box, classes resolved by
     the highest logit) over all the examples' slices, those without the class included."""
     labels = np.array(model.class_prompts.labels)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_sam.errors import NnsamError, SettingError, SettingText
+from nnunet_sam.errors import SettingError, SettingText
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import KEEP_MODES, SlicePrompt, dice
