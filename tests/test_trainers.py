@@ -175,6 +175,22 @@ def test_nnunet_finds_our_trainers(name, monkeypatch, capsys):
     assert trainer_class.__name__ == name and issubclass(trainer_class, SemiSupervisedTrainer)
 
 
+def test_an_old_trainers_folder_left_in_the_package_is_named_with_the_fix(monkeypatch, capsys, tmp_path):
+    """The trainers moved from nnunet_sam/trainers/ to trainers/: an old folder without __init__.py (only
+    __pycache__ left) would shadow them as an empty namespace package."""
+    import nnunet_sam.trainers
+
+    from nnunet_sam.cli.trainer_dir import main
+
+    monkeypatch.setattr(nnunet_sam.trainers, "__file__", None)
+    monkeypatch.setattr(nnunet_sam.trainers, "__path__", [str(tmp_path / "trainers")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        f"nnsam_trainer_dir: error: {tmp_path / 'trainers'} is left over from an older nnunet-sam (the trainers now "
+        f"live in the top-level trainers/ folder); remove it: rm -r {tmp_path / 'trainers'}\n")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Integration: real nnU-Net planning, preprocessing and trainings
 # ---------------------------------------------------------------------------------------------------
