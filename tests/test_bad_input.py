@@ -233,7 +233,7 @@ ROWS = [
     # nnsam_refine, options of both modes (refinement, SAM, device, parts)
     Row("num_parts zero", "nnsam_refine", DS + " -num_parts 0", ("-num_parts 0 must be at least 1",)),
     Row("part_id out of range", "nnsam_refine", DS + " --num_parts 2 --part_id 2",
-        ("--part_id must be in 0..1 for --num_parts 2",)),
+        ("-part_id must be in 0..1 for -num_parts 2",)),
     Row("ct-window inverted", "nnsam_refine", DS + " --ct-window 240 -160",
         ("--ct-window 240 -160: LOW must be below HIGH", "(e.g. --ct-window -160 240)")),
     Row("grid zero", "nnsam_refine", DS + " --context tile --grid 0", ("--grid 0 must be at least 1",)),

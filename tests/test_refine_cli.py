@@ -175,7 +175,7 @@ def test_bad_input_is_one_clear_line_and_leaves_no_files(tmp_path, capsys, break
     (["--channel", "2"], "--channel 2 does not exist"),
     (["--sam", "vit_b"], "needs --checkpoint"),
     (["--sam", "vit_b", "--checkpoint", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
-    (["--num_parts", "2", "--part_id", "2"], "--part_id"),
+    (["--num_parts", "2", "--part_id", "2"], "-part_id must be in 0..1 for -num_parts 2"),
     (["-device", "gpu"], "-device gpu is not a device"),
     (["--ct-window", "240", "-160"], "--ct-window 240 -160: LOW must be below HIGH"),
     (["--keep-confident", "90"], "--keep-confident 90 must be a probability in (0, 1]"),

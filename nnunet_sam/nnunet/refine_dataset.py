@@ -104,7 +104,7 @@ class DatasetPlan:
 def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
     """Resolve and check everything; preprocess unlabelled cases that are not done yet."""
     if job.num_parts < 1 or not 0 <= job.part_id < job.num_parts:
-        raise NnsamError(f"--part_id must be in 0..{job.num_parts - 1} for --num_parts {job.num_parts}")
+        raise NnsamError(f"-part_id must be in 0..{job.num_parts - 1} for -num_parts {job.num_parts}")
     folders = dataset_folders(job.dataset, job.configuration, job.plans)
     if PlansManager(folders.plans()).get_configuration(job.configuration).previous_stage_name is not None:
         raise NnsamError(f"{job.configuration} is a cascade stage; pseudo labels need a configuration without a "

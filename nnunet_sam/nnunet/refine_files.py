@@ -40,9 +40,9 @@ class FilesJob:
 
 def _check_job(job: FilesJob) -> None:
     if job.num_parts < 1:
-        raise NnsamError(f"--num_parts {job.num_parts} must be at least 1 (processes that share the cases)")
+        raise NnsamError(f"-num_parts {job.num_parts} must be at least 1 (processes that share the cases)")
     if not 0 <= job.part_id < job.num_parts:
-        raise NnsamError(f"--part_id must be in 0..{job.num_parts - 1} for --num_parts {job.num_parts}")
+        raise NnsamError(f"-part_id must be in 0..{job.num_parts - 1} for -num_parts {job.num_parts}")
     out = job.out_dir.resolve()
     for name, folder in (("images", job.images_dir), ("masks", job.masks_dir), ("ground-truth", job.gt_dir),
                          ("probabilities", job.probabilities_dir)):

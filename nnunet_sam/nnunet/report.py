@@ -95,7 +95,7 @@ def warn_absent_classes(summary: dict[str, dict]) -> list[str]:
 
 def write_report(out_dir: Path, header: dict) -> dict:
     """Aggregate every finished case of `out_dir` into refine_report.json (atomically) and return it. Parts
-    of a split run (--num_parts) aggregate one at a time, so the last to finish writes every case."""
+    of a split run (-num_parts) aggregate one at a time, so the last to finish writes every case."""
     folder = out_dir / CASES_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):
