@@ -37,13 +37,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def update_results_section(title: str, body: str) -> None:
-    """Write `## title` with `body` into RESULTS.md, replacing that section if present."""
-    text = RESULTS.read_text() if RESULTS.exists() else _HEADER
+def update_results_section(title: str, body: str, results: Path = RESULTS) -> None:
+    """Write `## title` with `body` into `results` (RESULTS.md), replacing that section if present."""
+    text = results.read_text() if results.exists() else _HEADER
     stamp = datetime.date.today().isoformat()
     section = f"## {title}\n\n_Run on {stamp}._\n\n{body.strip()}\n\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp = results.with_suffix(".md.tmp")
     tmp.write_text(text)
-    tmp.replace(RESULTS)
+    tmp.replace(results)

@@ -114,12 +114,13 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, lines)
 
 
-def target_lines(rows: list[dict]) -> list[str]:
+def target_lines(rows: list[dict], targets: dict[str, float] = TARGETS) -> list[str]:
+    """PASS/FAIL per trainer with a target: its median iteration time against nnUNetTrainer's."""
     base = statistics.median(rows[0]["seconds"])
     lines = []
     for r in rows:
-        if r["trainer"] in TARGETS:
-            ratio, limit = statistics.median(r["seconds"]) / base, TARGETS[r["trainer"]]
+        if r["trainer"] in targets:
+            ratio, limit = statistics.median(r["seconds"]) / base, targets[r["trainer"]]
             lines.append(f"- {r['trainer']} <= {limit}x nnUNetTrainer: {ratio:.2f}x -> "
                          f"{'PASS' if ratio <= limit else 'FAIL'}")
     return lines

@@ -25,6 +25,9 @@ from nnunet_sam.sam.class_prompts import ClassPrompts
 logger = logging.getLogger(__name__)
 
 
+PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # SamModel.precision
+
+
 @dataclass
 class Decoded:
     """Decoder output for N prompts on one image: low-resolution logits and SAM's IoU estimates."""
@@ -48,14 +51,20 @@ class SamModel:
     finetuned: dict | None = None  # what nnsam_finetune recorded in the checkpoint (context, data, ...)
     class_prompts: ClassPrompts | None = None  # prompt-free decoding of the fine-tuned classes, if trained
     encoder_calls: int = 0  # number of model inputs encoded so far (each should be encoded once)
+    precision: str = "auto"  # inference autocast: "auto" (bf16 or fp16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
     _encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """Mixed precision on GPU (bfloat16 where supported), full precision on CPU."""
-        if self.device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        """The autocast dtype of inference (None: full precision). "auto": bfloat16 on a GPU that supports it,
+        else float16; full precision on CPU."""
+        if self.precision not in PRECISIONS:
+            raise SettingError("{precision} {value} is not one of " + ", ".join(PRECISIONS), value=self.precision)
+        if self.precision == "auto":
+            if self.device.type != "cuda":
+                return None
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return PRECISIONS[self.precision]
 
     @property
     def low_res_size(self) -> int:
