@@ -16,7 +16,7 @@ It writes the section "GPU check" of benchmarks/RESULTS.md (or --results FILE). 
 H100) measures fewer settings and skips the demo. `--device cpu --quick` runs a small subset on the CPU, which the
 test suite runs (tests/test_gpu_check.py) so that this script cannot rot; it writes the section "GPU check, CPU
 subset", never the GPU's. On the lent GPU machine, whose Python lacks nnU-Net and our other dependencies,
-benchmarks/gpu_device.sh installs them from wheels carried along and runs this script (see benchmarks/README.md).
+benchmarks/gpu_device.sh installs them from wheels carried along and runs this script (README.md, *GPU check*).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENCODER_TARGET = 1000.0  # slices per second on an H100-class card (the encoder is ~75 GFLOPs per slice)
 TRAINER_TARGETS = {"nnUNetTrainerSAMPseudo": 1.1, "nnUNetTrainerMeanTeacher": 1.3}  # on a GPU, vs nnUNetTrainer
 QUICK_TESTS_ON_CPU = "refinement or embeddings or SAMPseudoMeanTeacher"  # the CPU subset of tests/test_gpu.py
+QUICK_TESTS_ON_GPU = "not trainer or SAMPseudoMeanTeacher"  # --quick on a GPU: SAM's tests and one trainer (both streams)
 
 
 class StageFailed(Exception):
@@ -75,7 +76,7 @@ class Plan:
                        precisions=("bf16",) if quick else ("bf16", "fp16"), compile_batch_sizes=(64,) if quick
                        else (8, 64), encoder_slices=512, engine_shape=(64, 256, 256), engine_batch_sizes=(8, 64),
                        trainer_shape=(64, 128, 128), trainer_iterations=(3, 10 if quick else 20),
-                       tests=None, demo=not quick, stage_timeout=420)
+                       tests=QUICK_TESTS_ON_GPU if quick else None, demo=not quick, stage_timeout=420)
         if not quick:
             raise StageFailed("--device cpu runs only the --quick subset (the full check is for a GPU)")
         return cls(device, quick, batch_sizes=(1, 4), precisions=("fp32",), compile_batch_sizes=(), encoder_slices=4,
@@ -286,15 +287,30 @@ def section_title(device: torch.device) -> str:
         "GPU check, CPU subset (benchmarks/gpu_check.py --device cpu --quick)"
 
 
+def write_section(plan: Plan, report: Report, status: str, started: float, results: Path) -> None:
+    """The section as it stands: written after every stage, so that a run killed at its time limit still leaves
+    the stages it finished and says where it stopped."""
+    total = (time.perf_counter() - started) / 60
+    times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
+    quick = " --quick" if plan.quick else ""
+    body = "\n\n".join([
+        f"Command: `python benchmarks/gpu_check.py --device {plan.device.type}{quick}`: {status}. "
+        f"Total {total:.1f} min ({times or 'no stage finished'}).",
+        *report.parts,
+        "### Targets\n\n" + ("\n".join(report.targets) if report.targets else "None measured on this device.")])
+    update_results_section(section_title(plan.device), body, results)
+
+
 def run_check(plan: Plan, results: Path) -> tuple[Report, str | None]:
-    """The stages in order until one fails; the section is written either way. Returns the report and the
-    failure (None: every stage passed)."""
+    """The stages in order until one fails. Returns the report and the failure (None: every stage passed)."""
     report, failure = Report(), None
     started = time.perf_counter()
     for name, stage in STAGES:
         if name == "demo" and not plan.demo:
             report.parts.append("### Demo\n\nNot run with --quick (on the CPU: tests/test_demo.py runs the demo).")
             continue
+        write_section(plan, report, f"**stopped in stage {name}** (killed at its time limit, or still running)",
+                      started, results)
         logger.info("stage %s ...", name)
         stage_started = time.perf_counter()
         try:
@@ -308,16 +324,7 @@ def run_check(plan: Plan, results: Path) -> tuple[Report, str | None]:
         logger.info("stage %s: %s in %.0f s", name, "FAILED" if failure else "done", report.seconds[name])
         if failure:
             break
-    total = (time.perf_counter() - started) / 60
-    times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
-    status = f"**FAILED**: {failure}" if failure else "every stage passed"
-    quick = " --quick" if plan.quick else ""
-    body = "\n\n".join([
-        f"Command: `python benchmarks/gpu_check.py --device {plan.device.type}{quick}`: {status}. "
-        f"Total {total:.1f} min ({times}).",
-        *report.parts,
-        "### Targets\n\n" + ("\n".join(report.targets) if report.targets else "None measured on this device.")])
-    update_results_section(section_title(plan.device), body, results)
+    write_section(plan, report, f"**FAILED**: {failure}" if failure else "every stage passed", started, results)
     return report, failure
 
 

@@ -23,7 +23,7 @@ def _plan() -> gpu_check.Plan:
 
 
 def test_the_first_failing_stage_stops_the_check_and_is_written(tmp_path, monkeypatch):
-    ran = []
+    ran, results = [], tmp_path / "RESULTS.md"
 
     def passes(name):
         def stage(plan, report):
@@ -33,11 +33,12 @@ def test_the_first_failing_stage_stops_the_check_and_is_written(tmp_path, monkey
 
     def fails(plan, report):
         ran.append("tests")
+        during = results.read_text()  # what a run killed here at its time limit leaves
+        assert "**stopped in stage tests**" in during and "### environment\n\nfine" in during
         raise gpu_check.StageFailed("pytest -m gpu: 1 failed, 6 passed")
 
     monkeypatch.setattr(gpu_check, "STAGES", [("environment", passes("environment")), ("tests", fails),
                                               ("refinement speed", passes("refinement speed"))])
-    results = tmp_path / "RESULTS.md"
     results.write_text(PREVIOUS)
     _, failure = gpu_check.run_check(_plan(), results)
     assert ran == ["environment", "tests"]
