@@ -74,7 +74,7 @@ class Plan:
         if device.type == "cuda":
             return cls(device, quick, batch_sizes=(1, 64) if quick else (1, 8, 32, 64),
                        precisions=("bf16",) if quick else ("bf16", "fp16"), compile_batch_sizes=(64,) if quick
-                       else (8, 64), encoder_slices=512, engine_shape=(64, 256, 256), engine_batch_sizes=(8, 64),
+                       else (1, 8, 32, 64), encoder_slices=512, engine_shape=(64, 256, 256), engine_batch_sizes=(8, 64),
                        trainer_shape=(64, 128, 128), trainer_iterations=(3, 10 if quick else 20),
                        tests=QUICK_TESTS_ON_GPU if quick else None, demo=not quick, stage_timeout=420)
         if not quick:
@@ -251,7 +251,8 @@ def trainer_stage(plan: Plan, report: Report) -> None:
     compiled = "torch.compile on (nnU-Net's default on CUDA)" if plan.device.type == "cuda" else "no torch.compile"
     report.parts.append(
         f"### Trainer speed\n\nSeconds per iteration (fetch the batch + `train_step`), {iterations} iterations after "
-        f"{warmup} warm-up iterations, interleaved across the four trainer processes; synthetic volumes "
+        f"{warmup} warm-up iterations (each process's own, side by side: the first compiles on CUDA), interleaved "
+        f"across the four trainer processes; synthetic volumes "
         f"{plan.trainer_shape}, 3d_fullres, batch size {rows[0]['batch_size']}, AMP on CUDA, {compiled}, "
         f"nnUNet_n_proc_DA={workers}:\n\n{train_speed.table(rows)}")
 

@@ -50,16 +50,21 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def trainer_process(name: str, device: str, connection: Connection) -> None:
-    """Set up trainer `name`, then run one timed iteration per 'step' message; 'stop' returns memory."""
+def trainer_process(name: str, device: str, warmup: int, connection: Connection) -> None:
+    """Set up trainer `name` and run `warmup` iterations (on CUDA the first one compiles the network: the
+    processes do that side by side), then one timed iteration per 'step' message; 'stop' returns memory."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     trainer = get_trainer_from_args(DATASET, "3d_fullres", "all", name, device=torch.device(device))
     trainer.on_train_start()
     trainer.on_train_epoch_start()
+    started = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step(next(trainer.dataloader_train))
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    connection.send({"batch_size": trainer.batch_size})
+    connection.send({"batch_size": trainer.batch_size, "warmup_seconds": time.perf_counter() - started})
     while connection.recv() == "step":
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -74,25 +79,26 @@ def trainer_process(name: str, device: str, connection: Connection) -> None:
 
 
 def measure(device: str, warmup: int, iterations: int) -> list[dict]:
-    """Interleaved iterations of every trainer, each in its own process; medians and peak memory."""
+    """Interleaved iterations of every trainer, each in its own process, after each process's own warm-up
+    iterations (run side by side); medians and peak memory."""
     context = multiprocessing.get_context("spawn")
     workers = []
     for name in TRAINERS:
         parent, child = context.Pipe()
-        process = context.Process(target=trainer_process, args=(name, device, child), daemon=False)
+        process = context.Process(target=trainer_process, args=(name, device, warmup, child), daemon=False)
         process.start()
         workers.append((name, parent, process))
     rows = [{"trainer": name, **parent.recv(), "seconds": []} for name, parent, _ in workers]
-    for iteration in range(warmup + iterations):
+    logger.info("warm-up (%d iterations each): %s", warmup,
+                ", ".join(f"{r['trainer']} {r['warmup_seconds']:.1f} s" for r in rows))
+    for iteration in range(iterations):
         for row, (_, parent, _) in zip(rows, workers):
             parent.send("step")
             row["seconds"].append(parent.recv())
-        logger.info("iteration %d%s: %s", iteration, " (warm-up)" if iteration < warmup else "",
-                    ", ".join(f"{r['trainer']} {r['seconds'][-1]:.2f} s" for r in rows))
+        logger.info("iteration %d: %s", iteration, ", ".join(f"{r['trainer']} {r['seconds'][-1]:.2f} s" for r in rows))
     for row, (_, parent, process) in zip(rows, workers):
         parent.send("stop")
         row.update(parent.recv())
-        row["seconds"] = row["seconds"][warmup:]
         process.join()
     return rows
 
@@ -168,8 +174,8 @@ def main() -> None:
         "every trainer trains on the same number of samples per iteration; the Mean Teachers add a teacher "
         "forward pass on the extra samples and an EMA update.",
         "",
-        f"Timed: {args.iterations} iterations per trainer after {args.warmup} warm-up iterations, interleaved "
-        "across the four trainer processes; an iteration = fetch the labelled batch + `train_step`. Peak RSS: "
+        f"Timed: {args.iterations} iterations per trainer, interleaved across the four trainer processes, after "
+        f"{args.warmup} warm-up iterations that each process runs on its own first; an iteration = fetch the labelled batch + `train_step`. Peak RSS: "
         "the training process (VmHWM), without its data-augmentation workers.",
         "",
         text,
