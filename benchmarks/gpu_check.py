@@ -73,7 +73,7 @@ class Plan:
     def make(cls, device: torch.device, quick: bool) -> "Plan":
         if device.type == "cuda":
             return cls(device, quick, batch_sizes=(1, 64) if quick else (1, 8, 32, 64),
-                       precisions=("bf16",) if quick else ("bf16", "fp16"), compile_batch_sizes=(64,) if quick
+                       precisions=("fp16",) if quick else ("fp16", "bf16"), compile_batch_sizes=(64,) if quick
                        else (1, 8, 32, 64), encoder_slices=512, engine_shape=(64, 256, 256), engine_batch_sizes=(8, 64),
                        trainer_shape=(64, 128, 128), trainer_iterations=(3, 10 if quick else 20),
                        tests=QUICK_TESTS_ON_GPU if quick else None, demo=not quick, stage_timeout=420)

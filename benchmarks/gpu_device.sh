@@ -6,7 +6,7 @@
 #
 #   here, once (needs PyPI):  benchmarks/gpu_device.sh fetch         -> .whl/1 and .whl/2, versions from .venv
 #   there, call 1:            benchmarks/gpu_device.sh install 1     (carry .whl/1)
-#   there, call 2, at once:   benchmarks/gpu_device.sh install 2 && benchmarks/gpu_device.sh check [--quick]
+#   there, call 2, at once:   benchmarks/gpu_device.sh install 2 && benchmarks/gpu_device.sh check --quick
 #                                                                    (carry .whl/2; timeout_s 590)
 # `check` runs gpu_check.py under a 9-minute limit and copies RESULTS.md and its log into $OUT.
 set -euo pipefail

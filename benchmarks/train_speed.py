@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -52,7 +53,17 @@ def peak_rss_mib() -> float:
 
 def trainer_process(name: str, device: str, warmup: int, connection: Connection) -> None:
     """Set up trainer `name` and run `warmup` iterations (on CUDA the first one compiles the network: the
-    processes do that side by side), then one timed iteration per 'step' message; 'stop' returns memory."""
+    processes do that side by side), then one timed iteration per 'step' message; 'stop' returns memory. A failure
+    is sent as {"error": ...} so that the parent can say which trainer failed and why."""
+    try:
+        _serve_iterations(name, device, warmup, connection)
+    except BaseException as exc:
+        lines = traceback.format_exception_only(type(exc), exc)
+        connection.send({"error": f"{name}: {lines[-1].strip()}"})
+        raise
+
+
+def _serve_iterations(name: str, device: str, warmup: int, connection: Connection) -> None:
     from nnunetv2.run.run_training import get_trainer_from_args
 
     trainer = get_trainer_from_args(DATASET, "3d_fullres", "all", name, device=torch.device(device))
@@ -78,28 +89,50 @@ def trainer_process(name: str, device: str, warmup: int, connection: Connection)
     trainer.on_train_end()
 
 
+def receive(name: str, connection: Connection, process) -> object:
+    """The next message of trainer `name`'s process; RuntimeError when it failed or died without answering."""
+    try:
+        message = connection.recv()
+    except EOFError:
+        process.join(timeout=10)
+        raise RuntimeError(f"the {name} process ended without answering (exit code {process.exitcode})") from None
+    if isinstance(message, dict) and "error" in message:
+        raise RuntimeError(f"trainer process failed: {message['error']}")
+    return message
+
+
 def measure(device: str, warmup: int, iterations: int) -> list[dict]:
     """Interleaved iterations of every trainer, each in its own process, after each process's own warm-up
-    iterations (run side by side); medians and peak memory."""
+    iterations (run side by side); medians and peak memory. A trainer that fails stops the measurement with its
+    error (the other processes are ended)."""
     context = multiprocessing.get_context("spawn")
     workers = []
     for name in TRAINERS:
         parent, child = context.Pipe()
         process = context.Process(target=trainer_process, args=(name, device, warmup, child), daemon=False)
         process.start()
+        child.close()  # the child's end lives in the child only: its death is then an EOFError here
         workers.append((name, parent, process))
-    rows = [{"trainer": name, **parent.recv(), "seconds": []} for name, parent, _ in workers]
-    logger.info("warm-up (%d iterations each): %s", warmup,
-                ", ".join(f"{r['trainer']} {r['warmup_seconds']:.1f} s" for r in rows))
-    for iteration in range(iterations):
-        for row, (_, parent, _) in zip(rows, workers):
-            parent.send("step")
-            row["seconds"].append(parent.recv())
-        logger.info("iteration %d: %s", iteration, ", ".join(f"{r['trainer']} {r['seconds'][-1]:.2f} s" for r in rows))
-    for row, (_, parent, process) in zip(rows, workers):
-        parent.send("stop")
-        row.update(parent.recv())
-        process.join()
+    try:
+        rows = [{"trainer": name, **receive(name, parent, process), "seconds": []}
+                for name, parent, process in workers]
+        logger.info("warm-up (%d iterations each): %s", warmup,
+                    ", ".join(f"{r['trainer']} {r['warmup_seconds']:.1f} s" for r in rows))
+        for iteration in range(iterations):
+            for row, (name, parent, process) in zip(rows, workers):
+                parent.send("step")
+                row["seconds"].append(receive(name, parent, process))
+            logger.info("iteration %d: %s", iteration,
+                        ", ".join(f"{r['trainer']} {r['seconds'][-1]:.2f} s" for r in rows))
+        for row, (name, parent, process) in zip(rows, workers):
+            parent.send("stop")
+            row.update(receive(name, parent, process))
+            process.join()
+    finally:
+        for _, _, process in workers:
+            if process.is_alive():
+                process.terminate()
+                process.join()
     return rows
 
 

@@ -26,8 +26,9 @@ from nnunet_sam.sam.prompts import dice
 pytestmark = pytest.mark.gpu
 
 DEVICE_VARIABLE = "NNSAM_CHECK_DEVICE"
-# Stated tolerances of the device against the CPU (bf16/fp16 autocast moves SAM's logits by ~1e-2; a mask
-# boundary pixel can flip, a class cannot change):
+# Stated tolerances of the device against the CPU (float16 autocast, the GPU default, moves LiteMedSAM's embeddings
+# by ~0.7% and decoded masks by ~1% IoU in an emulation of CUDA's autocast; a boundary pixel can flip, a class
+# cannot change; bfloat16, 11%, would not meet them, which is why it is not the default):
 MIN_CLASS_DICE = 0.97  # refinement: per-class Dice between the device's and the CPU's pseudo label
 MIN_DECODED_IOU = 0.95  # a cached device embedding decoded on the CPU vs the CPU's own embedding
 MAX_PROBABILITY_GAP = 0.05  # nnU-Net prediction: largest softmax difference per voxel
@@ -171,6 +172,7 @@ def test_trainer_with_amp_and_compile_saves_resumes_and_predicts(trainer_data, d
         data = open_b2nd(str(case))[:]
         choice = ModelChoice(trainer=name, folds=("0",), tta=False)
         labels, probabilities = InitialModel(folder.parent, choice, device).predict(data)
-        _, reference = InitialModel(folder.parent, choice, torch.device("cpu")).predict(data)
+        with environment({"nnUNet_compile": "0"}):  # the predictor compiles on any device: not the CPU reference
+            _, reference = InitialModel(folder.parent, choice, torch.device("cpu")).predict(data)
     assert labels.shape == data.shape[1:] and set(np.unique(labels)) <= {0, 1, 2}
     assert np.abs(probabilities - reference).max() <= MAX_PROBABILITY_GAP

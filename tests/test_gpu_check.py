@@ -103,3 +103,14 @@ def test_the_cpu_subset_runs_every_stage(tmp_path):
                     "nnUNetTrainerSAMPseudoMeanTeacher"):
         assert f"| {trainer} |" in section
     assert "### Demo\n\nNot run with --quick" in section
+
+
+@pytest.mark.slow
+def test_a_trainer_process_that_fails_stops_the_speed_measurement_with_its_error(tmp_path):
+    """No dataset: each trainer process fails while it sets up; the parent says which and why instead of waiting."""
+    import train_speed  # benchmarks/train_speed.py
+    from helpers.trainer_data import environment
+
+    folders = {name: str(tmp_path) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    with environment(folders), pytest.raises(RuntimeError, match=r"^trainer process failed: nnUNetTrainer: \w+"):
+        train_speed.measure("cpu", warmup=0, iterations=1)

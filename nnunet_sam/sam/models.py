@@ -51,19 +51,18 @@ class SamModel:
     finetuned: dict | None = None  # what nnsam_finetune recorded in the checkpoint (context, data, ...)
     class_prompts: ClassPrompts | None = None  # prompt-free decoding of the fine-tuned classes, if trained
     encoder_calls: int = 0  # number of model inputs encoded so far (each should be encoded once)
-    precision: str = "auto"  # inference autocast: "auto" (bf16 or fp16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
+    precision: str = "auto"  # inference autocast: "auto" (fp16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
     _encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of inference (None: full precision). "auto": bfloat16 on a GPU that supports it,
-        else float16; full precision on CPU."""
+        """The autocast dtype of inference (None: full precision). "auto": float16 on a GPU, full precision on
+        CPU. Not bfloat16: its 8-bit mantissa moves LiteMedSAM's embeddings by 11% (relative norm, against 0.7% for
+        float16; measured with CPU bf16 autocast and an emulation of CUDA's) and decoded masks by up to 16% IoU."""
         if self.precision not in PRECISIONS:
             raise SettingError("{precision} {value} is not one of " + ", ".join(PRECISIONS), value=self.precision)
         if self.precision == "auto":
-            if self.device.type != "cuda":
-                return None
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.float16 if self.device.type == "cuda" else None
         return PRECISIONS[self.precision]
 
     @property
@@ -97,6 +96,11 @@ class SamModel:
         encoder = self._encoder if self._encoder is not None else self.module.image_encoder
         with self._autocast():
             embeddings = encoder(x)
+        if self.amp_dtype == torch.float16 and not bool(torch.isfinite(embeddings).all()):
+            logger.warning("SAM %s: float16 overflowed on %d image(s); encoding them in full precision",
+                           self.name, images.shape[0])
+            with torch.autocast(self.device.type, enabled=False):
+                embeddings = self.module.image_encoder(x)
         self.encoder_calls += images.shape[0]
         return embeddings.float()
 
