@@ -227,7 +227,8 @@ def refinement_stage(plan: Plan, report: Report) -> None:
     report.parts.append(
         f"### Refinement speed\n\nLiteMedSAM's image encoder on real model inputs (synthetic CT `synthetic_ct_case`, "
         f"seed 7, shape {plan.engine_shape}), {plan.encoder_slices} slices per measurement after two warm-up "
-        f"calls:\n\n{encoder}\n\nThe whole refinement (`SamRefiner`, default settings, autocast 'auto') of that "
+        f"calls; torch.compile as `nnsam_refine --compile` does it (automatic dynamic shapes: after the first "
+        f"batch size one graph serves the others):\n\n{encoder}\n\nThe whole refinement (`SamRefiner`, default settings, autocast 'auto') of that "
         f"volume, 3 classes, initial mask = truth grown by one pixel, {slices} slices with foreground:\n\n{engine}")
 
 
