@@ -290,9 +290,11 @@ def test_check_lists_stale_orphan_leaking_and_half_written_work(planned_dataset,
                                            f"-tr nnUNetTrainerShort")
 
 
-def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys, caplog):
+def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, unlabeled, baseline, capsys,
+                                                             caplog, tmp_path):
     """nnU-Net's `2d` configuration of the same dataset: nnsam_preprocess_unlabeled -c 2d, a 2d baseline,
-    nnsam_refine -d -c 2d (SAM) and --no-sam (the baseline's predictions as they are), then SAM-pseudo training."""
+    nnsam_refine -d -c 2d (SAM) and --no-sam (the baseline's predictions as they are), then SAM-pseudo training.
+    The SAM runs share an embedding cache (--cache): only the first encodes."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
     from nnunetv2.run.run_training import run_training
 
@@ -306,7 +308,8 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     images = planned_dataset.preprocessed / "nnUNetPlans_2d_unlabeled"
     assert sorted(p.name for p in images.glob("*.pkl")) == ["pipelinetestUn_000.pkl", "pipelinetestUn_001.pkl"]
     run_training(dataset, "2d", "0", "nnUNetTrainerShort", device=torch.device("cpu"))
-    refine = ["-d", dataset, "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerShort", "--disable_tta", "-device", "cpu"]
+    refine = ["-d", dataset, "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerShort", "--disable_tta", "-device", "cpu",
+              "--cache", str(tmp_path / "embeddings")]
     refine_cli.main(refine + ["--gt", str(planned_dataset.raw / "labelsUnlabeledTruth")])
     labels = planned_dataset.preprocessed.joinpath("nnUNetPlans_2d_pseudolabels", *FOLD_0)
     report = json.loads((labels / "refine_report.json").read_text())
@@ -330,7 +333,7 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     refine_cli.main(refine + ["--keep-confident", "0.01"])
     report = json.loads((labels / "refine_report.json").read_text())
     for case in report["cases"]:
-        assert case["settings"]["confident"] == 0.01
+        assert case["settings"]["confident"] == 0.01 and case["slices_encoded"] == 0  # all from the cache
         for row in case["classes"].values():
             assert row["voxels_sam_decided"] == 0 and row["voxels_confident"] == row["voxels_after"]
     # how many voxels the band overruled depends on what SAM made of this run's (unseeded) short model; the

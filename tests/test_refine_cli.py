@@ -70,6 +70,36 @@ def test_refines_a_folder_keeping_geometry_and_pixel_type(tmp_path):
 
 
 @pytest.mark.slow
+def test_cache_encodes_each_slice_once_across_runs_with_other_options(tmp_path):
+    """--cache DIR: the first run encodes and stores; a rerun with another guard setting encodes nothing and
+    gives the masks that a run reading the same stored embeddings gives."""
+    folders = _make_folders(tmp_path, cases=1)
+    cache = tmp_path / "embeddings"
+    _run(folders, tmp_path / "first", "--cache", str(cache))
+    first = json.loads((tmp_path / "first" / "refine_report.json").read_text())["cases"][0]
+    stored = list(cache.rglob("*.npy"))
+    assert first["slices_encoded"] > 0 and len(stored) == first["slices_encoded"]
+    _run(folders, tmp_path / "again", "--cache", str(cache))
+    _run(folders, tmp_path / "other", "--cache", str(cache), "--min-iou", "0")
+    for name in ("again", "other"):
+        assert json.loads((tmp_path / name / "refine_report.json").read_text())["cases"][0]["slices_encoded"] == 0
+    assert sorted(cache.rglob("*.npy")) == sorted(stored)
+    again, before = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "case0.nii.gz")))
+                     for name in ("again", "first"))
+    np.testing.assert_array_equal(again, before)
+
+
+def test_a_cache_that_is_a_file_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    folders = _make_folders(tmp_path, cases=1)
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        _run(folders, tmp_path / "out", "--cache", str(tmp_path / "cache"))
+    line = _error_line(capsys)
+    assert f"--cache {tmp_path / 'cache'} is a file" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_parts_split_the_cases_and_continue_skips_finished_ones(tmp_path):
     folders = _make_folders(tmp_path)
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ from typing import Sequence
 from nnunet_sam.cli.common import (add_renamed_argument, add_sam_arguments, add_view_arguments, check_sam_arguments,
                                    run, view_settings)
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.sam.models import load_sam
+from nnunet_sam.sam.models import SamModel, load_sam
 from nnunet_sam.sam.prompts import KEEP_MODES
 from nnunet_sam.sam.refine import PROMPT_SETS, RefineSettings, SamRefiner
 
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_group = p.add_argument_group("running")
     run_group.add_argument("--continue", dest="resume", action="store_true",
                            help="skip cases whose refined mask and report already exist")
+    run_group.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                           help="keep the image embeddings in DIR and reuse them: a rerun with other refinement "
+                                "options encodes only slices it has not seen (about 2 MiB per slice for "
+                                "LiteMedSAM, stored as float16; nnsam_finetune's cache folder can be shared)")
     add_renamed_argument(run_group, "-num_parts", "--num_parts", dest="num_parts", type=int, default=1,
                          help="split the cases into this many parts")
     add_renamed_argument(run_group, "-part_id", "--part_id", dest="part_id", type=int, default=0,
@@ -185,7 +189,7 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
         write_unrefined_pseudo_labels(plan, initial)
         return
     model = load_sam(args.model_type, args.checkpoint, device, compile_encoder=args.compile)
-    refine_dataset(plan, SamRefiner(model, settings), initial)
+    refine_dataset(plan, _refiner(model, settings, args.cache), initial)
 
 
 def _ct_window_in_plans_units(args: argparse.Namespace, window: tuple[float, float]) -> tuple[float, float]:
@@ -215,6 +219,8 @@ def _refine(args: argparse.Namespace) -> None:
     if args.num_parts < 1:
         raise NnsamError(f"-num_parts {args.num_parts} must be at least 1 (processes that share the cases)")
     check_sam_arguments(args)
+    if args.cache is not None and args.cache.exists() and not args.cache.is_dir():
+        raise NnsamError(f"--cache {args.cache} is a file, not a folder: give a folder for the embeddings")
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
         if files or args.probabilities is not None:
@@ -241,7 +247,16 @@ def _refine_files(args: argparse.Namespace, settings: RefineSettings) -> None:
                    part_id=args.part_id, overlays=args.overlays, probabilities_dir=args.probabilities)
     plan = plan_files_job(job)
     model = load_sam(args.model_type, args.checkpoint, args.device, compile_encoder=args.compile)
-    refine_folder(plan, SamRefiner(model, settings))
+    refine_folder(plan, _refiner(model, settings, args.cache))
+
+
+def _refiner(model: SamModel, settings: RefineSettings, cache: Path | None) -> SamRefiner:
+    """The refiner, reading and filling the embedding cache in `cache` where one is given."""
+    if cache is None:
+        return SamRefiner(model, settings)
+    from nnunet_sam.sam.embedding_cache import EmbeddingCache
+
+    return SamRefiner(model, settings, cache=EmbeddingCache(cache, model))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
