@@ -89,7 +89,7 @@ def test_cache_encodes_each_slice_once_across_runs_with_other_options(tmp_path):
     np.testing.assert_array_equal(again, before)
 
 
-def test_a_cache_that_is_a_file_is_one_line_and_nothing_is_written(tmp_path, capsys):
+def test_a_cache_that_is_a_file_or_a_user_folder_is_one_line_and_nothing_is_written(tmp_path, capsys):
     folders = _make_folders(tmp_path, cases=1)
     (tmp_path / "cache").write_text("not a folder")
     with pytest.raises(SystemExit):
@@ -97,6 +97,11 @@ def test_a_cache_that_is_a_file_is_one_line_and_nothing_is_written(tmp_path, cap
     line = _error_line(capsys)
     assert f"--cache {tmp_path / 'cache'} is a file" in line
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # a user folder is never a cache
+        _run(folders, tmp_path / "out", "--cache", str(folders["images"]))
+    assert f"--cache {folders['images']} already holds files nnunet-sam did not write" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in folders["images"].iterdir()] == ["case0_0000.nii.gz"]
 
 
 @pytest.mark.slow

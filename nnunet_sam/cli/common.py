@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from nnunet_sam.errors import NnsamError, setting_names
+from nnunet_sam.sam.embedding_cache import CACHE_MARKER
 from nnunet_sam.sam.models import MODEL_TYPES, model_spec, read_checkpoint, resolve_device, weights_for
 from nnunet_sam.sam.refine import RefineSettings
 from nnunet_sam.sam.views import CONTEXTS
+from nnunet_sam.utils.output_folders import check_output_folder
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -87,6 +89,13 @@ def add_sam_arguments(parser: argparse.ArgumentParser, compile_flag: bool = True
         sam.add_argument("--compile", action="store_true",
                          help="torch.compile the image encoder: ~30%% faster per slice on CPU after a one-off "
                               "compilation of ~30-50 s; worth it from ~150 slices on")
+
+
+def check_cache_folder(folder: Path | None) -> None:
+    """--cache DIR: one-line errors before any work if DIR is a file, holds files that no embedding cache wrote
+    (a user folder is never written into), or cannot be written."""
+    if folder is not None:
+        check_output_folder(folder, "--cache", CACHE_MARKER)
 
 
 def check_sam_arguments(args: argparse.Namespace) -> None:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_sam.cli.common import add_sam_arguments, add_view_arguments, check_sam_arguments, run, view_settings
+from nnunet_sam.cli.common import (add_sam_arguments, add_view_arguments, check_cache_folder, check_sam_arguments, run,
+                                   view_settings)
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.class_prompts import class_prompt_mode
 from nnunet_sam.sam.finetune import FinetuneSettings
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "CONFIG/fold_F/SAM_CONTEXT[_fewshot].pth, with ..._report.json beside it); an "
                          "existing file is replaced only if nnsam_finetune wrote it")
     ds.add_argument("--cache", type=Path, default=None,
-                    help="embedding cache folder (default: nnUNet_preprocessed/DatasetXXX/nnsam_embeddings)")
+                    help="embedding cache folder (default: nnUNet_preprocessed/DatasetXXX/nnsam_embeddings); a new "
+                         "folder or one an nnsam command's cache wrote, never a folder of other files")
     add_sam_arguments(p, compile_flag=False)
     views = p.add_argument_group("views (pass the same to nnsam_refine)")
     add_view_arguments(views)
@@ -103,6 +105,7 @@ def _finetune(args: argparse.Namespace) -> None:
     if args.output is not None:  # before check_sam_arguments reads the base checkpoint (the rest of -o's checks
         check_not_base(args.output, args.checkpoint)  # come with planning)
     check_sam_arguments(args)
+    check_cache_folder(args.cache)
     evaluate_with = None
     if args.refine_validation:
         evaluate_with = ModelChoice(trainer=args.trainer, checkpoint=args.checkpoint_name, tta=not args.disable_tta)

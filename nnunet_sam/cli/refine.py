@@ -7,9 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from nnunet_sam.cli.common import (add_renamed_argument, add_sam_arguments, add_view_arguments, check_sam_arguments,
-                                   run, view_settings)
+from nnunet_sam.cli.common import (add_renamed_argument, add_sam_arguments, add_view_arguments, check_cache_folder,
+                                   check_sam_arguments, run, view_settings)
 from nnunet_sam.errors import NnsamError
+from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.models import SamModel, load_sam
 from nnunet_sam.sam.prompts import KEEP_MODES
 from nnunet_sam.sam.refine import PROMPT_SETS, RefineSettings, SamRefiner
@@ -219,8 +220,7 @@ def _refine(args: argparse.Namespace) -> None:
     if args.num_parts < 1:
         raise NnsamError(f"-num_parts {args.num_parts} must be at least 1 (processes that share the cases)")
     check_sam_arguments(args)
-    if args.cache is not None and args.cache.exists() and not args.cache.is_dir():
-        raise NnsamError(f"--cache {args.cache} is a file, not a folder: give a folder for the embeddings")
+    check_cache_folder(args.cache)
     files = [name for name in ("images", "masks", "output") if getattr(args, name) is not None]
     if args.dataset is not None:
         if files or args.probabilities is not None:
@@ -254,8 +254,6 @@ def _refiner(model: SamModel, settings: RefineSettings, cache: Path | None) -> S
     """The refiner, reading and filling the embedding cache in `cache` where one is given."""
     if cache is None:
         return SamRefiner(model, settings)
-    from nnunet_sam.sam.embedding_cache import EmbeddingCache
-
     return SamRefiner(model, settings, cache=EmbeddingCache(cache, model))
 
 

@@ -5,7 +5,8 @@ for LiteMedSAM on 2 CPU cores).
 An embedding is stored under the fingerprint of the encoder (its weights and pixel normalisation) and the
 hash of the exact model input (the view's pixels after context, windowing and resizing), so a changed
 model, checkpoint or view never reuses a stale embedding. Embeddings are stored as float16 `.npy` files,
-written atomically.
+written atomically. The first write marks the folder (`CACHE_MARKER` inside) as a cache that nnunet-sam may
+write into again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.utils.atomic import atomic_path
+
+CACHE_MARKER = ".nnsam_embeddings"  # a folder inside a cache folder: the commands' --cache may write there
 
 
 def encoder_fingerprint(model: SamModel) -> str:
@@ -43,7 +46,9 @@ class EmbeddingCache:
 
     def __init__(self, folder: str | Path, model: SamModel) -> None:
         self.model = model
-        self.folder = Path(folder) / f"{model.name}-{encoder_fingerprint(model)[:16]}"
+        self.root = Path(folder)
+        self.folder = self.root / f"{model.name}-{encoder_fingerprint(model)[:16]}"
+        self._marked = False
         self.hits = 0
         self.misses = 0
 
@@ -74,6 +79,9 @@ class EmbeddingCache:
         return torch.from_numpy(stacked).to(self.model.device)
 
     def _store(self, key: str, embedding: np.ndarray) -> None:
+        if not self._marked:
+            (self.root / CACHE_MARKER).mkdir(parents=True, exist_ok=True)
+            self._marked = True
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp, open(tmp, "wb") as handle:
