@@ -112,7 +112,7 @@ def score(model, cache: EmbeddingCache, settings: RefineSettings, case: Case, se
     """Decoder Dice from true boxes, refinement Dice per degradation seed, the control, and with class
     prompts their own Dice; the "ends cut" mask is refined in every case (recovery needs class prompts)."""
     examples = slice_examples([volume(case)], cache, settings, negatives=negatives)
-    decoder = decoder_dice(model, cache, examples, settings.box_margin)[case.name][LABEL]
+    decoder = decoder_dice(model, cache, examples, settings)[case.name][LABEL]
     prompt_free = None
     if model.class_prompts is not None:
         prompt_free = class_prompt_dice(model, cache, examples)[case.name][LABEL]

@@ -23,7 +23,7 @@ from nnunet_sam.sam import SamRefiner, load_sam
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import bounding_box
-from nnunet_sam.sam.views import normalize_intensities, resize_view, slice_view, view_geometry
+from nnunet_sam.sam.views import resize_view, sam_intensities, slice_view, view_geometry
 
 from results import machine_description, markdown_table, update_results_section  # benchmarks/results.py
 
@@ -34,7 +34,7 @@ SECTION = "Refinement speed (benchmarks/refine_speed.py)"
 def naive_loop(model: SamModel, image: np.ndarray, mask: np.ndarray, spacing) -> int:
     """LiteMedSAM's 3D script: for every slice and every class box, encode the slice, decode the box.
     Returns the number of slices with foreground."""
-    volume = normalize_intensities(image)
+    volume = sam_intensities(image)
     geometry = view_geometry(mask.shape[1:], spacing[1:], model.input_size)
     slices = 0
     for index in range(mask.shape[0]):

@@ -68,6 +68,39 @@ def save_case_overlay(path: Path, image: np.ndarray, masks: dict[str, np.ndarray
     save_overlay(path, np.moveaxis(image, axis, 0), moved, title=title or path.stem)
 
 
+def save_view_comparison(path: Path, views: dict[str, np.ndarray], mask: np.ndarray, axis: int,
+                         count: int = 3) -> None:
+    """Side by side, for a person to compare: each named view of a (Z, Y, X) case (intensities in [0, 1], drawn as
+    they are, no window of their own) on the slices `mask` covers most, sliced along `axis`, the mask's contours on
+    each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = np.moveaxis(mask, axis, 0)
+    slices = pick_slices([mask], count)
+    labels = [int(v) for v in np.unique(mask) if v > 0]
+    fig, axes = plt.subplots(len(views), len(slices), figsize=(3.2 * len(slices), 3.2 * len(views)), squeeze=False)
+    for row, (name, view) in enumerate(views.items()):
+        view = np.moveaxis(view, axis, 0)
+        for col, index in enumerate(slices):
+            ax = axes[row, col]
+            ax.imshow(view[index], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            for k, label in enumerate(labels):
+                if (mask[index] == label).any():
+                    ax.contour(mask[index] == label, levels=[0.5], colors=_COLOURS[k % len(_COLOURS)], linewidths=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
 def save_curves(path: Path, curves: dict[str, list[float]], title: str, ylabel: str) -> None:
     """One line per named curve over epochs (1, 2, ...)."""
     import matplotlib

@@ -227,7 +227,8 @@ ROWS = [
     Row("min-case-agreement above 1", "nnsam_refine", DS + " --min-case-agreement 1.5",
         ("--min-case-agreement 1.5 must be a Dice in [0, 1]", "e.g. 0.85")),
     Row("ct-window on a z-score channel", "nnsam_refine", DS + " --ct-window -160 240",
-        ("--ct-window is in HU, but channel 0 uses ZScoreNormalization", "leave --ct-window out"), (zscore_plans,)),
+        ("--ct-window is in HU, but channel 0 of", "is not CT (ZScoreNormalization); leave --ct-window out"),
+        (zscore_plans,)),
     Row("dataset and files mode together", "nnsam_refine", DS + " -i {tmp}",
         ("use either -d (dataset mode) or -i/-m/-o/--probabilities (files mode), not both",)),
     # nnsam_refine, options of both modes (refinement, SAM, device, parts)

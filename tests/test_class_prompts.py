@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +24,7 @@ from nnunet_sam.sam.finetune import (DecoderFinetuner, FinetuneSettings, Labelle
                                      class_prompt_dice, save_finetuned, slice_examples)
 from nnunet_sam.sam.prompts import SlicePrompt, dice
 from nnunet_sam.sam.recovery import plan_recovery, stability_score
-from nnunet_sam.sam.refine import PREPROCESSED_UNITS
+from nnunet_sam.sam.refine import PREPROCESSED_UNITS, view_intensities
 
 TILES = RefineSettings(ct_window=CT_WINDOW, context="tile", grid=2)
 
@@ -160,23 +161,27 @@ def test_class_prompt_errors_are_one_line(fewshot, litemedsam):
 
 def test_a_fine_tuned_checkpoint_is_checked_against_the_refinement_before_any_work(fewshot, caplog):
     model = copy.copy(fewshot.model)  # class prompts for labels 1 and 2
-    model.finetuned = {"context": "tile", "grid": 2, "ct_window": [-1.0, 2.5], "ct_window_units": PREPROCESSED_UNITS}
-    refiner = SamRefiner(model, RefineSettings(context="tile", grid=2, ct_window=(-1.0, 2.5)))
+    trained = RefineSettings(context="tile", grid=2, modality="CT", ct_window=(-100.0, 200.0))
+    model.finetuned = {"context": "tile", "grid": 2, "intensities": view_intensities(trained)}
+    refiner = SamRefiner(model, trained)
     with caplog.at_level(logging.WARNING):
-        refiner.check_finetuned_for([1, 2], PREPROCESSED_UNITS)
-    assert "CT window" not in caplog.text
+        refiner.check_finetuned_for([1, 2])
+    assert "fine-tuned on views" not in caplog.text
     with pytest.raises(NnsamError, match=r"fine-tuned for labels \[1, 2\], not \[3\]; fine-tune them on this "
                                          r"dataset \(nnsam_finetune\) or pass another checkpoint$"):
-        refiner.check_finetuned_for([1, 3], PREPROCESSED_UNITS)
-    for window in ((-1.0, 3.0), None):
-        other = SamRefiner(model, RefineSettings(context="tile", grid=2, ct_window=window))
+        refiner.check_finetuned_for([1, 3])
+    for changes in ({"ct_window": (-160.0, 240.0)}, {"modality": "MR"}):
+        other = SamRefiner(model, replace(trained, **changes))
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            other.check_finetuned_for([1], PREPROCESSED_UNITS)
-            assert "fine-tuned on slices with CT window [-1.0, 2.5] but refinement uses" in caplog.text
-            caplog.clear()
-            other.check_finetuned_for([1], "HU")  # not comparable: no warning
-            assert "CT window" not in caplog.text
+            other.check_finetuned_for([1])
+        assert "fine-tuned on views with CT window -100..200 HU but refinement shows" in caplog.text
+    # a checkpoint fine-tuned before SAM's views (on nnU-Net's normalised tensor) is told apart
+    model.finetuned = {"context": "tile", "grid": 2, "ct_window": None, "ct_window_units": PREPROCESSED_UNITS}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        refiner.check_finetuned_for([1])
+    assert "fine-tuned on views with nnU-Net's normalised intensities" in caplog.text
 
 
 def test_recovery_plans_search_near_the_object_only():

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from nnunet_sam.sam.embedding_cache import EmbeddingCache, encoder_fingerprint
-from nnunet_sam.sam.views import normalize_intensities, resize_view, slice_view, view_geometry
+from nnunet_sam.sam.views import resize_view, sam_intensities, slice_view, view_geometry
 
 
 def _views(phantom, model, context: str) -> np.ndarray:
-    volume = normalize_intensities(phantom.image)
+    volume = sam_intensities(phantom.image)
     geometry = view_geometry(volume.shape[1:], (1.0, 1.0), model.input_size)
     return np.stack([resize_view(slice_view(volume, index, context), geometry) for index in (6, 8)])
 

@@ -34,7 +34,7 @@ class Measured:
 
 
 def _measure(model, cache, examples, held_out) -> Measured:
-    per_class = decoder_dice(model, cache, examples, SETTINGS.box_margin)["held_out"]
+    per_class = decoder_dice(model, cache, examples, SETTINGS)["held_out"]
     refined = SamRefiner(model, SETTINGS, cache).refine(held_out.image, degrade(held_out.labels), held_out.spacing).mask
     return Measured(decoder=float(np.mean(list(per_class.values()))),
                     refined=float(np.mean([dice(refined == k, held_out.labels == k) for k in (1, 2)])), mask=refined)

@@ -47,12 +47,17 @@ def test_the_band_keeps_the_models_sure_labels_and_counts_them():
                               [0.02, 0.03, 0.10, 0.70, 0.10]],  # class 2
                              dtype=np.float32).reshape(3, 1, 1, 5)
     stats = {1: ClassStats(1), 2: ClassStats(2)}
-    result = _keep_confident(refined, probabilities, cleaned, 0.9, stats)
+    result = _keep_confident(refined, probabilities, cleaned, 0.9, stats, band="max")
     np.testing.assert_array_equal(result, _row(0, 1, 1, 1, 0))  # voxels 0 and 1: the model was sure
     assert result.dtype == refined.dtype
     assert (stats[1].voxels_confident, stats[1].voxels_sam_decided, stats[1].voxels_overruled) == (1, 2, 2)
     assert (stats[2].voxels_confident, stats[2].voxels_sam_decided) == (0, 0)
-    np.testing.assert_array_equal(_keep_confident(refined, probabilities, cleaned, 0.96, stats), refined)
+    np.testing.assert_array_equal(_keep_confident(refined, probabilities, cleaned, 0.96, stats, band="max"), refined)
+    # band "class" (the default): only the model's sure foreground is locked; its sure background (voxel 0) is
+    # SAM's to change, as a weak model's missed border is
+    result = _keep_confident(refined, probabilities, cleaned, 0.9, stats)
+    np.testing.assert_array_equal(result, _row(1, 1, 1, 1, 0))
+    assert (stats[1].voxels_confident, stats[1].voxels_sam_decided) == (1, 3)
 
 
 def test_a_piece_that_cleaning_dropped_is_not_restored_by_the_band():
@@ -134,9 +139,9 @@ def test_the_band_does_not_undo_a_slice_that_sam_added_from_3d_context():
     probabilities[1] = cleaned[1] * 0.97
     probabilities[0] = 1 - probabilities[1]  # sure of background on the middle slice
     stats = {1: ClassStats(1)}
-    np.testing.assert_array_equal(_keep_confident(refined, probabilities, cleaned, 0.9, stats)[1], 0)
+    np.testing.assert_array_equal(_keep_confident(refined, probabilities, cleaned, 0.9, stats, band="max")[1], 0)
     stats[1]._added_slices.add(1)  # the middle slice was filled from the boxes of its neighbours
-    np.testing.assert_array_equal(_keep_confident(refined, probabilities, cleaned, 0.9, stats), refined)
+    np.testing.assert_array_equal(_keep_confident(refined, probabilities, cleaned, 0.9, stats, band="max"), refined)
     assert stats[1].voxels_sam_decided == 2 and "_added_slices" not in stats[1].to_dict()
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from nnunet_sam.sam.prompts import dice
 from nnunet_sam.errors import NnsamError
-from nnunet_sam.sam.views import (TileLayout, VolumeViews, normalize_intensities, resize_view, slice_view, slicing_axis,
-                                  view_geometry)
+from nnunet_sam.sam.views import (DEFAULT_CT_WINDOW, TileLayout, VolumeViews, looks_like_hounsfield, resize_view,
+                                  resolve_modality, sam_intensities, slice_view, slicing_axis, view_geometry)
 
 
 @pytest.mark.parametrize("spacing, shape, axis", [
@@ -22,14 +22,56 @@ def test_slicing_axis(spacing, shape, axis):
     assert slicing_axis(spacing, shape) == axis
 
 
-def test_normalize_with_window_and_percentiles():
+def test_ct_is_shown_through_its_window_in_hu():
     v = np.linspace(-1000, 1000, 1001)
-    w = normalize_intensities(v, window=(-100, 100))
+    w = sam_intensities(v, "CT", (-100, 100))
     assert w.min() == 0.0 and w.max() == 1.0
     assert w[v == 0][0] == pytest.approx(0.5)
-    p = normalize_intensities(v, percentiles=(10, 90))
-    assert p[v <= -800].max() == 0.0 and p[v >= 800].min() == 1.0
-    assert not normalize_intensities(np.full(5, 3.0)).any()
+    default = sam_intensities(v, "CT")  # the soft-tissue window: level 40, width 400
+    low, high = DEFAULT_CT_WINDOW
+    assert (high + low) / 2 == 40 and high - low == 400
+    assert default[v <= low].max() == 0.0 and default[v >= high].min() == 1.0
+    assert default[np.argmin(abs(v - 40))] == pytest.approx(0.5, abs=0.01)
+
+
+def test_other_images_are_scaled_on_their_nonzero_voxels_with_black_background():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((4, 40, 40), dtype=np.float32)  # a skull-stripped MR: zero outside the brain
+    brain[:, 10:30, 10:30] = rng.normal(500, 50, (4, 20, 20))
+    shown = sam_intensities(brain, "MR")
+    assert (shown[brain == 0] == 0).all()  # the background stays black
+    inside = shown[brain != 0]
+    assert np.percentile(inside, 50) == pytest.approx(0.5, abs=0.05)  # tissue spans the range, not squeezed at 1
+    assert inside.min() == 0.0 and inside.max() == 1.0
+    # the same brain z-scored on its nonzero voxels (nnU-Net's normalisation) and shown by the old rule: the
+    # background becomes the tissue's mean grey, exactly what these views avoid
+    zscored = np.where(brain != 0, (brain - brain[brain != 0].mean()) / brain[brain != 0].std(), 0)
+    old = sam_intensities(zscored, "range")
+    assert old[brain == 0].mean() == pytest.approx(0.5, abs=0.1)
+    assert not sam_intensities(np.zeros(5), "MR").any() and not sam_intensities(np.full(5, 3.0), "range").any()
+
+
+def test_hounsfield_rule_tells_ct_from_mr():
+    rng = np.random.default_rng(1)
+    ct = np.full((4, 32, 32), -1000.0)  # air around a body of soft tissue
+    ct[:, 4:28, 4:28] = rng.normal(40, 20, (4, 24, 24))
+    mr = np.abs(rng.normal(300, 100, (4, 32, 32)))
+    assert looks_like_hounsfield(ct) and resolve_modality(ct, "auto") == "CT"
+    assert not looks_like_hounsfield(mr) and resolve_modality(mr, "auto") == "MR"
+    assert not looks_like_hounsfield(mr - 200)  # negative values, but nowhere near air
+    assert resolve_modality(mr, "CT") == "CT"  # named: no guessing
+    with pytest.raises(ValueError):
+        resolve_modality(mr, "PET")
+
+
+def test_margin_in_millimetres_is_the_same_physical_size_at_any_resolution():
+    fine = view_geometry((512, 512), (0.5, 0.5), 256)  # 256 mm field of view at 0.5 mm
+    coarse = view_geometry((128, 128), (2.0, 2.0), 256)  # the same field of view at 2 mm
+    assert fine.margin_pixels(5.0) == pytest.approx(coarse.margin_pixels(5.0)) == pytest.approx(5.0)
+    assert view_geometry((100, 100), (1.0, 1.0), 256).margin_pixels(5.0) == pytest.approx(12.8)
+    assert fine.margin_pixels(6.0, "input") == 6.0
+    with pytest.raises(ValueError):
+        fine.margin_pixels(1.0, "px")
 
 
 def test_slice_view_adjacent_uses_neighbours_and_clamps_at_borders():

@@ -24,7 +24,7 @@ from nnunet_sam.errors import NnsamError, setting_names
 from nnunet_sam.sam.embedding_cache import CACHE_MARKER
 from nnunet_sam.sam.models import MODEL_TYPES, model_spec, read_checkpoint, resolve_device, weights_for
 from nnunet_sam.sam.refine import RefineSettings
-from nnunet_sam.sam.views import CONTEXTS
+from nnunet_sam.sam.views import CONTEXTS, DEFAULT_CT_WINDOW, MARGIN_UNITS, MODALITIES
 from nnunet_sam.utils.output_folders import check_output_folder
 
 
@@ -117,10 +117,20 @@ def add_view_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
                        help="slicing axis of the (z, y, x) array; default: the through-plane axis from the spacing")
     group.add_argument("--channel", type=int, default=0, help="image channel (_XXXX) shown to SAM")
+    group.add_argument("--modality", default="auto", choices=MODALITIES,
+                       help="how SAM is shown the image, as LiteMedSAM saw its training data: CT in HU through "
+                            "--ct-window; MR (any image that is not CT) scaled between the 0.5 and 99.5 percentiles "
+                            "of its nonzero voxels, zero kept black; auto: CT where the dataset's channel is CT "
+                            "(dataset mode) or the image holds air (files mode: at least 0.5%% of its voxels at or "
+                            "below -500); range: the old rule, the percentiles of all voxels")
     group.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                       help="intensity window, e.g. -160 240 for CT soft tissue; default: 0.5/99.5 percentiles")
+                       help=f"CT window in HU, in both modes (dataset mode reads the raw HU, not nnU-Net's clipped "
+                            f"ones); default {DEFAULT_CT_WINDOW[0]:g} {DEFAULT_CT_WINDOW[1]:g} (level 40, width 400: "
+                            f"soft tissue)")
     group.add_argument("--box-margin", type=float, default=RefineSettings().box_margin,
-                       help="grow boxes by this many pixels of the model input")
+                       help="grow boxes by this many millimetres (--box-margin-unit)")
+    group.add_argument("--box-margin-unit", default=RefineSettings().box_margin_unit, choices=MARGIN_UNITS,
+                       help="mm, or input: pixels of SAM's model input (the old rule)")
 
 
 def view_settings(args: argparse.Namespace) -> dict:
@@ -128,9 +138,10 @@ def view_settings(args: argparse.Namespace) -> dict:
     if args.grid < 1:
         raise NnsamError(f"--grid {args.grid} must be at least 1")
     if args.box_margin < 0:
-        raise NnsamError(f"--box-margin {args.box_margin:g} must be at least 0 (pixels added around each box)")
+        raise NnsamError(f"--box-margin {args.box_margin:g} must be at least 0 (added around each box)")
     if args.ct_window and not args.ct_window[0] < args.ct_window[1]:
         low, high = (f"{v:g}" for v in args.ct_window)
         raise NnsamError(f"--ct-window {low} {high}: LOW must be below HIGH (e.g. --ct-window -160 240)")
     return {"context": args.context, "grid": args.grid, "axis": args.axis, "box_margin": args.box_margin,
+            "box_margin_unit": args.box_margin_unit, "modality": args.modality,
             "ct_window": tuple(args.ct_window) if args.ct_window else None}

@@ -84,11 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunet_sam.nnunet.finetune_dataset import FinetuneJob, check_not_base, finetune_dataset, plan_finetune_job
     from nnunet_sam.nnunet.predict import ModelChoice
-    from nnunet_sam.nnunet.refine_dataset import ct_window_in_preprocessed_units
+    from nnunet_sam.nnunet.sam_views import dataset_view_settings
     from nnunet_sam.sam.models import load_sam
     from nnunet_sam.sam.refine import RefineSettings
 
@@ -114,10 +112,7 @@ def _finetune(args: argparse.Namespace) -> None:
                       resume=args.resume)
     views_name = args.context + ("_fewshot" if args.prompts == "fewshot" else "")
     plan = plan_finetune_job(job, args.model_type, views_name, args.checkpoint)
-    refine_settings = RefineSettings(**views)
-    if refine_settings.ct_window is not None:
-        refine_settings.ct_window = ct_window_in_preprocessed_units(
-            refine_settings.ct_window, PlansManager(plan.folders.plans()), plan.folders.configuration, args.channel)
+    refine_settings = dataset_view_settings(RefineSettings(**views), plan.folders, args.channel)
     settings = FinetuneSettings(epochs=args.epochs, min_steps=args.min_steps, learning_rate=args.learning_rate,
                                 slices_per_step=args.slices_per_step,
                                 box_jitter=args.box_jitter, weak_prompts=args.weak_prompts, seed=args.seed,

@@ -13,7 +13,7 @@ from nnunet_sam.errors import NnsamError
 from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.models import SamModel, load_sam
 from nnunet_sam.sam.prompts import KEEP_MODES
-from nnunet_sam.sam.refine import PROMPT_SETS, RefineSettings, SamRefiner
+from nnunet_sam.sam.refine import BAND_MODES, BOX_MODES, PROMPT_SETS, RefineSettings, SamRefiner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "with the first stage's mask; for SAM models that use points well)")
     add_view_arguments(ref)
     ref.add_argument("--keep", default=defaults.keep, choices=KEEP_MODES,
-                     help="connected components kept per class: largest (highest mean probability if known), all "
-                          "(one box per slice around them), pieces (all, each slice's pieces prompted and guarded "
-                          "one by one)")
+                     help="connected components kept per class: largest (highest mean probability if known, and "
+                          "those close to it), all; pieces: all (with --boxes slice each piece its own box)")
+    ref.add_argument("--boxes", default=defaults.boxes, choices=BOX_MODES,
+                     help="object: one box per object of a slice, each guarded on its own (pieces at most "
+                          "--link-gap apart, or joined by the class's probability, are one object); slice: one box "
+                          "around all of a class's pieces on a slice (the old rule: SAM returns one of two objects)")
+    ref.add_argument("--link-gap", type=float, default=defaults.link_gap, metavar="MM",
+                     help="--boxes object: pieces of a slice at most this many millimetres apart are one object")
     ref.add_argument("--max-gap", type=int, default=defaults.max_gap,
                      help="fill up to this many slices missing inside an object with interpolated boxes")
     ref.add_argument("--min-iou", type=float, default=defaults.min_sam_iou,
@@ -92,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="guard: accept SAM's slice mask even where its border fits the image worse "
                           "(lower inside/outside contrast) than the initial mask's")
     ref.add_argument("--keep-confident", dest="keep_confident", default=defaults.confident, metavar="P",
-                     help="with the model's probabilities: keep its label wherever its softmax is at least P, so SAM "
-                          "decides only where the model is unsure and cannot undo what it is sure of; 'off': SAM's "
-                          "mask (after the guard) everywhere")
+                     help="with the model's probabilities: keep its label wherever it is at least P sure of it (see "
+                          "--band), so SAM cannot undo what the model is sure of; 'off': SAM's mask (after the guard) "
+                          "everywhere")
+    ref.add_argument("--band", default=defaults.band, choices=BAND_MODES,
+                     help="--keep-confident's 'sure': class, the model's probability of its own foreground label "
+                          "(SAM may grow a class where the model was sure of background); max, its highest "
+                          "probability, background included (the old rule)")
     ref.add_argument("--fuse", action="store_true",
                      help="with the model's probabilities: instead of --keep-confident, label each pixel by the mean "
                           "of SAM's probability and the model's (measured worse; see benchmarks/RESULTS.md)")
@@ -143,6 +152,8 @@ def _check_guard_and_reach(args: argparse.Namespace) -> None:
             raise NnsamError(f"{flag} {value:g} must be in [0, 1] (0: the guard never keeps the initial slice mask)")
     if args.max_gap < 0:
         raise NnsamError(f"--max-gap {args.max_gap} must be at least 0 (0: no missing slices are filled)")
+    if args.link_gap < 0:
+        raise NnsamError(f"--link-gap {args.link_gap:g} must be at least 0 (0: only touching pieces are one object)")
     if args.recover_reach < -1:
         raise NnsamError(f"--recover-reach {args.recover_reach} must be -1 (off) or more")
 
@@ -151,6 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> RefineSettings:
     _check_guard_and_reach(args)
     return RefineSettings(prompts=args.prompts, keep=args.keep, max_gap=args.max_gap, min_sam_iou=args.min_iou,
                           min_agreement=args.min_agreement, evidence=args.evidence, recover_reach=args.recover_reach,
+                          boxes=args.boxes, link_gap=args.link_gap, band=args.band,
                           confident=_probability_or_off(args.keep_confident, "--keep-confident"), fuse=args.fuse,
                           activation=_probability_or_off(args.activation, "--activation"),
                           **view_settings(args))
@@ -172,9 +184,12 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
         raise NnsamError(f"--min-case-agreement {args.min_case_agreement} must be a Dice in [0, 1], e.g. 0.85")
     if args.np < 1:
         raise NnsamError(f"-np {args.np}: the number of processes must be at least 1")
-    if settings.ct_window is not None:  # in HU: checked against the plans before plan_dataset_job preprocesses
-        settings.ct_window = _ct_window_in_plans_units(args, settings.ct_window)
+    from nnunet_sam.nnunet.datasets import dataset_folders
+    from nnunet_sam.nnunet.sam_views import dataset_view_settings
 
+    # the channel's modality (and a --ct-window for a channel that is not CT) checked before anything is written
+    settings = dataset_view_settings(settings, dataset_folders(args.dataset, args.configuration, args.plans),
+                                     args.channel)
     folds = tuple(fold_name(f) for f in args.folds) if args.folds else None  # a bad -f: before any model is sought
     choice = ModelChoice(trainer=args.trainer, folds=folds,
                          checkpoint=args.checkpoint_name, tta=not args.disable_tta)
@@ -191,21 +206,6 @@ def _refine_dataset(args: argparse.Namespace, settings: RefineSettings) -> None:
         return
     model = load_sam(args.model_type, args.checkpoint, device, compile_encoder=args.compile)
     refine_dataset(plan, _refiner(model, settings, args.cache), initial)
-
-
-def _ct_window_in_plans_units(args: argparse.Namespace, window: tuple[float, float]) -> tuple[float, float]:
-    """--ct-window (HU) in the units of the -d/-c/-p plans' CT normalisation of --channel; one-line errors."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_sam.nnunet.datasets import dataset_folders
-    from nnunet_sam.nnunet.refine_dataset import ct_window_in_preprocessed_units
-
-    folders = dataset_folders(args.dataset, args.configuration, args.plans)
-    plans_manager = PlansManager(folders.plans())
-    n_channels = len(plans_manager.get_configuration(args.configuration).normalization_schemes)
-    if not 0 <= args.channel < n_channels:
-        raise NnsamError(f"--channel {args.channel} does not exist: {folders.name} has {n_channels} channel(s)")
-    return ct_window_in_preprocessed_units(window, plans_manager, args.configuration, args.channel)
 
 
 def _sam_label_options(args: argparse.Namespace) -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunet_sam.errors import NnsamError
@@ -33,8 +34,8 @@ from nnunet_sam.sam import (DecoderFinetuner, EmbeddingCache, FinetuneSettings, 
                             SamModel, SamRefiner, attach_class_prompts, class_prompt_dice, decoder_dice,
                             read_checkpoint, save_finetuned, slice_examples, view_record)
 from nnunet_sam.sam.finetune import read_training_state, training_fingerprint, training_state_path
-from nnunet_sam.sam.prompts import dice
-from nnunet_sam.sam.refine import PREPROCESSED_UNITS
+from nnunet_sam.sam.prompts import evaluation_dice
+from nnunet_sam.nnunet.sam_views import ViewVolumes, dataset_view_settings
 from nnunet_sam.utils.atomic import write_json_atomic
 from nnunet_sam.utils.output_folders import remove_killed_writes
 
@@ -139,7 +140,12 @@ def plan_finetune_job(job: FinetuneJob, sam: str, views: str, base_checkpoint: P
 class _PreprocessedCases:
     """Labelled preprocessed cases of one configuration, read with nnU-Net's dataset class."""
 
-    def __init__(self, folders: DatasetFolders, identifiers: list[str], channel: int) -> None:
+    def __init__(self, folders: DatasetFolders, identifiers: list[str], channel: int, raw_views: bool = True) -> None:
+        """raw_views: SAM is shown the image's own intensities (`ViewVolumes`), else nnU-Net's tensor (the old
+        views, modality "range")."""
+        self.views = ViewVolumes(folders) if raw_views else None
+        self.image_files = {case: [Path(f) for f in entry["images"]] for case, entry in
+                            get_filenames_of_train_images_and_targets(str(folders.raw), folders.dataset_json()).items()}
         self.plans_manager = PlansManager(folders.plans())
         self.configuration_manager = self.plans_manager.get_configuration(folders.configuration)
         self.label_manager = self.plans_manager.get_label_manager(folders.dataset_json())
@@ -163,7 +169,8 @@ class _PreprocessedCases:
             ignore = labels == self.label_manager.ignore_label
             labels = np.where(ignore, 0, labels)
         spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
-        volume = LabelledVolume(identifier, data[self.channel], np.maximum(labels, 0).astype(np.int16), spacing,
+        image = data if self.views is None else self.views.volume(identifier, self.image_files[identifier], data.shape)
+        volume = LabelledVolume(identifier, image[self.channel], np.maximum(labels, 0).astype(np.int16), spacing,
                                 ignore=ignore if ignore is not None and ignore.any() else None)
         return data, volume
 
@@ -194,7 +201,7 @@ class _Validation:
         """Per case and class: `decoder` Dice from true boxes, `prompt_free` Dice of the class prompts (if the
         model has them); with a trained nnU-Net also `refined` Dice."""
         rows: dict[str, dict[int, dict[str, float]]] = {}
-        measures = {"decoder": decoder_dice(self.model, self.cache, self.examples, self.settings.box_margin)}
+        measures = {"decoder": decoder_dice(self.model, self.cache, self.examples, self.settings)}
         if self.model.class_prompts is not None:
             measures["prompt_free"] = class_prompt_dice(self.model, self.cache, self.examples)
         for measure, per_case in measures.items():
@@ -211,8 +218,8 @@ class _Validation:
             for label in self.labels:
                 row = rows.setdefault(volume.name, {}).setdefault(label, {})
                 truth = (volume.labels == label) & valid
-                row["initial"] = dice((initial == label) & valid, truth)
-                row["refined"] = dice((refined == label) & valid, truth)
+                row["initial"] = evaluation_dice(truth, (initial == label) & valid)
+                row["refined"] = evaluation_dice(truth, (refined == label) & valid)
         return rows
 
 
@@ -259,7 +266,9 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
                                                                     "--prompts fewshot)")
         model.class_prompts = None
     cache = EmbeddingCache(plan.cache_dir, model)
-    cases = _PreprocessedCases(folders, plan.train + plan.validation, plan.job.channel)
+    refine_settings = dataset_view_settings(refine_settings, folders, plan.job.channel)  # the channel's modality
+    cases = _PreprocessedCases(folders, plan.train + plan.validation, plan.job.channel,
+                               raw_views=refine_settings.modality != "range")
     volumes = [cases.data(identifier)[1] for identifier in plan.train]
     negatives = settings.slices_beyond_foreground
     examples = slice_examples(volumes, cache, refine_settings, cases.labels, settings.min_pixels, negatives,
@@ -281,7 +290,6 @@ def finetune_dataset(plan: FinetunePlan, model: SamModel, refine_settings: Refin
     label_names = {int(v): k for k, v in folders.dataset_json()["labels"].items() if isinstance(v, int)}
     record = {
         **view_record(refine_settings),
-        "ct_window_units": PREPROCESSED_UNITS,
         "data": f"{folders.name} {folders.configuration} fold {plan.job.fold}",
         "train_cases": plan.train,
         "labels": {str(label): label_names.get(label, str(label)) for label in cases.labels},

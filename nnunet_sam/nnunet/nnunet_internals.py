@@ -137,3 +137,19 @@ def stop_augmenter(augmenter: Any) -> None:
     """Stop a multi-threaded augmenter's worker processes (its private `_finish`, which nnU-Net's own
     `on_train_end` calls for the trainer's two streams)."""
     _required(augmenter, "_finish")()
+
+
+# --- preprocessing ----------------------------------------------------------------------------------------
+
+def raw_intensity_preprocessor(configuration_manager: Any) -> Any:
+    """The configuration's preprocessor with its normalisation step left out (the private `_normalize` hook of
+    nnU-Net's `DefaultPreprocessor`, which `run_case` calls between cropping and resampling): its `run_case`
+    returns the image's own intensities, transposed, cropped and resampled as the preprocessed tensor is."""
+    preprocessor_class = configuration_manager.preprocessor_class
+    _required(preprocessor_class, "_normalize")
+
+    class RawIntensityPreprocessor(preprocessor_class):
+        def _normalize(self, data, seg, configuration_manager, foreground_intensity_properties_per_channel):
+            return data
+
+    return RawIntensityPreprocessor(verbose=False)

@@ -28,11 +28,13 @@ from nnunet_sam.nnunet.pseudolabels import (as_training_seg, export_to_raw, mark
                                             sam_agreement, unsure_label, write_pseudo_label)
 from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows, summary_table, warn_absent_classes,
                                       write_case_report, write_report)
+from nnunet_sam.nnunet.sam_views import ViewVolumes, dataset_view_settings
 from nnunet_sam.nnunet.unlabeled import UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled
-from nnunet_sam.sam.refine import PREPROCESSED_UNITS, SamRefiner
+from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.sam.views import sam_intensities
 from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
 from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder, remove_killed_writes
-from nnunet_sam.visualize import save_case_overlay
+from nnunet_sam.visualize import save_case_overlay, save_view_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +130,6 @@ def plan_dataset_job(job: DatasetJob) -> DatasetPlan:
     return DatasetPlan(job=job, folders=folders, model_folder=model_folder, model=model, unlabeled=unlabeled)
 
 
-def ct_window_in_preprocessed_units(window: tuple[float, float], plans_manager: PlansManager,
-                                    configuration: str, channel: int) -> tuple[float, float]:
-    """A CT window in HU, expressed in the units of nnU-Net's CT normalisation ((HU - mean) / std)."""
-    scheme = plans_manager.get_configuration(configuration).normalization_schemes[channel]
-    if scheme != "CTNormalization":
-        raise NnsamError(f"--ct-window is in HU, but channel {channel} uses {scheme}; leave --ct-window out "
-                         f"(robust percentiles are used)")
-    properties = plans_manager.foreground_intensity_properties_per_channel[str(channel)]
-    return tuple((v - properties["mean"]) / properties["std"] for v in window)
-
-
 class _CaseRefiner:
     """Refines one preprocessed unlabelled case after another; holds the models and managers."""
 
@@ -150,11 +141,23 @@ class _CaseRefiner:
         self.configuration_manager = self.plans_manager.get_configuration(folders.configuration)
         self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
         self.images = nnUNetDatasetBlosc2(str(folders.unlabeled_data), list(plan.cases))
+        self.views = ViewVolumes(folders)
+
+    def image_files(self, case_id: str) -> list[Path]:
+        return next(c.images for c in self.plan.unlabeled if c.case_id == case_id)
+
+    def sam_image(self, case_id: str, data: np.ndarray) -> np.ndarray:
+        """The channel SAM is shown, in the image's own intensities (its view volume); with modality "range"
+        (the old rule) nnU-Net's normalised tensor."""
+        channel = self.plan.job.channel
+        if self.refiner.settings.modality == "range":
+            return data[channel]
+        return self.views.volume(case_id, self.image_files(case_id), data.shape)[channel]
 
     def truth(self, case_id: str) -> np.ndarray:
         """The case's true labels, preprocessed like the case itself (nnU-Net's preprocessor)."""
         job = self.plan.job
-        image_files = [str(p) for p in next(c.images for c in self.plan.unlabeled if c.case_id == case_id)]
+        image_files = [str(p) for p in self.image_files(case_id)]
         label_file = str(job.gt_dir / f"{case_id}{self.dataset_json['file_ending']}")
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         _, seg, _ = preprocessor.run_case(image_files, label_file, self.plans_manager, self.configuration_manager,
@@ -179,7 +182,8 @@ class _CaseRefiner:
         data = np.asarray(data[:])
         initial, probabilities = self.initial.predict(data)
         spacing = case_spacing(self.plans_manager, self.configuration_manager, properties)
-        result = self.refiner.refine(data[job.channel], initial, spacing, probabilities=probabilities,
+        image = self.sam_image(case_id, data)
+        result = self.refiner.refine(image, initial, spacing, probabilities=probabilities,
                                      labels=self.label_manager.foreground_labels, progress=True)
         labels = result.mask
         if job.ignore_disagreement:
@@ -193,7 +197,7 @@ class _CaseRefiner:
             remove_case(self.plan.pseudo_labels, case_id)
         truth = self.truth(case_id) if job.gt_dir is not None else None
         report = {"case": case_id, "initial_model": self.plan.model_record, "pseudo_options": job.pseudo_options,
-                  "settings": settings_record(self.refiner), "axis": result.axis,
+                  "settings": settings_record(self.refiner), "axis": result.axis, "intensities": result.intensities,
                   "slices_encoded": result.slices_encoded,
                   "sam_agreement": round(agreement, 4), "selected": selected, "source": properties.get(SOURCE_KEY),
                   "classes": class_rows(case_id, result, initial, truth)}
@@ -205,8 +209,16 @@ class _CaseRefiner:
                           self.dataset_json, target)
             report["export"] = str(target)
         if job.overlays:
-            save_case_overlay(self.plan.pseudo_labels / "overlays" / f"{case_id}.png", data[job.channel],
+            overlays = self.plan.pseudo_labels / "overlays"
+            save_case_overlay(overlays / f"{case_id}.png", data[job.channel],
                               {"initial": initial, "refined": result.mask, "truth": truth}, result.axis)
+            s = self.refiner.settings
+            save_view_comparison(overlays / f"{case_id}_views.png",
+                                 {"before: nnU-Net's tensor, all-voxel percentiles": sam_intensities(data[job.channel],
+                                                                                                     "range"),
+                                  f"SAM's view: {result.intensities}": sam_intensities(image, s.modality,
+                                                                                       s.ct_window)},
+                                 result.mask, result.axis)
         report["seconds"] = round(time.perf_counter() - started, 2)
         write_case_report(self.plan.pseudo_labels, case_id, report)
         return report
@@ -252,8 +264,9 @@ def remove_orphans(plan: DatasetPlan) -> None:
 def refine_dataset(plan: DatasetPlan, refiner: SamRefiner, initial: InitialModel) -> dict:
     """Pseudo-label this part's unlabelled cases; return the aggregated report (all parts so far)."""
     job, folders = plan.job, plan.folders
+    refiner.settings = dataset_view_settings(refiner.settings, folders, job.channel)  # the channel's modality
     refine_case = _CaseRefiner(plan, refiner, initial)
-    refiner.check_finetuned_for(refine_case.label_manager.foreground_labels, PREPROCESSED_UNITS)  # before writing
+    refiner.check_finetuned_for(refine_case.label_manager.foreground_labels)  # before writing
     if job.model.tta and refiner.model.device.type == "cpu":
         logger.info("test-time mirroring multiplies the initial prediction's cost (8x in 3D); "
                     "--disable_tta skips it")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from nnunet_sam.sam.prompts import dice
+from nnunet_sam.sam.prompts import evaluation_dice
 from nnunet_sam.sam.refine import ClassStats, RefineResult
 from nnunet_sam.utils.atomic import finished_files, write_json_atomic
 
@@ -35,8 +35,9 @@ def write_case_report(out_dir: Path, case_id: str, data: dict) -> None:
 
 def class_rows(case_id: str, result: RefineResult, initial: np.ndarray, truth: np.ndarray | None = None) -> dict:
     """Per class of one case: the engine's statistics, plus Dice before/after against `truth` if
-    given (a class the truth has but the initial mask lacks counts too, at Dice 0: leaving it out would flatter
-    the summary). Warns when SAM changed a class a lot, so a person looks before training on it."""
+    given, counted as nnU-Net's evaluation does (`evaluation_dice`: a class absent from both the truth and the mask
+    is left out, None; a class the truth has but the mask lacks counts, at Dice 0). Warns when SAM changed a class
+    a lot, so a person looks before training on it."""
     rows = {}
     classes = dict(result.classes)
     if truth is not None:
@@ -48,8 +49,8 @@ def class_rows(case_id: str, result: RefineResult, initial: np.ndarray, truth: n
             logger.warning("%s label %d: SAM changed the mask a lot (Dice %.2f with the initial mask); "
                            "look at it before training on it", case_id, label, stats.dice_initial_refined)
         if truth is not None:
-            row["dice_before"] = dice(truth == label, initial == label)
-            row["dice_after"] = dice(truth == label, result.mask == label)
+            row["dice_before"] = evaluation_dice(truth == label, initial == label)  # None: absent from both
+            row["dice_after"] = evaluation_dice(truth == label, result.mask == label)
         rows[str(label)] = row
     return rows
 

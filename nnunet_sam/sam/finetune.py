@@ -32,7 +32,7 @@ from nnunet_sam.sam.embedding_cache import EmbeddingCache
 from nnunet_sam.sam.class_prompts import PROMPT_MODES, ClassPrompts, class_prototypes
 from nnunet_sam.sam.models import CLASS_PROMPTS_KEY, FINETUNE_KEY, SamModel, read_checkpoint
 from nnunet_sam.sam.prompts import bounding_box
-from nnunet_sam.sam.refine import RefineSettings, encoder_batch_size
+from nnunet_sam.sam.refine import RefineSettings, box_margin_pixels, encoder_batch_size, view_intensities
 from nnunet_sam.sam.views import ViewGeometry, VolumeViews
 from nnunet_sam.sam.weak_prompts import imperfect_mask
 from nnunet_sam.utils.atomic import atomic_path
@@ -132,7 +132,7 @@ def slice_examples(volumes: Iterable[LabelledVolume], cache: EmbeddingCache, set
             raise NnsamError(f"{volume.name}: image shape {volume.image.shape} differs from its labels' "
                              f"{volume.labels.shape}")
         views = VolumeViews.prepare(volume.image, volume.spacing, model.input_size, settings.context,
-                                    settings.axis, settings.ct_window, settings.grid)
+                                    settings.axis, settings.ct_window, settings.grid, settings.modality)
         truth = views.to_slices(volume.labels)
         ignored = None if volume.ignore is None else views.to_slices(volume.ignore)
         wanted = [int(v) for v in np.unique(truth) if v > 0] if labels is None else [int(v) for v in labels]
@@ -308,14 +308,15 @@ class DecoderFinetuner:
     def _batch_loss(self, batch: list[SliceExample], rng: np.random.Generator) -> torch.Tensor:
         """Mean over the batch's slices of the box-prompted loss (slices with foreground) plus, with class
         prompts, the prompt-free loss of every class (an absent class's target is an empty mask)."""
-        s, margin = self.settings, self.refine_settings.box_margin
+        s = self.settings
         embeddings = self.cache.load([example.key for example in batch])
         prompts = self.model.class_prompts
         total = torch.zeros((), device=self.model.device)
         for j, example in enumerate(batch):
             embedding = embeddings[j:j + 1]
             if len(example.labels):
-                boxes = jittered_boxes(training_boxes(example, s.weak_prompts, rng), example.geometry, margin,
+                boxes = jittered_boxes(training_boxes(example, s.weak_prompts, rng), example.geometry,
+                                       box_margin_pixels(example.geometry, self.refine_settings),
                                        s.box_jitter, rng)
                 total = total + self._example_loss(example, *self.model.decoder_logits(embedding, boxes),
                                                    example.masks)
@@ -479,13 +480,13 @@ class _StateSaver:
 
 @torch.inference_mode()
 def decoder_dice(model: SamModel, cache: EmbeddingCache, examples: list[SliceExample],
-                 margin: float) -> dict[str, dict[int, float]]:
-    """Dice per case and class of the decoder's masks from the true boxes (grown by `margin`, no guard,
+                 settings: RefineSettings) -> dict[str, dict[int, float]]:
+    """Dice per case and class of the decoder's masks from the true boxes (grown by the settings' margin, no guard,
     classes resolved by the highest logit), over the slices that have the class: the decoder alone."""
     scores = _DiceSums()
     for example in examples:
         if len(example.labels):
-            boxes = example.geometry.boxes_to_input(example.boxes, margin)
+            boxes = example.geometry.boxes_to_input(example.boxes, box_margin_pixels(example.geometry, settings))
             low_res = model.decode(cache.load([example.key]), boxes).low_res_logits
             scores.add(example, example.labels, example.geometry.logits_to_slice(low_res))
     return scores.dice()
@@ -559,4 +560,6 @@ def view_record(settings: RefineSettings) -> dict:
     """The refinement settings that shape the views (what a checkpoint's decoder was trained on)."""
     window = None if settings.ct_window is None else [float(v) for v in settings.ct_window]
     return {"context": settings.context, "axis": settings.axis, "ct_window": window,
-            "box_margin": float(settings.box_margin), "grid": int(settings.grid)}
+            "modality": settings.modality, "intensities": view_intensities(settings),
+            "box_margin": float(settings.box_margin), "box_margin_unit": settings.box_margin_unit,
+            "grid": int(settings.grid)}

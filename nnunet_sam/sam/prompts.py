@@ -31,6 +31,35 @@ PIECE_MARGIN = 0.1  # keep="largest" with probabilities: also keep objects whose
 # of the best one's (the evidence is split: e.g. a bilateral organ, both halves predicted with confidence)
 
 
+LINK_PROBABILITY = 0.3  # slice_objects: pixels where the class's probability reaches this join the pieces they
+# touch into one object (the default of the activation-map prompts: where the model still sees the class)
+
+
+def slice_objects(mask2d: np.ndarray, probability: np.ndarray | None = None, link_pixels: int = 0,
+                  link_probability: float = LINK_PROBABILITY) -> list[np.ndarray]:
+    """The objects of a 2D mask, largest first: its face-connected pieces, where pieces that a thin gap cuts
+    count as one object: gaps of up to 2 * `link_pixels` pixels, and gaps the class's `probability` (same shape)
+    bridges with values of `link_probability` or more (a weak mask cracked where the model was unsure). Each
+    object holds only the mask's own pixels."""
+    mask = np.asarray(mask2d, dtype=bool)
+    linking = mask.copy()
+    if link_pixels > 0:
+        linking = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(2, 1), iterations=int(link_pixels))
+    if probability is not None:
+        linking |= np.asarray(probability) >= link_probability
+    labels, _ = _components(mask, linking)
+    objects = [labels == k for k in np.unique(labels[mask])]
+    return sorted(objects, key=lambda obj: -int(obj.sum()))
+
+
+def link_pixels_of(link_gap: float, pixel_spacing: tuple[float, float]) -> int:
+    """The `slice_objects` dilation that joins pieces up to `link_gap` mm apart on pixels of `pixel_spacing` (mm,
+    row and column; the finer one counts): the gap in pixels, halved, rounded to the nearest pixel."""
+    if link_gap <= 0:
+        return 0
+    return int(np.floor(link_gap / min(pixel_spacing) / 2 + 0.5))
+
+
 def slice_pieces(mask2d: np.ndarray) -> list[np.ndarray]:
     """The face-connected pieces of a 2D mask, largest first (drop specks first: `drop_small_components`)."""
     labels, n = _components(np.asarray(mask2d, dtype=bool))
@@ -216,8 +245,17 @@ def interpolate_boxes(boxes: dict[int, np.ndarray], max_gap: int) -> dict[int, n
     return filled
 
 
+def evaluation_dice(truth: np.ndarray, prediction: np.ndarray) -> float | None:
+    """Dice as nnU-Net's evaluation counts it: None (left out of every mean) when the class is absent from both,
+    0.0 when it is in one only. Every Dice of a report or benchmark against the truth is this one."""
+    if not (np.any(truth) or np.any(prediction)):
+        return None
+    return dice(truth, prediction)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient of two binary masks; 1.0 when both are empty."""
+    """Dice coefficient of two binary masks; 1.0 when both are empty (the agreement of two masks, e.g. the guard's;
+    against the truth use `evaluation_dice`)."""
     a = np.asarray(a, dtype=bool)
     b = np.asarray(b, dtype=bool)
     total = int(a.sum()) + int(b.sum())

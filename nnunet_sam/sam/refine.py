@@ -36,7 +36,8 @@ from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import KEEP_MODES, SlicePrompt, dice
 from nnunet_sam.sam.recovery import MIN_STABILITY, RecoveryPlan, region_mask, stability_score
 from nnunet_sam.sam.refine_plan import Planner, PromptSource, RefinePlan, source_of
-from nnunet_sam.sam.views import CONTEXTS, ViewGeometry, VolumeViews
+from nnunet_sam.sam.views import (CONTEXTS, MARGIN_UNITS, MODALITIES, ViewGeometry, VolumeViews,
+                                  describe_intensities)
 
 if TYPE_CHECKING:
     from nnunet_sam.sam.embedding_cache import EmbeddingCache
@@ -44,8 +45,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROMPT_SETS = ("box", "box+points")
-PREPROCESSED_UNITS = "nnU-Net preprocessed intensities"  # the units of a dataset-mode --ct-window (and of the
-# window recorded in a checkpoint fine-tuned by nnsam_finetune)
+BOX_MODES = ("object", "slice")
+BAND_MODES = ("class", "max")
+PREPROCESSED_UNITS = "nnU-Net preprocessed intensities"  # what checkpoints fine-tuned by nnsam_finetune before SAM's
+# views were shown (their record's ct_window_units): nnU-Net's normalised tensor
 _KEEP_SCORE = 1e4  # score of a guard-kept initial mask: beats any SAM logit
 
 
@@ -57,11 +60,18 @@ class RefineSettings:
     context: str = "single"  # "single" slice, "adjacent" slices as SAM's three channels, or "tile"
     grid: int = 2  # context "tile": grid x grid consecutive slices per model input
     axis: int | None = None  # slicing axis of the (z, y, x) array; None: through-plane axis
-    ct_window: tuple[float, float] | None = None  # intensity window; None: robust percentiles
-    box_margin: float = 6.0  # grow boxes by this many model-input pixels
-    keep: str = "largest"  # connected components kept per class: "largest" or "all" (one box around them per
-    # slice), or "pieces": all, each piece of a slice with its own box and its own guard decision, so that SAM
-    # cannot trade a piece on the right organ for one on a neighbour (see `sam/refine_plan.py`)
+    modality: str = "auto"  # how intensities are shown (`sam/views.py`): "CT" through `ct_window` (HU), "MR" (any
+    # other image) between the percentiles of its nonzero voxels, "auto" tells them apart by the intensities
+    # (dataset mode: by the plans' normalisation), "range" the old rule (percentiles of all voxels)
+    ct_window: tuple[float, float] | None = None  # CT window in HU; None: DEFAULT_CT_WINDOW (-160, 240)
+    box_margin: float = 3.0  # grow boxes by this many millimetres (`box_margin_unit`)
+    box_margin_unit: str = "mm"  # "mm", or "input": pixels of the model input (the old rule, 6.0 of them)
+    keep: str = "largest"  # connected components kept per class: "largest" (highest mean probability, and those
+    # within PIECE_MARGIN of it) or "all"; "pieces" is "all" (with boxes "slice": each piece its own box)
+    boxes: str = "object"  # "object": one box per object of a slice (pieces a thin gap separates count as one,
+    # `link_gap`), each guarded on its own; "slice": one box around all the class's pieces of a slice (the old rule)
+    link_gap: float = 2.0  # boxes "object": pieces of a slice at most this many mm apart are one object (also
+    # pieces the class's probability joins at LINK_PROBABILITY or more)
     max_gap: int = 3  # bridge up to this many missing slices (one object; interpolated boxes)
     background_points: int = 1  # negative points inside the box (box+points only)
     min_sam_iou: float = 0.5  # guard: keep the initial slice mask if SAM's IoU estimate is lower
@@ -71,8 +81,11 @@ class RefineSettings:
     recover_reach: int = 5  # with class prompts (a fine-tuned checkpoint): look for a class this many slices
     # beyond its initial mask's ends and in gaps inside it (-1: no recovery; see sam/recovery.py)
     # With the initial model's probabilities (`refine(..., probabilities=)`; measured in benchmarks/RESULTS.md):
-    confident: float | None = 0.9  # where the model's highest softmax value is >= this, its (cleaned) label is
-    # kept and SAM decides only the rest: SAM cannot undo what the model is sure of (None: off)
+    confident: float | None = 0.9  # where the model is this sure of its (cleaned) label, that label is kept and
+    # SAM decides only the rest: SAM cannot undo what the model is sure of (None: off)
+    band: str = "class"  # what "sure" means: "class", the model's probability of its own foreground label (SAM
+    # may grow a class where the model was sure of background: a weak model's usual error); "max", its highest
+    # softmax value, background included (the old rule: SAM decided only where the model was unsure of anything)
     sure_sam: bool = True  # in the band, SAM's label replaces the model's only where SAM's own probability is
     # also >= `confident` (where neither is sure, the model's label stays: a change needs one sure side)
     fuse: bool = False  # instead of the band: per pixel, the mean of SAM's probability and the model's decides
@@ -84,12 +97,24 @@ class RefineSettings:
             raise ValueError(f"prompts must be one of {PROMPT_SETS}, got {self.prompts!r}")
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
-        if self.keep not in KEEP_MODES:
-            raise ValueError(f"keep must be one of {KEEP_MODES}, got {self.keep!r}")
+        for name, allowed in (("keep", KEEP_MODES), ("modality", MODALITIES), ("box_margin_unit", MARGIN_UNITS),
+                              ("boxes", BOX_MODES), ("band", BAND_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("confident", "activation"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be a probability in (0, 1] or None, got {value!r}")
+
+
+def box_margin_pixels(geometry: ViewGeometry, settings: RefineSettings) -> float:
+    """The settings' box margin in model-input pixels of a slice of `geometry`."""
+    return geometry.margin_pixels(settings.box_margin, settings.box_margin_unit)
+
+
+def view_intensities(settings: RefineSettings) -> str:
+    """How the settings show intensities, in words (a fine-tuned checkpoint records it): `describe_intensities`."""
+    return describe_intensities(settings.modality, settings.ct_window)
 
 
 def encoder_batch_size(settings: RefineSettings, device) -> int:
@@ -142,6 +167,7 @@ class RefineResult:
     classes: dict[int, ClassStats]
     axis: int
     slices_encoded: int  # model inputs encoded (a tile of context "tile" counts once)
+    intensities: str = ""  # how SAM was shown the image (`describe_intensities`)
 
 
 # --- the stages' state ------------------------------------------------------------------------------------------
@@ -258,12 +284,13 @@ class LabelCanvas:
         if self.sam_certainty is not None:
             self.sam_certainty[index] = torch.stack(scores).amax(dim=0).abs().sigmoid().cpu().numpy()
 
-    def finish(self, cleaned: dict[int, np.ndarray], threshold: float | None,
+    def finish(self, cleaned: dict[int, np.ndarray], settings: RefineSettings,
                stats: dict[int, ClassStats]) -> np.ndarray:
         """The refined labels; with the band, the model's cleaned labels where it is sure (`_keep_confident`)."""
         if self.band is None:
             return self.refined
-        return _keep_confident(self.refined, self.band, cleaned, threshold, stats, self.sam_certainty)
+        return _keep_confident(self.refined, self.band, cleaned, settings.confident, stats, self.sam_certainty,
+                               settings.band)
 
 
 # --- the engine -------------------------------------------------------------------------------------------------
@@ -300,9 +327,9 @@ class SamRefiner:
                                            "{value} also gives it points it was not fine-tuned on",
                                            path=model.checkpoint, value=self.settings.prompts))
 
-    def check_finetuned_for(self, labels: Sequence[int], window_units: str) -> None:
+    def check_finetuned_for(self, labels: Sequence[int]) -> None:
         """Before any work: refuse `labels` that the checkpoint's fine-tuned class prompts do not know; warn when
-        its decoder was fine-tuned on another CT window (compared where both windows are in `window_units`)."""
+        its decoder was fine-tuned on views of other intensities (`view_intensities`)."""
         record = self.model.finetuned
         if not record:
             return
@@ -312,14 +339,16 @@ class SamRefiner:
             raise SettingError("the class prompts of {path} were fine-tuned for labels {labels}, not {unknown}; "
                                "fine-tune them on this dataset (nnsam_finetune) or pass another {checkpoint}",
                                path=self.model.checkpoint, labels=prompts.labels, unknown=unknown)
-        trained = record.get("ct_window")
-        current = None if self.settings.ct_window is None else [float(v) for v in self.settings.ct_window]
-        if record.get("ct_window_units") == window_units and "ct_window" in record and (
-                (trained is None) != (current is None) or (current is not None and not np.allclose(trained, current))):
-            logger.warning(SettingText("the SAM decoder in {path} was fine-tuned on slices with CT window {trained} "
-                                       "but refinement uses {current} ({units}); pass the same {ct_window}",
-                                       path=self.model.checkpoint, trained=trained, current=current,
-                                       units=window_units))
+        current = view_intensities(self.settings)
+        if record.get("ct_window_units") == PREPROCESSED_UNITS:
+            trained = "nnU-Net's normalised intensities"
+        else:
+            trained = record.get("intensities", current)  # (a record without it: no warning)
+        if trained != current:
+            logger.warning(SettingText("the SAM decoder in {path} was fine-tuned on views with {trained} but "
+                                       "refinement shows {current}; fine-tune it again or pass the same {modality} "
+                                       "and {ct_window}", path=self.model.checkpoint, trained=trained,
+                                       current=current))
 
     @property
     def batch_size(self) -> int:
@@ -338,7 +367,8 @@ class SamRefiner:
         """
         case = self._prepare(image, mask, spacing, probabilities, labels)
         # 1. plan: the prompts per slice, and where class prompts may recover each class
-        plan = Planner(self.settings).plan(case.initial, case.probabilities, case.labels, self._recoverable_labels())
+        plan = Planner(self.settings).plan(case.initial, case.probabilities, case.labels, self._recoverable_labels(),
+                                           case.views.geometry.spacing)
         stats = {label: ClassStats(label=label, voxels_before=int((case.initial == label).sum()))
                  for label in case.labels}
         run = EncodeRun(self._batches(case.views, plan))
@@ -352,10 +382,11 @@ class SamRefiner:
         for index, dropped in recovery.settle(stats).items():
             canvas.put(index, *recovery.pending[index].without(dropped))
         # 4. assemble: with the band, the model's sure labels stay; then the statistics of the final labels
-        refined = canvas.finish(plan.cleaned, self.settings.confident, stats)
+        refined = canvas.finish(plan.cleaned, self.settings, stats)
         _count_voxels(stats, case.initial, refined)
         return RefineResult(mask=case.views.from_slices(refined), classes=stats, axis=case.views.axis,
-                            slices_encoded=run.encoded)
+                            slices_encoded=run.encoded,
+                            intensities=describe_intensities(case.views.modality, self.settings.ct_window))
 
     def _prepare(self, image: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
                  probabilities: np.ndarray | None, labels: Iterable[int] | None) -> RefineInputs:
@@ -364,7 +395,8 @@ class SamRefiner:
         if probabilities is not None and labels is None:
             labels = range(1, probabilities.shape[0])
         s = self.settings
-        views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window, s.grid)
+        views = VolumeViews.prepare(image, spacing, self.model.input_size, s.context, s.axis, s.ct_window, s.grid,
+                                    s.modality)
         initial = views.to_slices(mask)
         return RefineInputs(
             views=views, initial=initial,
@@ -433,7 +465,7 @@ class SamRefiner:
         """SAM's logits on the slice grid (N, H, W) and IoU estimates (N,) for a slice's prompts: their boxes,
         and with box+points a second pass with the points and the first pass's masks."""
         s = self.settings
-        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), s.box_margin)
+        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), box_margin_pixels(geometry, s))
         decoded = self.model.decode(embedding, boxes)
         if s.prompts == "box+points":
             points, point_labels = _point_arrays(prompts, geometry)
@@ -556,9 +588,12 @@ def _check_probabilities(probabilities: np.ndarray, mask: np.ndarray) -> None:
 
 
 def _keep_confident(refined: np.ndarray, probs: np.ndarray, cleaned: dict[int, np.ndarray], threshold: float,
-                    stats: dict[int, ClassStats], sam_certainty: np.ndarray | None = None) -> np.ndarray:
-    """The refined labels with the model's cleaned label wherever its highest probability is >= `threshold`
-    (and, with `sam_certainty`, SAM's probability of its own label, wherever that is below `threshold`),
+                    stats: dict[int, ClassStats], sam_certainty: np.ndarray | None = None,
+                    band: str = "class") -> np.ndarray:
+    """The refined labels with the model's cleaned label wherever the model is sure of it: band "class", its
+    probability of that foreground label is >= `threshold` (background is never locked); band "max", its highest
+    probability, background included, is >= `threshold` (and, with `sam_certainty`, wherever SAM's probability of
+    its own label is below `threshold`),
     counting per class the voxels each side decided and those where the model overruled SAM. A class's slices
     that the initial mask lacks but SAM added from 3D context (`ClassStats._added_slices`: boxes interpolated
     across a gap, recovered or found from the probability map) keep SAM's pixels of that class: there the
@@ -566,7 +601,11 @@ def _keep_confident(refined: np.ndarray, probs: np.ndarray, cleaned: dict[int, n
     model_labels = np.zeros_like(refined)
     for label, mask in cleaned.items():
         model_labels[mask & (model_labels == 0)] = label
-    sure = probs.max(axis=0) >= threshold
+    if band == "class":
+        own = np.take_along_axis(probs, model_labels[None].astype(np.int64), axis=0)[0]
+        sure = (model_labels > 0) & (own >= threshold)
+    else:
+        sure = probs.max(axis=0) >= threshold
     if sam_certainty is not None:
         sure |= sam_certainty < threshold
     for label, stat in stats.items():

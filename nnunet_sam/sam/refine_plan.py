@@ -1,10 +1,11 @@
 """Stage 1 of refinement (`sam/refine.py`): the plan, every prompt of a case before SAM sees any slice.
 
-Per class: clean the initial mask and derive prompts slice by slice: a box around the slice's mask (for
-`box+points` also a positive point and negative points), or with keep="pieces" one per piece; interpolated boxes
-on slices the mask misses between two slices that have it. With the model's probabilities: boxes where a class's
-probability is high on slices without its prompts. For `box+points`: each class's positive point is a negative
-point for the other classes on its slice. With a fine-tuned model's class prompts: where each class may be
+Per class: clean the initial mask and derive prompts slice by slice: a box around each object of the slice's
+mask (pieces a thin gap cuts count as one object; boxes "slice": one box around the slice's mask, or with
+keep="pieces" one per piece), for `box+points` also a positive point and negative points; interpolated boxes on
+slices the mask misses between two slices that have it (one object on each). With the model's probabilities: boxes
+where a class's probability is high on slices without its prompts. For `box+points`: each class's positive point is
+a negative point for the other classes on its slice. With a fine-tuned model's class prompts: where each class may be
 recovered (`sam/recovery.py`).
 
 Each prompt comes from a `PromptSource`, which also says how the agreement guard treats it. A new prompt source
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from nnunet_sam.sam.prompts import (SlicePrompt, activation_region, background_points, bounding_box, clean_mask,
-                                    drop_small_components, interior_point, interpolate_boxes, slice_pieces)
+                                    drop_small_components, interior_point, interpolate_boxes, link_pixels_of,
+                                    slice_objects, slice_pieces)
 from nnunet_sam.sam.recovery import RecoveryPlan, plan_recovery
 
 if TYPE_CHECKING:
@@ -88,11 +90,14 @@ class Planner:
 
     def __init__(self, settings: RefineSettings) -> None:
         self.settings = settings
+        self.link_pixels = 0  # set by `plan` from the slices' pixel spacing
 
     def plan(self, initial: np.ndarray, probabilities: np.ndarray | None, labels: list[int],
-             recoverable: Sequence[int]) -> RefinePlan:
+             recoverable: Sequence[int], pixel_spacing: Sequence[float] = (1.0, 1.0)) -> RefinePlan:
         """The plan for `labels` of `initial` (N, H, W); probabilities: (K, N, H, W) or None; recoverable: the
-        labels the model's class prompts may look for (empty: no recovery)."""
+        labels the model's class prompts may look for (empty: no recovery); pixel_spacing: (row, column) mm of
+        the slices."""
+        self.link_pixels = link_pixels_of(self.settings.link_gap, tuple(pixel_spacing))
         plan = RefinePlan(labels)
         for label in labels:
             plan.cleaned[label], prompts = self._class_prompts(
@@ -108,10 +113,10 @@ class Planner:
 
     def _class_prompts(self, binary: np.ndarray, probabilities: np.ndarray | None,
                        label: int) -> tuple[np.ndarray, dict[int, list[SlicePrompt]]]:
-        """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice: one box around
-        the slice's mask, or with keep="pieces" one per piece (a mask on two organs gives two prompts, each
-        refined or kept on its own; measured in benchmarks/RESULTS.md, "Semi-supervised gain"), and
-        interpolated boxes across gaps of up to `max_gap` slices."""
+        """Clean one class's mask (slices along axis 0) and derive its prompts slice by slice: one box per object
+        of the slice (each refined or kept on its own, so that SAM never answers one box around two objects with
+        one of them), or with boxes "slice" one box around the slice's mask (keep="pieces": one per piece); and
+        interpolated boxes across gaps of up to `max_gap` slices between slices with one object each."""
         s = self.settings
         cleaned = clean_mask(binary, probabilities, keep=s.keep, axis=0, max_gap=s.max_gap)
         prompts: dict[int, list[SlicePrompt]] = {}
@@ -119,13 +124,24 @@ class Planner:
         for index in np.flatnonzero(cleaned.any(axis=(1, 2))):
             whole = drop_small_components(cleaned[index])
             outline[int(index)] = bounding_box(whole)
-            if s.keep == "pieces":
+            if s.boxes == "object":
+                objects = self._objects(whole, None if probabilities is None else probabilities[index])
+                prompts[int(index)] = [self._piece_prompt(obj, label, obj if len(objects) > 1 else None)
+                                       for obj in objects]
+            elif s.keep == "pieces":
                 prompts[int(index)] = [self._piece_prompt(piece, label, piece) for piece in slice_pieces(whole)]
             else:
                 prompts[int(index)] = [self._piece_prompt(whole, label)]
+        single = {index for index, slice_prompts in prompts.items() if len(slice_prompts) == 1}
         for index, box in interpolate_boxes(outline, s.max_gap).items():
-            prompts[index] = [SlicePrompt(label=label, box=box, interpolated=True)]
+            below, above = max(i for i in outline if i < index), min(i for i in outline if i > index)
+            if s.boxes == "slice" or (below in single and above in single):
+                prompts[index] = [SlicePrompt(label=label, box=box, interpolated=True)]
         return cleaned, prompts
+
+    def _objects(self, mask2d: np.ndarray, probability: np.ndarray | None) -> list[np.ndarray]:
+        """The objects of a class's slice mask (`slice_objects`, with the settings' `link_gap`)."""
+        return slice_objects(mask2d, probability, self.link_pixels)
 
     def _add_probability_prompts(self, by_slice: dict[int, list[SlicePrompt]], probabilities: np.ndarray,
                                  labels: list[int]) -> None:
@@ -139,9 +155,11 @@ class Planner:
                                        self.settings.max_gap)
             for index in np.flatnonzero(region.any(axis=(1, 2))):
                 area = drop_small_components(region[index])
-                prompt = self._piece_prompt(area, label, area)
-                prompt.from_probabilities = True
-                by_slice.setdefault(int(index), []).append(prompt)
+                areas = self._objects(area, None) if self.settings.boxes == "object" else [area]
+                for piece in areas:
+                    prompt = self._piece_prompt(piece, label, piece)
+                    prompt.from_probabilities = True
+                    by_slice.setdefault(int(index), []).append(prompt)
 
     def _piece_prompt(self, piece: np.ndarray, label: int, region: np.ndarray | None = None) -> SlicePrompt:
         """The box (and with box+points, the points) of one piece of a class's slice mask."""

@@ -6,10 +6,17 @@ aspect ratio is kept (pixel spacing) and the longer side fills the model input, 
 bottom/right, as SAM's own preprocessing does. With context "tile" (CFR's concatenation) grid x grid
 consecutive slices share one model input, each in its own cell: SAM sees a 3D patch in one image, and
 one encoder call serves grid * grid slices.
+
+Intensities are shown as LiteMedSAM (like MedSAM) saw them in training (`sam_intensities`): CT in Hounsfield
+units through a window (default `DEFAULT_CT_WINDOW`, the soft-tissue window level 40 / width 400), any other image
+scaled by the 0.5-99.5 percentiles of its nonzero voxels with its zero background kept black. `modality` "auto"
+tells CT from the intensities themselves (`looks_like_hounsfield`; a given window names CT); "range" is the rule
+nnunet-sam used before these views (the 0.5-99.5 percentiles of every voxel), kept to measure against.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -19,7 +26,15 @@ import torch.nn.functional as F
 
 from nnunet_sam.errors import SettingError
 
+logger = logging.getLogger(__name__)
+
 CONTEXTS = ("single", "adjacent", "tile")
+MODALITIES = ("auto", "CT", "MR", "range")  # MR: any image that is not CT (MR, PET, ultrasound, ...)
+DEFAULT_CT_WINDOW = (-160.0, 240.0)  # HU: level 40, width 400, the abdomen window of LiteMedSAM's training data
+NONZERO_PERCENTILES = (0.5, 99.5)  # non-CT images: scaled between these percentiles of their nonzero voxels
+HU_AIR_BELOW = -500.0  # looks_like_hounsfield: air in the image (about -1000 HU) ...
+HU_AIR_FRACTION = 0.005  # ... in at least this share of the voxels
+MARGIN_UNITS = ("mm", "input")  # box margins in millimetres, or in model-input pixels (the old rule)
 
 
 def slicing_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
@@ -32,17 +47,64 @@ def slicing_axis(spacing: Sequence[float], shape: Sequence[int]) -> int:
     return int(np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=1e-3))[0])
 
 
-def normalize_intensities(volume: np.ndarray, window: tuple[float, float] | None = None,
-                          percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """Clip to a CT window (lower, upper) or to robust percentiles of the volume, scale to [0, 1]."""
+def looks_like_hounsfield(volume: np.ndarray) -> bool:
+    """Whether an image is CT in Hounsfield units, by the intensities alone: at least `HU_AIR_FRACTION` of its
+    voxels are at or below `HU_AIR_BELOW` (air, about -1000 HU, is in nearly every CT scan, around the body or in
+    the lungs and bowel; MR, PET and ultrasound intensities are never that negative)."""
+    volume = np.asarray(volume)
+    return bool(volume.size) and float(np.mean(volume <= HU_AIR_BELOW)) >= HU_AIR_FRACTION
+
+
+def resolve_modality(volume: np.ndarray, modality: str, ct_window: Sequence[float] | None = None) -> str:
+    """The modality a volume is shown as: `modality` itself; for "auto" CT where a `ct_window` is given (a window
+    names HU) or the volume `looks_like_hounsfield`, else MR."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if modality != "auto":
+        return modality
+    return "CT" if ct_window is not None or looks_like_hounsfield(volume) else "MR"
+
+
+def window_of(ct_window: Sequence[float] | None) -> tuple[float, float]:
+    """The CT window used: the given one, else `DEFAULT_CT_WINDOW`."""
+    return DEFAULT_CT_WINDOW if ct_window is None else (float(ct_window[0]), float(ct_window[1]))
+
+
+def sam_intensities(volume: np.ndarray, modality: str = "auto",
+                    ct_window: Sequence[float] | None = None) -> np.ndarray:
+    """A volume's intensities in [0, 1] as SAM is shown them (see the module's docstring): CT (in HU) clipped to
+    `ct_window` (None: `DEFAULT_CT_WINDOW`); MR between the percentiles of its nonzero voxels, zero kept at 0;
+    "range" between the percentiles of all voxels."""
     volume = np.asarray(volume, dtype=np.float32)
-    if window is not None:
-        lower, upper = float(window[0]), float(window[1])
-    else:
-        lower, upper = (float(v) for v in np.percentile(volume, percentiles))
+    modality = resolve_modality(volume, modality, ct_window)
+    if modality == "CT":
+        return _scaled(volume, *window_of(ct_window))
+    if modality == "range":
+        return _scaled(volume, *(float(v) for v in np.percentile(volume, NONZERO_PERCENTILES)))
+    nonzero = volume != 0
+    if not nonzero.any():
+        return np.zeros_like(volume)
+    lower, upper = (float(v) for v in np.percentile(volume[nonzero], NONZERO_PERCENTILES))
+    return np.where(nonzero, _scaled(volume, lower, upper), 0.0).astype(np.float32)
+
+
+def describe_intensities(modality: str, ct_window: Sequence[float] | None) -> str:
+    """What `sam_intensities` shows, in words (reports, logs, fine-tuned checkpoints' records)."""
+    if modality == "CT":
+        low, high = window_of(ct_window)
+        return f"CT window {low:g}..{high:g} HU"
+    if modality == "range":
+        return "0.5-99.5 percentiles of all voxels"
+    if modality == "MR":
+        return "0.5-99.5 percentiles of the nonzero voxels"
+    return "auto"
+
+
+def _scaled(volume: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """`volume` clipped to [lower, upper] and scaled to [0, 1] (all 0 for an empty range)."""
     if upper <= lower:
         return np.zeros_like(volume)
-    return (np.clip(volume, lower, upper) - lower) / (upper - lower)
+    return np.clip((np.clip(volume, lower, upper) - lower) / (upper - lower), 0.0, 1.0).astype(np.float32)
 
 
 def slice_view(volume: np.ndarray, index: int, context: str = "single") -> np.ndarray:
@@ -66,6 +128,14 @@ class ViewGeometry:
     resized_shape: tuple[int, int]
     input_size: int
     origin: tuple[int, int] = (0, 0)
+    spacing: tuple[float, float] = (1.0, 1.0)  # (row, column) pixel spacing of the slice, in mm
+
+    def margin_pixels(self, margin: float, unit: str = "mm") -> float:
+        """A box margin in model-input pixels: `margin` millimetres (unit "mm"; the physical aspect ratio is
+        kept, so a millimetre is as many input pixels along both axes) or input pixels (unit "input")."""
+        if unit not in MARGIN_UNITS:
+            raise ValueError(f"margin unit must be one of {MARGIN_UNITS}, got {unit!r}")
+        return float(margin) if unit == "input" else float(margin) * self.scale[0] / self.spacing[1]
 
     @property
     def bounds(self) -> np.ndarray:
@@ -123,7 +193,8 @@ def view_geometry(slice_shape: Sequence[int], pixel_spacing: Sequence[float], in
     factor = input_size / max(physical_h, physical_w)
     resized = (max(1, min(input_size, int(round(physical_h * factor)))),
                max(1, min(input_size, int(round(physical_w * factor)))))
-    return ViewGeometry(slice_shape=(h, w), resized_shape=resized, input_size=input_size)
+    return ViewGeometry(slice_shape=(h, w), resized_shape=resized, input_size=input_size,
+                        spacing=(float(pixel_spacing[0]), float(pixel_spacing[1])))
 
 
 def resize_view(view: np.ndarray, geometry: ViewGeometry) -> np.ndarray:
@@ -149,20 +220,22 @@ class VolumeViews:
     geometry: ViewGeometry  # of a slice that fills the model input alone
     context: str = "single"
     layout: TileLayout | None = None  # context "tile": the cells of the model input
+    modality: str = "MR"  # how the intensities were shown (`sam_intensities`; "auto" resolved)
 
     @classmethod
     def prepare(cls, image: np.ndarray, spacing: Sequence[float], input_size: int, context: str = "single",
                 axis: int | None = None, ct_window: tuple[float, float] | None = None,
-                grid: int = 2) -> "VolumeViews":
-        """Normalise `image` (Z, Y, X) and choose the slicing axis (None: the through-plane axis).
-        grid: cells per side of a tile (context "tile" only)."""
+                grid: int = 2, modality: str = "auto") -> "VolumeViews":
+        """Scale `image` (Z, Y, X, its own intensities: HU for CT) as `sam_intensities` does and choose the slicing
+        axis (None: the through-plane axis). grid: cells per side of a tile (context "tile" only)."""
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
         axis = axis if axis is not None else slicing_axis(spacing, image.shape)
-        volume = np.moveaxis(normalize_intensities(image, ct_window), axis, 0)
+        modality = resolve_modality(image, modality, ct_window)
+        volume = np.moveaxis(sam_intensities(image, modality, ct_window), axis, 0)
         in_plane = [float(sp) for i, sp in enumerate(spacing) if i != axis]
         layout = TileLayout.for_slices(volume.shape[1:], in_plane, input_size, grid) if context == "tile" else None
-        return cls(volume, axis, view_geometry(volume.shape[1:], in_plane, input_size), context, layout)
+        return cls(volume, axis, view_geometry(volume.shape[1:], in_plane, input_size), context, layout, modality)
 
     def input_of(self, index: int) -> int:
         """The model input that shows slice `index`: the slice itself, or its tile."""
