@@ -20,6 +20,7 @@ import torch
 from conftest import CONFIG, error_of, train_fold
 from nnunet_sam.cli import preprocess_unlabeled as preprocess_cli
 from nnunet_sam.cli import refine as refine_cli
+from nnunet_sam.errors import NnsamError
 
 DATA_ID = "nnUNetPlans_3d_fullres"
 FOLD_0 = ("nnUNetPlans", "fold_0")  # the pseudo-label set that fold 0 of nnUNetPlans trains on
@@ -77,6 +78,44 @@ def _raw_copy(planned_dataset, tmp_path: Path, monkeypatch) -> Path:
      "pipelinetestTr_000 is in both imagesTr and imagesUnlabeled"),
     (lambda d: shutil.rmtree(d), "imagesUnlabeled does not exist"),
 ])
+def test_sam_is_shown_raw_hu_on_the_preprocessed_grid_cached_never_stale(planned_dataset, unlabeled, tmp_path):
+    from nnunet_sam.nnunet.datasets import dataset_folders
+    from nnunet_sam.nnunet.sam_views import ViewVolumes, dataset_view_settings, views_folder
+    from nnunet_sam.nnunet.unlabeled import find_unlabeled_cases
+    from nnunet_sam.sam import RefineSettings
+
+    folders = dataset_folders(str(planned_dataset.dataset_id), CONFIG)
+    case = find_unlabeled_cases(folders)[0]
+    data = blosc2.open(str(unlabeled / f"{case.case_id}.b2nd"))[:]
+    views = ViewVolumes(folders)
+    view = views.volume(case.case_id, case.images, data.shape)
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images[0])))
+    assert view.shape == data.shape and views.made == 1
+    assert float(view.min()) < -900 and float(data.min()) > -10  # HU (air), where nnU-Net's tensor is normalised
+    if view.shape[1:] == raw.shape:  # nothing cropped or resampled: the very HU of the file
+        np.testing.assert_allclose(view[0], raw, atol=1e-3)
+    np.testing.assert_allclose(np.corrcoef(view.ravel(), data.ravel())[0, 1], 1.0, atol=0.05)  # same grid
+    again = ViewVolumes(folders)
+    assert np.array_equal(again.volume(case.case_id, case.images, data.shape), view) and again.made == 0
+    # a cut-off cache file is never read as a view: it is made again
+    cached = views_folder(folders) / f"{case.case_id}.npz"
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    assert "cannot be read" in again.stale(case.case_id, case.images)
+    from nnunet_sam.nnunet.check import check_dataset
+    assert [f.item for f in check_dataset(folders) if f.problem.startswith("stale SAM view")] == [cached.name]
+    assert np.array_equal(again.volume(case.case_id, case.images, data.shape), view) and again.made == 1
+    # an image changed since: its view is stale (the next use makes it again)
+    changed = tmp_path / case.images[0].name
+    shutil.copy(case.images[0], changed)
+    with open(changed, "ab") as handle:
+        handle.write(b"\0")
+    assert "changed since" in again.stale(case.case_id, [changed])
+    # the channel is CT: shown through the soft-tissue window, and a window is refused for a channel that is not
+    assert dataset_view_settings(RefineSettings(), folders, 0).modality == "CT"
+    with pytest.raises(NnsamError, match="--channel 3 does not exist"):
+        dataset_view_settings(RefineSettings(), folders, 3)
+
+
 def test_preprocess_unlabeled_bad_input_is_one_clear_line(planned_dataset, tmp_path, monkeypatch, capsys,
                                                           break_it, expected):
     folder = _raw_copy(planned_dataset, tmp_path, monkeypatch)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nnunet_sam.sam.prompts import (background_points, bounding_box, clean_mask, dice, drop_small_components,
-                                    interior_point, interpolate_boxes)
+                                    evaluation_dice, interior_point, interpolate_boxes, link_pixels_of, slice_objects)
 
 
 def _cube(shape, lo, hi):
@@ -111,3 +111,29 @@ def test_dice():
     b = np.array([1, 0, 1, 0], dtype=bool)
     assert dice(a, b) == pytest.approx(0.5)
     assert dice(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_slice_objects_keep_separate_objects_apart_and_join_a_cracked_one():
+    left, right = _cube((1, 20, 30), (0, 5, 2), (1, 15, 8))[0], _cube((1, 20, 30), (0, 5, 22), (1, 15, 28))[0]
+    assert len(slice_objects(left | right)) == 2  # bilateral: two objects, each its own box
+    assert len(slice_objects(left | right, link_pixels=3)) == 2  # 14 pixels apart: not a crack
+    organ = _cube((1, 20, 30), (0, 5, 5), (1, 15, 20))[0]
+    cracked = organ.copy()
+    cracked[:, 12:14] = False  # a 2-pixel crack across the organ
+    assert len(slice_objects(cracked)) == 2
+    joined = slice_objects(cracked, link_pixels=link_pixels_of(2.0, (1.0, 1.0)))
+    assert len(joined) == 1 and joined[0].sum() == cracked.sum()  # one object, of the mask's own pixels only
+    wide = organ.copy()
+    wide[:, 10:16] = False  # 6 pixels: too wide for 2 mm, but the model's probability says it is one object
+    probability = np.where(organ, 0.35, 0.0)
+    assert len(slice_objects(wide, link_pixels=1)) == 2
+    assert len(slice_objects(wide, probability, link_pixels=1)) == 1
+    assert len(slice_objects(left | right, np.where(left | right, 0.9, 0.0))) == 2  # no probability between them
+    assert link_pixels_of(2.0, (2.0, 2.0)) == 0 and link_pixels_of(0.0, (0.5, 0.5)) == 0
+
+
+def test_evaluation_dice_leaves_out_a_class_absent_from_both():
+    empty, one = np.zeros((4, 4), bool), _cube((4, 4), (0, 0), (2, 2))
+    assert evaluation_dice(empty, empty) is None and dice(empty, empty) == 1.0
+    assert evaluation_dice(one, empty) == 0.0 and evaluation_dice(empty, one) == 0.0
+    assert evaluation_dice(one, one) == 1.0

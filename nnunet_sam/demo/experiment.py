@@ -109,7 +109,7 @@ class Experiment:
         from nnunet_sam.nnunet.refine_dataset import DatasetJob, plan_dataset_job
 
         job = DatasetJob(dataset=str(self.dataset_id), configuration=self.configuration,
-                         model=ModelChoice(trainer=initial_trainer, folds=(self.fold,), tta=False), gt_dir=gt_dir,
+                         model=ModelChoice(trainer=initial_trainer, folds=(self.fold,)), gt_dir=gt_dir,
                          overlays=overlays, **pseudo_options)
         return plan_dataset_job(job)
 
@@ -121,7 +121,8 @@ class Experiment:
     def sam_pseudo_labels(self, initial_trainer: str, embeddings: Path, gt_dir: Path | None = None,
                           checkpoint: str | None = None, overlays: bool = False,
                           settings: RefineSettings | None = None, **pseudo_options) -> dict:
-        """nnsam_refine -d ID -c CONFIGURATION -f FOLD -tr INITIAL --disable_tta [--checkpoint] [--gt]; the report.
+        """nnsam_refine -d ID -c CONFIGURATION -f FOLD -tr INITIAL [--checkpoint] [--gt]; the report (the initial
+        prediction mirrored, as nnsam_refine and nnUNetv2_predict do by default).
         The slices' embeddings are cached in `embeddings`, so a second refinement only decodes. `settings`: the
         refinement's flags (default: nnsam_refine's defaults); `pseudo_options`: DatasetJob's ignore_disagreement,
         min_case_agreement."""

@@ -16,6 +16,7 @@ from nnunet_sam.nnunet.preprocessed_cases import finished_cases
 from nnunet_sam.nnunet.pseudolabels import pseudo_label_source
 from nnunet_sam.nnunet.provenance import SOURCE_KEY, file_fingerprint, preprocessing_hash, same_source, why_stale
 from nnunet_sam.nnunet.report import REPORT_NAME, case_report_path
+from nnunet_sam.nnunet.sam_views import ViewVolumes, views_folder
 from nnunet_sam.nnunet.unlabeled import UnlabeledCase, find_unlabeled_cases
 from nnunet_sam.utils.atomic import TEMP_PREFIX, finished_files
 
@@ -81,6 +82,21 @@ def _check_unlabeled(folders: DatasetFolders, cases: list[UnlabeledCase]) -> lis
     for case_id in sorted(finished - {c.case_id for c in cases}):
         findings.append(Finding(folder, case_id, f"no longer in {folders.unlabeled_images}",
                                 f"{_refine(folders, '<FOLD>')} removes it"))
+    return findings + _check_views(folders, cases)
+
+
+def _check_views(folders: DatasetFolders, cases: list[UnlabeledCase]) -> list[Finding]:
+    """The cached SAM view volumes that no longer fit their images or plans, or cannot be read (never used:
+    the next refinement makes them again)."""
+    if not views_folder(folders).is_dir():
+        return []
+    views = ViewVolumes(folders)
+    findings = _leftovers(views.folder)
+    for case in cases:
+        reason = views.stale(case.case_id, case.images)
+        if reason is not None:
+            findings.append(Finding(views.folder, f"{case.case_id}.npz", f"stale SAM view: {reason}",
+                                    f"{_refine(folders, '<FOLD>')} makes it again"))
     return findings
 
 

@@ -79,7 +79,8 @@ def refine_case(job: FilesJob, case: CaseFiles, ending: str, refiner: SamRefiner
     classes = class_rows(case.case_id, result, loaded.mask, loaded.gt)
     report = {"case": case.case_id, "images": [str(p) for p in case.images], "mask": str(case.mask),
               "probabilities": None if probabilities_file is None else str(probabilities_file),
-              "output": str(output), "axis": result.axis, "slices_encoded": result.slices_encoded,
+              "output": str(output), "axis": result.axis, "intensities": result.intensities,
+              "slices_encoded": result.slices_encoded,
               "seconds": round(time.perf_counter() - started, 2), "classes": classes}
     write_case_report(job.out_dir, case.case_id, report)
     if job.overlays:
@@ -124,7 +125,8 @@ def refine_folder(plan: FilesPlan, refiner: SamRefiner) -> dict:
     claim_output_folder(job.out_dir, CASES_FOLDER)  # before the first case: a killed run's folder stays ours
     for case in tqdm(plan.todo, desc="cases", unit="case"):
         report = refine_case(job, case, ending, refiner)
-        logger.info("%s: %d slices encoded in %.1f s", case.case_id, report["slices_encoded"], report["seconds"])
+        logger.info("%s: SAM shown %s; %d slices encoded in %.1f s", case.case_id, report["intensities"],
+                    report["slices_encoded"], report["seconds"])
     header = {"mode": "files", "images": str(job.images_dir), "masks": str(job.masks_dir),
               "probabilities": None if job.probabilities_dir is None else str(job.probabilities_dir),
               "ground_truth": None if job.gt_dir is None else str(job.gt_dir), "channel": job.channel,

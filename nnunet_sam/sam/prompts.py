@@ -54,10 +54,11 @@ def slice_objects(mask2d: np.ndarray, probability: np.ndarray | None = None, lin
 
 def link_pixels_of(link_gap: float, pixel_spacing: tuple[float, float]) -> int:
     """The `slice_objects` dilation that joins pieces up to `link_gap` mm apart on pixels of `pixel_spacing` (mm,
-    row and column; the finer one counts): the gap in pixels, halved, rounded to the nearest pixel."""
+    row and column; the finer one counts): the gap in pixels, halved, rounded to the nearest pixel (a half down, so
+    that a dilation never joins pieces further apart than `link_gap`: one pixel of 2 mm is not bridged by 2 mm)."""
     if link_gap <= 0:
         return 0
-    return int(np.floor(link_gap / min(pixel_spacing) / 2 + 0.5))
+    return max(0, int(np.ceil(link_gap / min(pixel_spacing) / 2 - 0.5)))
 
 
 def slice_pieces(mask2d: np.ndarray) -> list[np.ndarray]:

@@ -64,7 +64,8 @@ class RefineSettings:
     # other image) between the percentiles of its nonzero voxels, "auto" tells them apart by the intensities
     # (dataset mode: by the plans' normalisation), "range" the old rule (percentiles of all voxels)
     ct_window: tuple[float, float] | None = None  # CT window in HU; None: DEFAULT_CT_WINDOW (-160, 240)
-    box_margin: float = 3.0  # grow boxes by this many millimetres (`box_margin_unit`)
+    box_margin: float = 2.0  # grow boxes by this many millimetres (`box_margin_unit`; 2 measured best of 1-5 on the
+    # synthetic data, benchmarks/pseudo_quality.py)
     box_margin_unit: str = "mm"  # "mm", or "input": pixels of the model input (the old rule, 6.0 of them)
     keep: str = "largest"  # connected components kept per class: "largest" (highest mean probability, and those
     # within PIECE_MARGIN of it) or "all"; "pieces" is "all" (with boxes "slice": each piece its own box)
