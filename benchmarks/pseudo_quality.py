@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (ssl_gain's splits and baselines)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM")
     p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
+    p.add_argument("--report-only", action="store_true", help="refine nothing: report what the work folder holds")
     p.add_argument("--pictures", action="store_true",
                    help="only draw benchmarks/views_<dataset>.png: the old view beside SAM's view of seed 0's first "
                         "unlabelled cases (refines nothing)")
@@ -130,14 +131,19 @@ def run_worker(args) -> None:
     out = WORK / f"{args.worker}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     for seed in range(args.seeds):
-        if str(seed) in results and set(args.arms) <= set(results[str(seed)]["arms"]):
+        done = results.get(str(seed))
+        if done is not None and set(args.arms) <= set(done["arms"]):
             continue
-        results[str(seed)] = seed_results(args, sargs, root, seed, device)
+        new = seed_results(args, sargs, root, seed, device, [] if done is None else done["arms"])
+        if done is not None:  # the arms run before stay (same cases, same initial model)
+            new["rows"] = {**done["rows"], **new["rows"]}
+            new["arms"] = [*done["arms"], *(arm for arm in new["arms"] if arm not in done["arms"])]
+        results[str(seed)] = new
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 
 
-def seed_results(args, sargs, root: Path, seed: int, device) -> dict:
+def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str]) -> dict:
     import ssl_gain
 
     from nnunet_sam.demo.slices import UNLABELED_TRUTH
@@ -163,7 +169,7 @@ def seed_results(args, sargs, root: Path, seed: int, device) -> dict:
     sam = load_sam("litemedsam", None, device)
     cache = EmbeddingCache(WORK / "embeddings", sam)
     settings = {name: dataset_view_settings(RefineSettings(**changes), plan.folders, 0)
-                for name, (changes, _) in ARMS.items() if name in args.arms}
+                for name, (changes, _) in ARMS.items() if name in args.arms and name not in done_arms}
     defaults = dataset_view_settings(RefineSettings(), plan.folders, 0)
     rows: dict[str, dict[str, dict]] = {}  # arm -> case -> class -> Dice
     started = time.perf_counter()
@@ -283,13 +289,14 @@ def main(argv=None) -> None:
         run_worker(args)
         return
     started = time.perf_counter()
-    for dataset in args.datasets:  # one process each: nnU-Net reads its folders at import
+    for dataset in [] if args.report_only else args.datasets:  # one process each: nnU-Net reads its folders at import
         command = [sys.executable, __file__, "--worker", dataset, "--seeds", str(args.seeds), "--arms", *args.arms]
         subprocess.run(command + (["--pictures"] if args.pictures else []), check=True)
     if args.pictures:
         return
     results = {d: json.loads((WORK / f"{d}.json").read_text()) for d in args.datasets}
-    body = report(results, args.arms)
+    arms = [arm for arm in args.arms if all(arm in seed["rows"] for r in results.values() for seed in r.values())]
+    body = report(results, arms)
     print(body)
     if not args.no_results:
         minutes = (time.perf_counter() - started) / 60

@@ -30,7 +30,7 @@ from nnunet_sam.nnunet.report import (REPORT_NAME, case_report_path, class_rows,
                                       write_case_report, write_report)
 from nnunet_sam.nnunet.sam_views import ViewVolumes, dataset_view_settings
 from nnunet_sam.nnunet.unlabeled import UnlabeledCase, find_unlabeled_cases, preprocess_unlabeled
-from nnunet_sam.sam.refine import SamRefiner
+from nnunet_sam.sam.refine import RefineSettings, SamRefiner
 from nnunet_sam.sam.views import sam_intensities
 from nnunet_sam.utils.atomic import TEMP_PREFIX, write_json_atomic
 from nnunet_sam.utils.output_folders import check_output_folder, claim_output_folder, remove_killed_writes
@@ -224,13 +224,13 @@ class _CaseRefiner:
         return report
 
 
-def settings_record(refiner: SamRefiner) -> dict:
-    """The SAM model (its weights file's size and time too) and the engine's settings as each case report records
-    them (`--continue` compares them)."""
+def settings_record(refiner: SamRefiner, settings: RefineSettings | None = None) -> dict:
+    """The SAM model (its weights file's size and time too) and the engine's settings (`settings`, default the
+    refiner's) as each case report records them (`--continue` compares them)."""
     checkpoint = refiner.model.checkpoint
     weights = None if checkpoint is None else file_fingerprint(Path(checkpoint), content=False)
     return {"sam": refiner.model.name, "checkpoint": checkpoint, "checkpoint_file": weights,
-            **json.loads(json.dumps(asdict(refiner.settings)))}
+            **json.loads(json.dumps(asdict(refiner.settings if settings is None else settings)))}
 
 
 def _case_done(plan: DatasetPlan, case_id: str, refiner: SamRefiner) -> bool:
@@ -241,8 +241,9 @@ def _case_done(plan: DatasetPlan, case_id: str, refiner: SamRefiner) -> bool:
     if not report_file.is_file():
         return False
     report = json.loads(report_file.read_text())
+    settings = dataset_view_settings(refiner.settings, plan.folders, plan.job.channel)  # as the run records them
     if (report.get("initial_model") != plan.model_record or report.get("pseudo_options") != plan.job.pseudo_options
-            or report.get("settings") != settings_record(refiner)
+            or report.get("settings") != settings_record(refiner, settings)
             or not same_source(report.get("source"), pseudo_label_source(plan.folders.unlabeled_data, case_id))):
         return False
     return (plan.pseudo_labels / f"{case_id}.pkl").is_file() or report.get("selected") is False
