@@ -370,11 +370,13 @@ def test_2d_configuration_preprocess_refine_no_sam_and_train(planned_dataset, un
     predictions = {case: blosc2.open(str(labels / f"{case}_seg.b2nd"))[:] for case in cases}
     for case in cases:  # the report's SAM agreement: Dice between SAM's pseudo label and the model's prediction
         assert agreements[case] == pytest.approx(sam_agreement(segs[case], predictions[case], [1, 2]), abs=1e-4)
-    # --keep-confident P: the model's (cleaned) label where its top probability >= P; at 0.01 that is everywhere
-    refine_cli.main(refine + ["--keep-confident", "0.01"])
+    # --keep-confident P --band max: the model's (cleaned) label where its top probability >= P; at 0.01 that is
+    # everywhere (the default band, "class", locks only the model's foreground: test_probability_guidance.py)
+    refine_cli.main(refine + ["--keep-confident", "0.01", "--band", "max"])
     report = json.loads((labels / "refine_report.json").read_text())
     for case in report["cases"]:
-        assert case["settings"]["confident"] == 0.01 and case["slices_encoded"] == 0  # all from the cache
+        assert case["settings"]["confident"] == 0.01 and case["settings"]["band"] == "max"
+        assert case["slices_encoded"] == 0  # all from the cache
         for row in case["classes"].values():
             assert row["voxels_sam_decided"] == 0 and row["voxels_confident"] == row["voxels_after"]
     # how many voxels the band overruled depends on what SAM made of this run's (unseeded) short model; the
