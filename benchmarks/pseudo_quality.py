@@ -41,6 +41,7 @@ logger = logging.getLogger("pseudo_quality")
 WORK = HERE / ".cache" / "pseudo_quality"
 TITLE = "Pseudo-label quality (benchmarks/pseudo_quality.py)"
 BEFORE = {"modality": "range", "boxes": "slice", "box_margin": 6.0, "box_margin_unit": "input", "band": "max"}
+SCALES = (0.9, 1.0, 1.15, 1.3)  # the scale ensemble's box sizes (factors of the half-size)
 # arm -> (RefineSettings changes, initial prediction mirrored)
 ARMS = {
     "SAM as before": (BEFORE, False),
@@ -59,6 +60,12 @@ ARMS = {
     "all, no guard": ({"min_agreement": 0.0, "min_sam_iou": 0.0, "evidence": False}, True),
     "all, no guard, no band": ({"min_agreement": 0.0, "min_sam_iou": 0.0, "evidence": False, "confident": None}, True),
     "all, no evidence test": ({"evidence": False}, True),
+    "all, box scales": ({"box_scales": SCALES}, True),
+    "all, boxes redrawn": ({"box_rounds": 2}, True),
+    "all, boxes redrawn x2": ({"box_rounds": 3}, True),
+    "all, box scales, redrawn": ({"box_scales": SCALES, "box_rounds": 2}, True),
+    "all, box scales, no guard, no band": ({"box_scales": SCALES, "min_agreement": 0.0, "min_sam_iou": 0.0,
+                                            "evidence": False, "confident": None}, True),
 }
 INITIAL = {"initial": False, "initial, mirrored": True}
 CEILINGS = ("box ceiling", "SAM ceiling")

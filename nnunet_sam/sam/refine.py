@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from nnunet_sam.errors import SettingError, SettingText
+from nnunet_sam.sam.box_prompts import decode_boxes
 from nnunet_sam.sam.evidence import region_contrast
 from nnunet_sam.sam.models import SamModel
 from nnunet_sam.sam.prompts import KEEP_MODES, SlicePrompt, dice
@@ -67,6 +68,9 @@ class RefineSettings:
     box_margin: float = 2.0  # grow boxes by this many millimetres (`box_margin_unit`; 2 measured best of 1-5 on the
     # synthetic data, benchmarks/pseudo_quality.py)
     box_margin_unit: str = "mm"  # "mm", or "input": pixels of the model input (the old rule, 6.0 of them)
+    box_scales: tuple[float, ...] = (1.0,)  # decode every box at these sizes about its centre (factors of its
+    # half-size), the logits averaged (`sam/box_prompts.py`); (1.0,): the box as it is
+    box_rounds: int = 1  # decode, then redraw each box around SAM's answer and decode again, rounds - 1 times
     keep: str = "largest"  # connected components kept per class: "largest" (highest mean probability, and those
     # within PIECE_MARGIN of it) or "all"; "pieces" is "all" (with boxes "slice": each piece its own box)
     boxes: str = "object"  # "object": one box per object of a slice (pieces a thin gap separates count as one,
@@ -102,6 +106,10 @@ class RefineSettings:
                               ("boxes", BOX_MODES), ("band", BAND_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.box_scales or any(not 0.0 < f <= 4.0 for f in self.box_scales):
+            raise ValueError(f"box_scales must be factors in (0, 4], got {self.box_scales!r}")
+        if self.box_rounds < 1:
+            raise ValueError(f"box_rounds must be 1 or more, got {self.box_rounds!r}")
         for name in ("confident", "activation"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
@@ -466,12 +474,20 @@ class SamRefiner:
         """SAM's logits on the slice grid (N, H, W) and IoU estimates (N,) for a slice's prompts: their boxes,
         and with box+points a second pass with the points and the first pass's masks."""
         s = self.settings
-        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), box_margin_pixels(geometry, s))
-        decoded = self.model.decode(embedding, boxes)
+        margin = box_margin_pixels(geometry, s)
+        boxes = geometry.boxes_to_input(np.stack([p.box for p in prompts]), margin)
+
+        def decode(candidates: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+            decoded = self.model.decode(embedding, candidates)
+            return decoded.low_res_logits, decoded.iou
+
+        low_res, iou = decode_boxes(decode, boxes, s.box_scales, s.box_rounds, margin, geometry.input_size,
+                                    geometry.bounds)
         if s.prompts == "box+points":
             points, point_labels = _point_arrays(prompts, geometry)
-            decoded = self.model.decode(embedding, boxes, points, point_labels, decoded.low_res_logits)
-        return geometry.logits_to_slice(decoded.low_res_logits), decoded.iou
+            decoded = self.model.decode(embedding, boxes, points, point_labels, low_res)
+            low_res, iou = decoded.low_res_logits, decoded.iou
+        return geometry.logits_to_slice(low_res), iou
 
     def _judge(self, prompt: SlicePrompt, initial: np.ndarray, sam_mask: np.ndarray, iou: np.floating,
                image: np.ndarray) -> Verdict:
