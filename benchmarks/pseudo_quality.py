@@ -11,7 +11,13 @@ by the baseline (without and with test-time mirroring) and refined by LiteMedSAM
 - all changes together (the current defaults), and the band's threshold measured around its default;
 - SAM's ceiling: SAM prompted from the true labels (no probabilities): how good SAM is on this data at all;
 - the box ceiling: the truth inside the initial mask's boxes (one per object and slice, the default margin), the
-  initial labels elsewhere: what a box-prompted refiner of this model's masks could reach.
+  initial labels elsewhere: what a box-prompted refiner of this model's masks could reach;
+- where the initial labels lose (per slice, each object of a class's initial mask is "right" when most of its
+  pixels are that class in the truth): the identity ceiling (every object relabelled to its truth's majority
+  class, its pixels unchanged: the loss from objects given the wrong class), the geometry ceiling (every right
+  object replaced by the true objects it touches, wrong ones kept: the loss SAM could remove, since SAM cannot
+  tell a wrong object from a right one), and SAM on the right objects (the defaults prompted from the right
+  objects only, the wrong ones kept as they are: how much of the geometry ceiling SAM reaches).
 Dice is nnU-Net's (`evaluation_dice`: a class absent from truth and label is left out), averaged per class over the
 cases, then over the classes; per seed, and the mean and spread over seeds.
 
@@ -68,7 +74,7 @@ ARMS = {
                                             "evidence": False, "confident": None}, True),
 }
 INITIAL = {"initial": False, "initial, mirrored": True}
-CEILINGS = ("box ceiling", "SAM ceiling")
+CEILINGS = ("box ceiling", "SAM ceiling", "identity ceiling", "geometry ceiling", "SAM on the right objects")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,6 +126,54 @@ def box_ceiling(initial: np.ndarray, truth: np.ndarray, classes: list[int], view
     return views.from_slices(out)
 
 
+def right_and_wrong_objects(initial: np.ndarray, truth: np.ndarray, classes: list[int],
+                            views) -> tuple[np.ndarray, np.ndarray]:
+    """The initial labels split in two (slices along the views' axis, each of a class's slice objects whole):
+    the objects whose pixels are mostly that class in the truth, and the others."""
+    from scipy import ndimage
+
+    initial_s, truth_s = views.to_slices(initial), views.to_slices(truth)
+    right, wrong = np.zeros_like(initial_s), np.zeros_like(initial_s)
+    for index in range(initial_s.shape[0]):
+        for c in classes:
+            pieces, count = ndimage.label(initial_s[index] == c)
+            for k in range(1, count + 1):
+                piece = pieces == k
+                majority = int(np.argmax(np.bincount(truth_s[index][piece].astype(np.int64))))
+                (right if majority == c else wrong)[index][piece] = c
+    return views.from_slices(right), views.from_slices(wrong)
+
+
+def identity_ceiling(initial: np.ndarray, truth: np.ndarray, views) -> np.ndarray:
+    """Every slice object of the initial labels (any class) relabelled to its truth's majority class."""
+    from scipy import ndimage
+
+    initial_s, truth_s = views.to_slices(initial), views.to_slices(truth)
+    out = initial_s.copy()
+    for index in range(initial_s.shape[0]):
+        for c in np.unique(initial_s[index][initial_s[index] > 0]):
+            pieces, count = ndimage.label(initial_s[index] == c)
+            for k in range(1, count + 1):
+                piece = pieces == k
+                out[index][piece] = int(np.argmax(np.bincount(truth_s[index][piece].astype(np.int64))))
+    return views.from_slices(out)
+
+
+def geometry_ceiling(right: np.ndarray, wrong: np.ndarray, truth: np.ndarray, classes: list[int],
+                     views) -> np.ndarray:
+    """The wrong objects as they are, every right object replaced by the true objects of its class it touches."""
+    from scipy import ndimage
+
+    right_s, truth_s = views.to_slices(right), views.to_slices(truth)
+    out = views.to_slices(wrong).copy()
+    for index in range(right_s.shape[0]):
+        for c in classes:
+            true_pieces, _ = ndimage.label(truth_s[index] == c)
+            touched = np.unique(true_pieces[(right_s[index] == c) & (true_pieces > 0)])
+            out[index][np.isin(true_pieces, touched)] = c
+    return views.from_slices(out)
+
+
 def run_worker(args) -> None:
     """Every seed of one dataset in this process (nnU-Net's folders set before it is imported)."""
     import torch
@@ -139,7 +193,7 @@ def run_worker(args) -> None:
     results = json.loads(out.read_text()) if out.is_file() else {}
     for seed in range(args.seeds):
         done = results.get(str(seed))
-        if done is not None and set(args.arms) <= set(done["arms"]):
+        if done is not None and set(args.arms) <= set(done["arms"]) and set(CEILINGS) <= set(done["rows"]):
             continue
         new = seed_results(args, sargs, root, seed, device, [] if done is None else done["arms"])
         if done is not None:  # the arms run before stay (same cases, same initial model)
@@ -198,8 +252,17 @@ def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str
         rows.setdefault("SAM ceiling", {})[case_id] = per_class_dice(
             truth, ceiling.refine(raw, truth.astype(np.int16), spacing, None, classes).mask, classes)
         case_views = VolumeViews.prepare(raw, spacing, sam.input_size, modality=defaults.modality)
+        initial, probabilities = predicted[True]
         rows.setdefault("box ceiling", {})[case_id] = per_class_dice(
-            truth, box_ceiling(predicted[True][0], truth, classes, case_views, defaults), classes)
+            truth, box_ceiling(initial, truth, classes, case_views, defaults), classes)
+        right, wrong = right_and_wrong_objects(initial, truth, classes, case_views)
+        rows.setdefault("identity ceiling", {})[case_id] = per_class_dice(
+            truth, identity_ceiling(initial, truth, case_views), classes)
+        rows.setdefault("geometry ceiling", {})[case_id] = per_class_dice(
+            truth, geometry_ceiling(right, wrong, truth, classes, case_views), classes)
+        on_right = SamRefiner(sam, defaults, cache).refine(raw, right, spacing, probabilities, classes).mask
+        rows.setdefault("SAM on the right objects", {})[case_id] = per_class_dice(
+            truth, np.where(on_right > 0, on_right, wrong), classes)
     logger.info("%s seed %d: %d cases in %.0f s", args.worker, seed, len(plan.cases), time.perf_counter() - started)
     return {"arms": list(settings), "classes": classes, "rows": rows, "intensities": defaults.modality}
 
@@ -272,7 +335,8 @@ def report(all_results: dict[str, dict], arms: list[str]) -> str:
     header = ["arm"] + [f"{d}: Dice (sd)" for d in all_results] + [f"{d}: vs initial" for d in all_results] \
         + [f"{d}: worst class" for d in all_results] + [f"{d}: cases +/-" for d in all_results]
     table_rows = []
-    for arm in [*INITIAL, *arms, *CEILINGS]:
+    ceilings = [c for c in CEILINGS if all(c in seed["rows"] for r in all_results.values() for seed in r.values())]
+    for arm in [*INITIAL, *arms, *ceilings]:
         stats = {d: summarize(r, arm, "initial") for d, r in all_results.items()}
         base = {d: summarize(r, "initial", "initial")["mean"] for d, r in all_results.items()}
         table_rows.append([arm] + [f"{s['mean']:.3f} ({s['sd']:.3f})" for s in stats.values()]
@@ -281,7 +345,9 @@ def report(all_results: dict[str, dict], arms: list[str]) -> str:
                           + [f"{s['better']}/{s['worse']}" for s in stats.values()])
     per_class = []
     for dataset, results in all_results.items():
-        for arm in ("initial", "initial, mirrored", "SAM as before", "all (defaults)", *CEILINGS):
+        for arm in ("initial", "initial, mirrored", "SAM as before", "all (defaults)", *ceilings):
+            if any(arm not in seed["rows"] for seed in results.values()):
+                continue
             means = [class_means(seed["rows"][arm]) for seed in results.values()]
             per_class.append([dataset, arm] + [" ".join(f"{m[c]:.3f}" for m in means) for c in means[0]])
     n_classes = max(len(r["0"]["classes"]) for r in all_results.values())
