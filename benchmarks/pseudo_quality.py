@@ -126,37 +126,23 @@ def box_ceiling(initial: np.ndarray, truth: np.ndarray, classes: list[int], view
     return views.from_slices(out)
 
 
-def right_and_wrong_objects(initial: np.ndarray, truth: np.ndarray, classes: list[int],
-                            views) -> tuple[np.ndarray, np.ndarray]:
-    """The initial labels split in two (slices along the views' axis, each of a class's slice objects whole):
-    the objects whose pixels are mostly that class in the truth, and the others."""
+def objects_by_truth(initial: np.ndarray, truth: np.ndarray, views) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each object of the initial labels (a connected piece of one class on a slice along the views' axis) judged
+    by the truth's majority class under it: (right, wrong, relabelled), the objects whose majority is their own
+    class, the others, and every object relabelled to its majority (the identity ceiling)."""
     from scipy import ndimage
 
     initial_s, truth_s = views.to_slices(initial), views.to_slices(truth)
-    right, wrong = np.zeros_like(initial_s), np.zeros_like(initial_s)
-    for index in range(initial_s.shape[0]):
-        for c in classes:
-            pieces, count = ndimage.label(initial_s[index] == c)
-            for k in range(1, count + 1):
-                piece = pieces == k
-                majority = int(np.argmax(np.bincount(truth_s[index][piece].astype(np.int64))))
-                (right if majority == c else wrong)[index][piece] = c
-    return views.from_slices(right), views.from_slices(wrong)
-
-
-def identity_ceiling(initial: np.ndarray, truth: np.ndarray, views) -> np.ndarray:
-    """Every slice object of the initial labels (any class) relabelled to its truth's majority class."""
-    from scipy import ndimage
-
-    initial_s, truth_s = views.to_slices(initial), views.to_slices(truth)
-    out = initial_s.copy()
+    right, wrong, relabelled = np.zeros_like(initial_s), np.zeros_like(initial_s), initial_s.copy()
     for index in range(initial_s.shape[0]):
         for c in np.unique(initial_s[index][initial_s[index] > 0]):
             pieces, count = ndimage.label(initial_s[index] == c)
             for k in range(1, count + 1):
                 piece = pieces == k
-                out[index][piece] = int(np.argmax(np.bincount(truth_s[index][piece].astype(np.int64))))
-    return views.from_slices(out)
+                majority = int(np.argmax(np.bincount(truth_s[index][piece].astype(np.int64))))
+                (right if majority == c else wrong)[index][piece] = c
+                relabelled[index][piece] = majority
+    return views.from_slices(right), views.from_slices(wrong), views.from_slices(relabelled)
 
 
 def geometry_ceiling(right: np.ndarray, wrong: np.ndarray, truth: np.ndarray, classes: list[int],
@@ -255,9 +241,8 @@ def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str
         initial, probabilities = predicted[True]
         rows.setdefault("box ceiling", {})[case_id] = per_class_dice(
             truth, box_ceiling(initial, truth, classes, case_views, defaults), classes)
-        right, wrong = right_and_wrong_objects(initial, truth, classes, case_views)
-        rows.setdefault("identity ceiling", {})[case_id] = per_class_dice(
-            truth, identity_ceiling(initial, truth, case_views), classes)
+        right, wrong, relabelled = objects_by_truth(initial, truth, case_views)
+        rows.setdefault("identity ceiling", {})[case_id] = per_class_dice(truth, relabelled, classes)
         rows.setdefault("geometry ceiling", {})[case_id] = per_class_dice(
             truth, geometry_ceiling(right, wrong, truth, classes, case_views), classes)
         on_right = SamRefiner(sam, defaults, cache).refine(raw, right, spacing, probabilities, classes).mask
