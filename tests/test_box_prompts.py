@@ -70,6 +70,10 @@ def test_rounds_move_a_too_small_box_to_the_object():
     widths = [int((decode_boxes(decode, start, (1.0,), rounds, 0.0, 256, BOUNDS)[0][0, 0] > 0).sum(0).max())
               for rounds in (1, 2, 3, 20)]
     assert widths[0] < widths[1] < widths[2] <= widths[3] == 80
+    _, _, final = decode_boxes(decode, start, (1.0,), 20, 0.0, 256, BOUNDS)  # a points pass starts from these
+    np.testing.assert_allclose(final[0], [40, 40, 119, 119])
+    _, _, unchanged = decode_boxes(decode, start, (1.0,), 1, 0.0, 256, BOUNDS)
+    np.testing.assert_allclose(unchanged, start)
 
 
 @pytest.mark.parametrize("changes", [{"box_scales": ()}, {"box_scales": (0.0, 1.0)}, {"box_rounds": 0}])

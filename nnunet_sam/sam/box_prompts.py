@@ -75,11 +75,12 @@ def redrawn_boxes(low_res_logits: torch.Tensor, boxes: np.ndarray, margin: float
 
 
 def decode_boxes(decode: BoxDecoder, boxes: np.ndarray, scales: Sequence[float], rounds: int, margin: float,
-                 input_size: int, bounds: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+                 input_size: int, bounds: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """SAM's logits and IoU estimates for `boxes` (model-input pixels, margin included): the scale ensemble,
-    then `rounds - 1` times on boxes redrawn around the answer."""
+    then `rounds - 1` times on boxes redrawn around the answer; with the boxes of the last round (for a
+    points pass that follows)."""
     logits, iou = ensemble_decode(decode, boxes, scales, bounds)
     for _ in range(rounds - 1):
         boxes = redrawn_boxes(logits, boxes, margin, input_size, bounds)
         logits, iou = ensemble_decode(decode, boxes, scales, bounds)
-    return logits, iou
+    return logits, iou, boxes

@@ -481,8 +481,8 @@ class SamRefiner:
             decoded = self.model.decode(embedding, candidates)
             return decoded.low_res_logits, decoded.iou
 
-        low_res, iou = decode_boxes(decode, boxes, s.box_scales, s.box_rounds, margin, geometry.input_size,
-                                    geometry.bounds)
+        low_res, iou, boxes = decode_boxes(decode, boxes, s.box_scales, s.box_rounds, margin,
+                                           geometry.input_size, geometry.bounds)
         if s.prompts == "box+points":
             points, point_labels = _point_arrays(prompts, geometry)
             decoded = self.model.decode(embedding, boxes, points, point_labels, low_res)
