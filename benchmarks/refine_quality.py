@@ -357,7 +357,8 @@ def section(args: argparse.Namespace, device: torch.device, version: str, cases:
             control: list[Run], summaries: list[Summary], seconds: float) -> str:
     """The body of the RESULTS.md section (the shared helper adds the heading and the date)."""
     window = (f"`ct_window={tuple(args.ct_window)}` on the CT cases" if args.ct_window
-              else "no CT window (intensities clipped to the volume's 0.5/99.5 percentiles)")
+              else "the engine's default view (modality auto: CT in the -160 240 HU window, MR between the "
+                   "0.5 and 99.5 percentiles of its nonzero voxels)")
     command = shlex.join([".venv/bin/python", "benchmarks/refine_quality.py", *args.argv])
     arms = "; ".join(f"*{arm}*: " + (", ".join(f"{k}={v!r}" for k, v in ARMS[arm][0].items()) or "defaults")
                      + (", with the probability map" if ARMS[arm][1] else ", no probability map")
@@ -409,8 +410,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
                         help=f"subset of the cases to run (default all: {' '.join(CASES)})")
     parser.add_argument("--ct-window", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                        help="CT intensity window (HU) for the CT cases (lung1, lung2), e.g. -1000 400; "
-                             "default none: the engine's default percentile clipping, as for the MR cases")
+                        help="CT intensity window (HU) for the CT cases (lung1, lung2), e.g. -1000 400 (a lung "
+                             "window); default none: the engine's default (-160 240, the abdomen's soft-tissue "
+                             "window)")
     parser.add_argument("--no-write", action="store_true",
                         help=f"print only; do not update {RESULTS.relative_to(HERE.parent)}")
     args = parser.parse_args(argv)
