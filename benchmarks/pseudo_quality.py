@@ -17,7 +17,14 @@ by the baseline (without and with test-time mirroring) and refined by LiteMedSAM
   class, its pixels unchanged: the loss from objects given the wrong class), the geometry ceiling (every right
   object replaced by the true objects it touches, wrong ones kept: the loss SAM could remove, since SAM cannot
   tell a wrong object from a right one), and SAM on the right objects (the defaults prompted from the right
-  objects only, the wrong ones kept as they are: how much of the geometry ceiling SAM reaches).
+  objects only, the wrong ones kept as they are: how much of the geometry ceiling SAM reaches), and SAM from the
+  true right objects (SAM prompted from the true objects that the right ones touch, the wrong ones kept: the best a
+  box-prompted SAM can do while the model's wrong objects stay);
+- two rules that decide an object's class otherwise than the model (`benchmarks/object_identity.py`): relabelled by
+  prototypes (nearest LiteMedSAM-embedding prototype of the fold's labelled cases) and relabelled by foreground
+  pieces (every connected piece of the foreground takes its majority class);
+- the right objects by kind: split (the model gave a tenth or more of the true object to another class) or not,
+  with the Dice to the true object of the model's piece, of SAM from its box and of SAM from the true box.
 Dice is nnU-Net's (`evaluation_dice`: a class absent from truth and label is left out), averaged per class over the
 cases, then over the classes; per seed, and the mean and spread over seeds.
 
@@ -74,7 +81,8 @@ ARMS = {
                                             "evidence": False, "confident": None}, True),
 }
 INITIAL = {"initial": False, "initial, mirrored": True}
-CEILINGS = ("box ceiling", "SAM ceiling", "identity ceiling", "geometry ceiling", "SAM on the right objects")
+CEILINGS = ("box ceiling", "SAM ceiling", "identity ceiling", "geometry ceiling", "SAM on the right objects",
+            "SAM from the true right objects", "relabelled by prototypes", "relabelled by foreground pieces")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,6 +199,7 @@ def run_worker(args) -> None:
 
 
 def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str]) -> dict:
+    import object_identity
     import ssl_gain
 
     from nnunet_sam.demo.slices import UNLABELED_TRUTH
@@ -200,6 +209,7 @@ def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str
     from nnunet_sam.nnunet.sam_views import ViewVolumes, dataset_view_settings
     from nnunet_sam.sam import RefineSettings, SamRefiner, load_sam
     from nnunet_sam.sam.embedding_cache import EmbeddingCache
+    from nnunet_sam.sam.refine import box_margin_pixels
     from nnunet_sam.sam.views import VolumeViews
 
     run = ssl_gain.SeedRun(sargs, args.worker, seed, root, device)
@@ -218,7 +228,11 @@ def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str
     settings = {name: dataset_view_settings(RefineSettings(**changes), plan.folders, 0)
                 for name, (changes, _) in ARMS.items() if name in args.arms and name not in done_arms}
     defaults = dataset_view_settings(RefineSettings(), plan.folders, 0)
+    labelled = json.loads((run.results / "split.json").read_text())["labelled"]  # the fold's labelled cases only
+    prototypes = object_identity.labelled_prototypes(*object_identity.read_labelled(experiment.raw, labelled),
+                                                     classes, sam, cache, defaults.modality)
     rows: dict[str, dict[str, dict]] = {}  # arm -> case -> class -> Dice
+    objects: list[dict] = []  # the right objects of the mirrored initial labels (`object_identity.right_objects`)
     started = time.perf_counter()
     for case_id in plan.cases:
         data, _, _, properties = cases.images.load_case(case_id)
@@ -248,8 +262,19 @@ def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str
         on_right = SamRefiner(sam, defaults, cache).refine(raw, right, spacing, probabilities, classes).mask
         rows.setdefault("SAM on the right objects", {})[case_id] = per_class_dice(
             truth, np.where(on_right > 0, on_right, wrong), classes)
+        true_right = geometry_ceiling(right, np.zeros_like(wrong), truth, classes, case_views)
+        from_true = ceiling.refine(raw, true_right, spacing, None, classes).mask
+        rows.setdefault("SAM from the true right objects", {})[case_id] = per_class_dice(
+            truth, np.where(from_true > 0, from_true, wrong), classes)
+        rows.setdefault("relabelled by prototypes", {})[case_id] = per_class_dice(
+            truth, object_identity.relabel_by_prototypes(initial, case_views, cache, prototypes, classes), classes)
+        rows.setdefault("relabelled by foreground pieces", {})[case_id] = per_class_dice(
+            truth, object_identity.relabel_foreground_pieces(initial, case_views), classes)
+        objects += object_identity.right_objects(initial, truth, case_views, sam, cache,
+                                                 box_margin_pixels(case_views.geometry, defaults), classes)
     logger.info("%s seed %d: %d cases in %.0f s", args.worker, seed, len(plan.cases), time.perf_counter() - started)
-    return {"arms": list(settings), "classes": classes, "rows": rows, "intensities": defaults.modality}
+    return {"arms": list(settings), "classes": classes, "rows": rows, "intensities": defaults.modality,
+            "right objects": objects}
 
 
 def draw_views(args, sargs, root: Path, device, count: int = 3) -> None:
@@ -337,7 +362,29 @@ def report(all_results: dict[str, dict], arms: list[str]) -> str:
             per_class.append([dataset, arm] + [" ".join(f"{m[c]:.3f}" for m in means) for c in means[0]])
     n_classes = max(len(r["0"]["classes"]) for r in all_results.values())
     return (markdown_table(header, table_rows) + "\n\nPer class (one value per seed):\n\n"
-            + markdown_table(["dataset", "arm"] + [f"class {c}" for c in range(1, n_classes + 1)], per_class))
+            + markdown_table(["dataset", "arm"] + [f"class {c}" for c in range(1, n_classes + 1)], per_class)
+            + "\n\n" + objects_report(all_results))
+
+
+def objects_report(all_results: dict[str, dict]) -> str:
+    """The right objects of the mirrored initial labels, all seeds, by kind: how many, their true pixels, and the
+    Dice to their true objects (pixel-weighted) of the model, of SAM from the model's box and from the true box."""
+    measures = ("model", "SAM from its box", "SAM from the true box")
+    table_rows = []
+    for dataset, results in all_results.items():
+        records = [r for seed in results.values() for r in seed.get("right objects", [])]
+        kinds = {"all": records, "split (a tenth or more given to another class)": [r for r in records if r["split"]],
+                 "not split": [r for r in records if not r["split"]]}
+        for kind, chosen in kinds.items():
+            if not chosen:
+                continue
+            weights = np.array([r["pixels"] for r in chosen], float)
+            table_rows.append([dataset, kind, str(len(chosen)), str(int(weights.sum()))]
+                              + [f"{np.average([r[m] for r in chosen], weights=weights):.3f}" for m in measures])
+    return ("Right objects of the mirrored initial labels, all seeds: each a connected piece of class c on a slice "
+            "whose truth is mostly c, against the true objects of c it touches (Dice weighted by their pixels; "
+            "boxes with the default margin; `benchmarks/object_identity.right_objects`):\n\n"
+            + markdown_table(["dataset", "objects", "count", "true pixels", *measures], table_rows))
 
 
 def main(argv=None) -> None:
