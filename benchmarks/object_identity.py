@@ -93,42 +93,35 @@ def read_labelled(raw: Path, case_ids: Sequence[str], channel: int = 0
     return images, labels, spacings
 
 
-def _box(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.nonzero(mask)
-    return np.array([[cols.min(), rows.min(), cols.max(), rows.max()]], dtype=float)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
-
-
-def right_objects(initial: np.ndarray, truth: np.ndarray, views, sam, cache, margin: float,
+def right_objects(right: np.ndarray, initial: np.ndarray, truth: np.ndarray, views, sam, cache, margin: float,
                   classes: Sequence[int]) -> list[dict]:
-    """Every right object of `initial` (a connected piece of class c on a slice whose truth is mostly c), against
-    the true objects of c it touches: their size, whether the model gave more than a tenth of them to another class
-    ("split"), and the Dice to them of the piece itself, of SAM from the piece's box and of SAM from their true box
-    (both boxes grown by `margin` model-input pixels)."""
-    labels, truth_s = views.to_slices(initial), views.to_slices(truth)
+    """Every object of `right` (the right objects of `initial`, from pseudo_quality's `objects_by_truth`: connected
+    pieces of class c on a slice whose truth is mostly c), against the true objects of c it touches: their size,
+    whether the model gave more than a tenth of them to another class ("split"), and the Dice to them of the piece
+    itself, of SAM from the piece's box and of SAM from their true box (both boxes grown by `margin` model-input
+    pixels)."""
+    from nnunet_sam.sam.prompts import bounding_box, evaluation_dice
+
+    right_s, labels, truth_s = views.to_slices(right), views.to_slices(initial), views.to_slices(truth)
     geometry = views.geometry
     records = []
     for index in range(labels.shape[0]):
         embedding = None
         for c in classes:
-            pieces, count = ndimage.label(labels[index] == c)
+            pieces, count = ndimage.label(right_s[index] == c)
             true_pieces, _ = ndimage.label(truth_s[index] == c)
             others = (labels[index] > 0) & (labels[index] != c)
             for k in range(1, count + 1):
                 piece = pieces == k
-                if np.argmax(np.bincount(truth_s[index][piece].astype(np.int64))) != c:
-                    continue
                 true_object = np.isin(true_pieces, np.unique(true_pieces[piece & (true_pieces > 0)]))
                 if embedding is None:
                     embedding = cache.embeddings(views.model_inputs([index]))
-                boxes = np.concatenate([geometry.boxes_to_input(_box(piece), margin),
-                                        geometry.boxes_to_input(_box(true_object), margin)])
+                boxes = np.concatenate([geometry.boxes_to_input(bounding_box(piece)[None], margin),
+                                        geometry.boxes_to_input(bounding_box(true_object)[None], margin)])
                 sam_masks = (geometry.logits_to_slice(sam.decode(embedding, boxes).low_res_logits) > 0).numpy()
                 records.append({"pixels": int(true_object.sum()),
                                 "split": bool((true_object & others).sum() > 0.1 * true_object.sum()),
-                                "model": _dice(piece, true_object), "SAM from its box": _dice(sam_masks[0], true_object),
-                                "SAM from the true box": _dice(sam_masks[1], true_object)})
+                                "model": evaluation_dice(true_object, piece),
+                                "SAM from its box": evaluation_dice(true_object, sam_masks[0]),
+                                "SAM from the true box": evaluation_dice(true_object, sam_masks[1])})
     return records

@@ -270,7 +270,7 @@ def seed_results(args, sargs, root: Path, seed: int, device, done_arms: list[str
             truth, object_identity.relabel_by_prototypes(initial, case_views, cache, prototypes, classes), classes)
         rows.setdefault("relabelled by foreground pieces", {})[case_id] = per_class_dice(
             truth, object_identity.relabel_foreground_pieces(initial, case_views), classes)
-        objects += object_identity.right_objects(initial, truth, case_views, sam, cache,
+        objects += object_identity.right_objects(right, initial, truth, case_views, sam, cache,
                                                  box_margin_pixels(case_views.geometry, defaults), classes)
     logger.info("%s seed %d: %d cases in %.0f s", args.worker, seed, len(plan.cases), time.perf_counter() - started)
     return {"arms": list(settings), "classes": classes, "rows": rows, "intensities": defaults.modality,

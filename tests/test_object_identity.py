@@ -67,7 +67,9 @@ def test_right_objects_are_judged_against_the_true_objects_they_touch():
     initial[0, 4:14, 4:8] = 1  # right, but the model gave most of the organ to class 2: split
     initial[0, 4:14, 8:14] = 2  # wrong (mostly class 1 in the truth): not a right object
     initial[0, 20:28, 20:28] = 2  # right and whole
-    records = object_identity.right_objects(initial, truth, views(), EmptySam(), HalvesCache(), 0.0, [1, 2])
+    right = initial.copy()
+    right[0, 4:14, 8:14] = 0  # the right objects only (what pseudo_quality's objects_by_truth gives)
+    records = object_identity.right_objects(right, initial, truth, views(), EmptySam(), HalvesCache(), 0.0, [1, 2])
     assert len(records) == 2
     split, whole = sorted(records, key=lambda r: not r["split"])
     assert split["split"] and not whole["split"]
