@@ -58,15 +58,3 @@ def test_a_missing_internal_names_itself_and_the_range():
 def test_checkpoint_bytes_catch_what_the_saver_writes():
     assert nnunet_internals.checkpoint_bytes(lambda file: file.write(b"checkpoint")) == b"checkpoint"
     assert nnunet_internals.checkpoint_bytes(lambda file: None) == b""
-
-
-def test_batch_size_is_restored_after_an_error():
-    class Trainer:
-        batch_size = 4
-
-    trainer = Trainer()
-    with pytest.raises(RuntimeError):
-        with nnunet_internals.batch_size_during(trainer, 2):
-            assert trainer.batch_size == 2
-            raise RuntimeError
-    assert trainer.batch_size == 4

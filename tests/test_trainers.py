@@ -23,8 +23,8 @@ from helpers.trainer_data import CONFIGURATION, DATASET, environment, fake_model
 from nnunet_sam.demo.nnunet_setup import spawn_pools_in_threads
 from nnunet_sam.errors import NnsamError
 from nnunet_sam.nnunet.semi_supervised import (SemiSupervisedLoss, StepContext, concat_batches, ema_alpha,
-                                               probabilities_fn, rampup_weight, slice_outputs, split_batch_size,
-                                               teacher_noise, unwrap_model, update_ema)
+                                               probabilities_fn, rampup_weight, slice_outputs, teacher_noise,
+                                               unwrap_model, update_ema)
 
 SHORT = {"nnUNetTrainerSAMPseudo": "nnUNetTrainerSAMPseudoShort",
          "nnUNetTrainerMeanTeacher": "nnUNetTrainerMeanTeacherShort",
@@ -37,12 +37,6 @@ FOLD = {"nnUNetTrainerSAMPseudoShort": "all", "nnUNetTrainerMeanTeacherShort": 0
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("batch_size, fraction, expected", [(2, 0.5, (1, 1)), (1, 0.5, (1, 1)), (5, 0.5, (3, 2)),
-                                                            (4, 0.75, (3, 1)), (4, 1.0, (4, 1)), (8, 0.3, (3, 5))])
-def test_split_batch_size(batch_size, fraction, expected):
-    assert split_batch_size(batch_size, fraction) == expected
-
 
 def test_rampup_weight():
     assert rampup_weight(0.1, 0, 10) == pytest.approx(0.1 * math.exp(-5))
@@ -308,6 +302,49 @@ def test_pseudo_label_loss_ignores_the_unsure_label(nnunet_env, trained):
     as_class = [torch.where(t == unsure, torch.ones_like(t), t) for t in targets]  # label 1 there instead
     assert gradient(trainer.loss.extra_supervised, as_class)[0].abs().sum() > 0
     assert trainer.loss.supervised is not trainer.loss.extra_supervised
+
+
+def _first_batch(loader, seed: int) -> dict:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return next(loader)
+
+
+def test_labelled_batch_is_nnunets_and_the_extra_samples_come_on_top(nnunet_env, trained, monkeypatch):
+    """Our trainer's labelled batch is what nnUNetTrainer draws with the same seed (batch size, foreground
+    oversampling, augmentation); the extra stream adds the planned batch size of samples, each with the teacher's
+    own view as extra channels; nnU-Net's loss sees the whole labelled batch."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # single-threaded augmenters: the draws follow the seed
+    ours, theirs = make_trainer("nnUNetTrainerMeanTeacherShort", 0), make_trainer("nnUNetTrainer", 0)
+    loaders = {}
+    for trainer in (ours, theirs):
+        trainer.initialize()
+        loaders[trainer] = trainer.get_dataloaders()[0]
+    assert ours.batch_size == theirs.batch_size == ours.n_extra
+    mine, reference = _first_batch(loaders[ours], 7), _first_batch(loaders[theirs], 7)
+    assert list(mine["keys"]) == list(reference["keys"])
+    torch.testing.assert_close(mine["data"], reference["data"])
+    for a, b in zip(mine["target"], reference["target"]):
+        torch.testing.assert_close(a, b)
+    extra = _first_batch(ours.dataloader_extra, 7)
+    channels = mine["data"].shape[1]
+    assert extra["data"].shape == (ours.n_extra, 2 * channels, *mine["data"].shape[2:])
+    assert not torch.allclose(extra["data"][:, :channels], extra["data"][:, channels:])
+    assert ours.teacher_mirror_axes == tuple(ours.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3])
+
+    class Recording(nn.Module):  # nnU-Net's loss, recording the batch size it is given
+        def __init__(self, loss):
+            super().__init__()
+            self.loss, self.seen = loss, []
+
+        def forward(self, output, target):
+            self.seen.append(output[0].shape[0])
+            return self.loss(output, target)
+
+    ours.loss.supervised = recording = Recording(ours.loss.supervised)
+    ours.on_train_epoch_start()
+    ours.train_step(mine)
+    assert recording.seen == [ours.batch_size]
 
 
 def test_validation_uses_teacher_and_restores_student(nnunet_env, trained):

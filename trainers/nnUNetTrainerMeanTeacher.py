@@ -7,6 +7,5 @@ class nnUNetTrainerMeanTeacher(SemiSupervisedTrainer):
     and saved as the checkpoint's network weights."""
 
     extra_stream = "unlabeled"
-    labelled_fraction = 0.5
     pseudo_loss_weight = 0.0
     consistency_weight = 0.1

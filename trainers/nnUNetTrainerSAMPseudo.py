@@ -7,6 +7,5 @@ class nnUNetTrainerSAMPseudo(SemiSupervisedTrainer):
     Validation uses labelled cases only."""
 
     extra_stream = "pseudo"
-    labelled_fraction = 0.5
     pseudo_loss_weight = 0.5
     consistency_weight = 0.0

@@ -6,6 +6,5 @@ class nnUNetTrainerSAMPseudoMeanTeacher(SemiSupervisedTrainer):
     the pseudo-labelled cases. The teacher is validated and saved as the checkpoint's network weights."""
 
     extra_stream = "pseudo"
-    labelled_fraction = 0.5
     pseudo_loss_weight = 0.5
     consistency_weight = 0.1

@@ -12,10 +12,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-from contextlib import contextmanager
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -96,18 +95,6 @@ def initial_patch_size(trainer: Any) -> Sequence[int]:
     """The patch size the data loader crops before spatial augmentation: element 2 of the trainer's
     `configure_rotation_dummyDA_mirroring_and_inital_patch_size()` (nnU-Net's spelling)."""
     return _required(trainer, "configure_rotation_dummyDA_mirroring_and_inital_patch_size")()[2]
-
-
-@contextmanager
-def batch_size_during(trainer: Any, batch_size: int) -> Iterator[None]:
-    """`trainer.batch_size` set to `batch_size` for the block: nnU-Net's `get_dataloaders` reads the batch size
-    from that attribute only, so this is how its labelled streams get a share of the planned batch."""
-    planned = _required(trainer, "batch_size")
-    trainer.batch_size = batch_size
-    try:
-        yield
-    finally:
-        trainer.batch_size = planned
 
 
 def checkpoint_bytes(save_checkpoint: Callable[[Any], None]) -> bytes:

@@ -1,15 +1,18 @@
 """Semi-supervised nnU-Net training: a second data stream, a weighted loss and a Mean Teacher.
 
-`SemiSupervisedTrainer` is an `nnUNetTrainer` whose batches are nnU-Net's own labelled batch plus a
-batch from a second stream, built with nnU-Net's own data loader and training augmentation:
+`SemiSupervisedTrainer` is an `nnUNetTrainer` whose batches are nnU-Net's own labelled batch (the planned
+batch size, foreground oversampling and batch Dice exactly as nnUNetTrainer has them) plus `extra_batch_size`
+samples on top from a second stream, built with nnU-Net's own data loader and training augmentation:
 
 - ``extra_stream = "pseudo"``: pseudo-labelled cases (`nnsam_refine -d`), supervised with
   ``pseudo_loss_weight``; voxels with the unsure label (`nnsam_refine --ignore-disagreement`) carry no loss;
 - ``extra_stream = "unlabeled"``: preprocessed unlabelled cases (`nnsam_preprocess_unlabeled`),
   used only by the Mean Teacher consistency.
 
-With ``consistency_weight > 0`` an EMA teacher sees the extra cases (plus clamped Gaussian noise) and
-the student's probabilities are pulled towards the teacher's (MSE, sigmoid ramp-up). The teacher is
+With ``consistency_weight > 0`` an EMA teacher sees the extra cases and the student's probabilities are pulled
+towards the teacher's (MSE, sigmoid ramp-up). With ``teacher_view = "augmented"`` the teacher sees its own view
+of each patch: the same spatial transform, intensity augmentation drawn independently and a mirroring of its own,
+undone on its output (`teacher_views`); with ``"student"`` it sees the student's tensor plus clamped noise. The teacher is
 what validation uses and what the checkpoint's ``network_weights`` holds (what `nnUNetv2_predict`
 loads); the student is saved as ``student_weights`` so ``--c`` resumes exactly.
 
@@ -41,27 +44,21 @@ from torch import nn
 from nnunet_sam.errors import NnsamError, one_line_errors_at_top_level
 from nnunet_sam.nnunet.datasets import (open_unlabeled_dataset, pseudo_label_folder, pseudo_label_model,
                                         pseudo_label_model_checkpoint)
-from nnunet_sam.nnunet.nnunet_internals import (augmenter_data_loader, batch_size_during, check_nnunet_version,
-                                                checkpoint_bytes, initial_patch_size, stop_augmenter)
+from nnunet_sam.nnunet.nnunet_internals import (augmenter_data_loader, check_nnunet_version, checkpoint_bytes,
+                                                initial_patch_size, stop_augmenter)
 from nnunet_sam.nnunet.pseudolabels import open_pseudo_label_dataset, unsure_label
+from nnunet_sam.nnunet.teacher_views import TwoViewTransform, mirrored_forward, random_flip_axes, split_views
 from nnunet_sam.utils.atomic import atomic_path
 from nnunet_sam.utils.output_folders import remove_killed_writes
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
 EXTRA_STREAMS = ("pseudo", "unlabeled")
+TEACHER_VIEWS = ("augmented", "student")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------
-
-def split_batch_size(batch_size: int, labelled_fraction: float) -> tuple[int, int]:
-    """(labelled, extra) samples per batch: at least `labelled_fraction` labelled and at least one of each.
-
-    The total stays `batch_size` except for a batch size of 1, which becomes 1 + 1."""
-    n_labelled = max(1, math.ceil(labelled_fraction * batch_size))
-    return n_labelled, max(1, batch_size - n_labelled)
-
 
 def rampup_weight(weight: float, epoch_progress: float, rampup_epochs: float) -> float:
     """`weight`·exp(-5(1-t)²) with t = epoch_progress / rampup_epochs clipped to [0, 1] (Laine & Aila)."""
@@ -158,6 +155,7 @@ class StepContext:
     n_labelled: int
     teacher_probabilities: torch.Tensor | None = None
     consistency_weight: float = 0.0
+    extra_weight: float | None = None  # this step's weight of the extra samples' loss (None: the loss's own)
 
 
 class SemiSupervisedLoss(nn.Module):
@@ -180,8 +178,9 @@ class SemiSupervisedLoss(nn.Module):
             return self.supervised(output, target)
         labelled, extra = slice(0, self.step.n_labelled), slice(self.step.n_labelled, None)
         loss = self.supervised(slice_outputs(output, labelled), slice_outputs(target, labelled))
-        if self.extra_weight > 0:
-            loss = loss + self.extra_weight * self.extra_supervised(slice_outputs(output, extra),
+        extra_weight = self.extra_weight if self.step.extra_weight is None else self.step.extra_weight
+        if extra_weight > 0:
+            loss = loss + extra_weight * self.extra_supervised(slice_outputs(output, extra),
                                                                     slice_outputs(target, extra))
         if self.step.teacher_probabilities is not None and self.step.consistency_weight > 0:
             student = self.probabilities(highest_resolution(output)[extra].float())
@@ -198,12 +197,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     optionally with a Mean Teacher. Subclasses set the class attributes below."""
 
     extra_stream: str = "pseudo"  # "pseudo" (nnsam_refine -d) or "unlabeled" (nnsam_preprocess_unlabeled)
-    labelled_fraction: float = 0.5  # minimum share of labelled samples per batch
+    extra_batch_size: int | None = None  # extra samples per step on top of the planned batch (None: as many as
+    # the planned batch): a step costs about (planned + extra) / planned of nnUNetTrainer's
     pseudo_loss_weight: float = 0.5  # weight of the supervised loss on pseudo labels
+    pseudo_rampup_fraction: float = 0.0  # of num_epochs: the pseudo-label weight's sigmoid ramp-up (0: none)
     consistency_weight: float = 0.0  # Mean Teacher consistency weight; 0: no teacher
     ema_decay: float = 0.99
     consistency_rampup_fraction: float = 0.4  # of num_epochs
-    teacher_noise_std: float = 0.1
+    teacher_view: str = "augmented"  # "augmented": its own intensity augmentation and mirroring of the patch;
+    # "student": the student's augmented tensor plus the clamped noise below
+    teacher_noise_std: float = 0.1  # teacher_view "student" only
     teacher_noise_clip: float = 0.2
     warm_start: bool = False  # start from every weight of the model that made the pseudo labels (same fold;
     # nnU-Net's -pretrained_weights would reset the segmentation heads), with a fresh learning-rate schedule
@@ -215,11 +218,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.extra_stream not in EXTRA_STREAMS:
             raise ValueError(f"{type(self).__name__}.extra_stream must be one of {EXTRA_STREAMS}, "
                              f"not {self.extra_stream!r}")
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise ValueError(f"{type(self).__name__}.teacher_view must be one of {TEACHER_VIEWS}, "
+                             f"not {self.teacher_view!r}")
         super().__init__(plans, configuration, fold, dataset_json, device)
         one_line_errors_at_top_level()
         check_nnunet_version()  # nnUNetv2_train: our setup errors are one line and exit status 2
-        self.probabilistic_oversampling = True  # a labelled sub-batch of 1 still gets foreground patches
         self.teacher: nn.Module | None = None
+        self.teacher_mirror_axes: tuple[int, ...] = ()  # the training mirroring (teacher_view "augmented")
         self.extra_dataset = None
         self.dataloader_extra = None
         self._iteration = 0  # within the epoch
@@ -283,11 +289,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.teacher is not None and self.current_epoch == 0:
             # a fresh start (possibly from -pretrained_weights): the teacher starts as the student
             self.teacher.load_state_dict(unwrap_model(self.network).state_dict())
-        n_labelled, n_extra = split_batch_size(self.batch_size, self.labelled_fraction)
+        teacher = f", teacher view {self.teacher_view}" if self.teacher is not None else ""
         self.print_to_log_file(f"{len(self.extra_dataset.identifiers)} {self.extra_stream} cases; per batch "
-                               f"{n_labelled} labelled + {n_extra} {self.extra_stream}; loss weight of the "
+                               f"{self.batch_size} labelled + {self.n_extra} {self.extra_stream}; loss weight of the "
                                f"{self.extra_stream} samples {self.extra_loss_weight}; consistency weight "
-                               f"{self.consistency_weight}")
+                               f"{self.consistency_weight}{teacher}")
 
     def check_pseudo_label_round(self) -> None:
         """A later round trains only on pseudo labels refined from the previous round's model of the same fold."""
@@ -310,12 +316,22 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         unwrap_model(self.network).load_state_dict(weights)
         self.print_to_log_file(f"warm start: every weight from {path}")
 
+    @property
+    def n_extra(self) -> int:
+        """Extra samples per step (`extra_batch_size`, default the planned batch size)."""
+        return self.batch_size if self.extra_batch_size is None else self.extra_batch_size
+
+    @property
+    def two_views(self) -> bool:
+        """Whether the extra stream carries the teacher's own view (`teacher_views.TwoViewTransform`)."""
+        return self.consistency_weight > 0 and self.teacher_view == "augmented"
+
     def get_dataloaders(self):
-        """nnU-Net's labelled streams with the labelled share of the batch, plus the extra stream."""
-        n_labelled, n_extra = split_batch_size(self.batch_size, self.labelled_fraction)
-        with batch_size_during(self, n_labelled):
-            dataloader_train, dataloader_val = super().get_dataloaders()
-        self.dataloader_extra = self._extra_dataloader(dataloader_train, n_extra)
+        """nnU-Net's labelled streams, untouched, plus the extra stream."""
+        if self.n_extra < 1:
+            raise ValueError(f"{type(self).__name__}.extra_batch_size must be at least 1, not {self.n_extra}")
+        dataloader_train, dataloader_val = super().get_dataloaders()
+        self.dataloader_extra = self._extra_dataloader(dataloader_train, self.n_extra)
         return dataloader_train, dataloader_val
 
     def _extra_dataloader(self, dataloader_train, batch_size: int):
@@ -325,10 +341,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.extra_dataset = self.open_extra_dataset()
         labelled = augmenter_data_loader(dataloader_train)
         oversample = self.oversample_foreground_percent if self.extra_stream == "pseudo" else 0.0
+        transforms = labelled.transforms
+        if self.two_views:
+            transforms = TwoViewTransform(transforms)
+            self.teacher_mirror_axes = transforms.mirror_axes
         loader = nnUNetDataLoader(self.extra_dataset, batch_size, initial_patch_size(self),
                                   self.configuration_manager.patch_size, self.label_manager,
-                                  oversample_foreground_percent=oversample, probabilistic_oversampling=True,
-                                  transforms=labelled.transforms)
+                                  oversample_foreground_percent=oversample,  # nnU-Net's rule, as the labelled stream
+                                  probabilistic_oversampling=self.probabilistic_oversampling, transforms=transforms)
         if isinstance(dataloader_train, SingleThreadedAugmenter):
             return SingleThreadedAugmenter(loader, None)
         # workers in proportion to the share of the batch this stream carries
@@ -350,27 +370,47 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def global_step(self) -> int:
         return self.current_epoch * self.num_iterations_per_epoch + self._iteration
 
+    def epoch_progress(self) -> float:
+        """Epochs done so far, with the fraction of the current one."""
+        return self.current_epoch + self._iteration / self.num_iterations_per_epoch
+
     def current_consistency_weight(self) -> float:
-        progress = self.current_epoch + self._iteration / self.num_iterations_per_epoch
-        return rampup_weight(self.consistency_weight, progress, self.consistency_rampup_fraction * self.num_epochs)
+        return rampup_weight(self.consistency_weight, self.epoch_progress(),
+                             self.consistency_rampup_fraction * self.num_epochs)
+
+    def current_extra_loss_weight(self) -> float:
+        return rampup_weight(self.extra_loss_weight, self.epoch_progress(),
+                             self.pseudo_rampup_fraction * self.num_epochs)
 
     @torch.no_grad()
     def teacher_probabilities(self, data: torch.Tensor) -> torch.Tensor:
-        """The teacher's probabilities (full resolution, float32) on `data` plus clamped noise."""
-        noisy = teacher_noise(data, self.teacher_noise_std, self.teacher_noise_clip)
+        """The teacher's probabilities (full resolution, float32) on its view `data`: mirrored at random and
+        flipped back (teacher_view "augmented"), or plus clamped noise ("student")."""
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            return highest_resolution(self.teacher(x))
+
         with torch.autocast(self.device.type) if self.device.type == "cuda" else nullcontext():
-            logits = highest_resolution(self.teacher(noisy))
-        return probabilities_fn(self.label_manager.has_regions)(logits.float())
+            if self.teacher_view == "augmented":
+                output = mirrored_forward(logits, data, random_flip_axes(self.teacher_mirror_axes))
+            else:
+                output = logits(teacher_noise(data, self.teacher_noise_std, self.teacher_noise_clip))
+        return probabilities_fn(self.label_manager.has_regions)(output.float())
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's train step on labelled + extra samples, then the EMA update of the teacher."""
         extra = next(self.dataloader_extra)
+        teacher_view = None
+        if self.two_views:
+            student_view, teacher_view = split_views(extra["data"])
+            extra = {**extra, "data": student_view}
         n_labelled = batch["data"].shape[0]
         merged = concat_batches(batch, extra)
         merged["data"] = merged["data"].to(self.device, non_blocking=True)
-        context = StepContext(n_labelled)
+        context = StepContext(n_labelled, extra_weight=self.current_extra_loss_weight())
         if self.teacher is not None:
-            context.teacher_probabilities = self.teacher_probabilities(merged["data"][n_labelled:])
+            if teacher_view is None:
+                teacher_view = merged["data"][n_labelled:]
+            context.teacher_probabilities = self.teacher_probabilities(teacher_view.to(self.device, non_blocking=True))
             context.consistency_weight = self.current_consistency_weight()
         self.loss.step = context
         try:
