@@ -100,6 +100,9 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "raw pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "raw_round2"),
     # the baseline trained again on the same split with another training seed: the noise of one training
     "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
+    # the Mean Teacher of before issue 29's view: the teacher sees the student's tensor plus clamped noise
+    "Mean Teacher, student's view": Arm("nnUNetTrainerMeanTeacher", variant="StudentView",
+                                        attributes=(("teacher_view", "student"),)),
 }
 # source -> RefineSettings of nnsam_refine. The arms measured before the probability-guided engine (issue 13)
 # keep its settings (no band, no activation-map boxes); "sam_guided" is today's default

@@ -12,9 +12,9 @@ samples on top from a second stream, built with nnU-Net's own data loader and tr
 With ``consistency_weight > 0`` an EMA teacher sees the extra cases and the student's probabilities are pulled
 towards the teacher's (MSE, sigmoid ramp-up). With ``teacher_view = "augmented"`` the teacher sees its own view
 of each patch: the same spatial transform, intensity augmentation drawn independently and a mirroring of its own,
-undone on its output (`teacher_views`); with ``"student"`` it sees the student's tensor plus clamped noise. The teacher is
-what validation uses and what the checkpoint's ``network_weights`` holds (what `nnUNetv2_predict`
-loads); the student is saved as ``student_weights`` so ``--c`` resumes exactly.
+undone on its output (`teacher_views`); with ``"student"`` it sees the student's tensor plus clamped noise.
+The teacher is what validation uses and what the checkpoint's ``network_weights`` holds (what
+`nnUNetv2_predict` loads); the student is saved as ``student_weights`` so ``--c`` resumes exactly.
 
 The trainers in the top-level `trainers/` folder (installed as `nnunet_sam.trainers`) are tiny subclasses that
 set the class attributes. This module lives outside that folder because nnU-Net imports every module there as a
@@ -181,7 +181,7 @@ class SemiSupervisedLoss(nn.Module):
         extra_weight = self.extra_weight if self.step.extra_weight is None else self.step.extra_weight
         if extra_weight > 0:
             loss = loss + extra_weight * self.extra_supervised(slice_outputs(output, extra),
-                                                                    slice_outputs(target, extra))
+                                                               slice_outputs(target, extra))
         if self.step.teacher_probabilities is not None and self.step.consistency_weight > 0:
             student = self.probabilities(highest_resolution(output)[extra].float())
             loss = loss + self.step.consistency_weight * F.mse_loss(student, self.step.teacher_probabilities)
