@@ -100,6 +100,13 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     "raw pseudo, 2nd round": Arm("nnUNetTrainerSAMPseudo", "raw_round2"),
     # the baseline trained again on the same split with another training seed: the noise of one training
     "baseline, repeat": Arm("nnUNetTrainer", variant="Repeat", seed_offset=1000),
+    # one set (SCtB's way): nnU-Net's planned batch drawn from the labelled and pseudo-labelled cases together, weight 1
+    "SAM pseudo, pooled": Arm("nnUNetTrainerSAMPseudo", "sam", "Pooled", (("pooled_sampling", True),)),
+    # nnU-Net's own training on the labelled + true-labelled unlabelled cases as one set: the oracle's reference
+    "oracle, pooled": Arm("nnUNetTrainerSAMPseudo", "truth", "Pooled", (("pooled_sampling", True),)),
+    # the pseudo-label loss at weight 1, ramped up over the first 40 % of the run (as the consistency is)
+    "SAM pseudo, weight 1 ramped": Arm("nnUNetTrainerSAMPseudo", "sam", "Weight1Ramp",
+                                       (("pseudo_loss_weight", 1.0), ("pseudo_rampup_fraction", 0.4))),
     # the Mean Teacher of before issue 29's view: the teacher sees the student's tensor plus clamped noise
     "Mean Teacher, student's view": Arm("nnUNetTrainerMeanTeacher", variant="StudentView",
                                         attributes=(("teacher_view", "student"),)),

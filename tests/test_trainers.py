@@ -143,6 +143,20 @@ def test_loss_never_supervises_unlabelled_cases():
     assert supervised.batch_sizes == [2]
 
 
+def test_step_weight_of_the_extra_part_and_a_pooled_batch():
+    """The step's own extra weight (a ramped pseudo-label weight) replaces the loss's; a pooled batch
+    (n_labelled 0) is all extra samples, with the loss that leaves the unsure label out."""
+    supervised, extra_supervised = _RecordingLoss(), _RecordingLoss()
+    loss = SemiSupervisedLoss(supervised, probabilities_fn(False), extra_weight=0.5, extra_supervised=extra_supervised)
+    target = [torch.cat((torch.full((1, 1, 4, 4, 4), 1.0), torch.full((2, 1, 4, 4, 4), 3.0))),
+              torch.zeros(3, 1, 2, 2, 2)]
+    loss.step = StepContext(n_labelled=1, extra_weight=0.1)
+    assert loss(_outputs(3), target).item() == pytest.approx(1.0 + 0.1 * 3.0)
+    loss.step = StepContext(n_labelled=0, extra_weight=1.0)
+    assert loss(_outputs(3), target).item() == pytest.approx((1.0 + 2 * 3.0) / 3)
+    assert supervised.batch_sizes == [1] and extra_supervised.batch_sizes == [2, 3]
+
+
 def test_probabilities_are_per_sample():
     logits = torch.randn(2, 3, 4, 4, 4)
     torch.testing.assert_close(probabilities_fn(False)(logits).sum(1), torch.ones(2, 4, 4, 4))
@@ -345,6 +359,31 @@ def test_labelled_batch_is_nnunets_and_the_extra_samples_come_on_top(nnunet_env,
     ours.on_train_epoch_start()
     ours.train_step(mine)
     assert recording.seen == [ours.batch_size]
+
+
+def test_pooled_sampling_draws_nnunets_batch_from_labelled_and_pseudo_cases(nnunet_env, trained, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trainer = make_trainer("nnUNetTrainerSAMPseudoShort", 0)
+    trainer.pooled_sampling = True
+    trainer.initialize()
+    loader = trainer.get_dataloaders()[0]
+    tr_keys, _ = trainer.do_split()
+    pseudo = {"syntheticctUn_000", "syntheticctUn_001"}
+    from nnunet_sam.nnunet.nnunet_internals import augmenter_data_loader
+
+    identifiers = augmenter_data_loader(loader)._data.identifiers
+    assert set(identifiers) == set(tr_keys) | pseudo and trainer.dataloader_extra is None
+    drawn = set()
+    for seed in range(6):
+        batch = _first_batch(loader, seed)
+        assert batch["data"].shape[0] == trainer.batch_size
+        drawn |= set(batch["keys"])
+    assert drawn & pseudo and drawn & set(tr_keys)
+    trainer.on_train_epoch_start()
+    assert np.isfinite(trainer.train_step(batch)["loss"])
+    with pytest.raises(ValueError, match="pooled_sampling needs extra_stream 'pseudo' and no teacher"):
+        type("Pooled", (trainer.__class__,), {"pooled_sampling": True, "consistency_weight": 0.1})(
+            trainer.plans_manager.plans, CONFIGURATION, 0, trainer.dataset_json, torch.device("cpu"))
 
 
 def test_validation_uses_teacher_and_restores_student(nnunet_env, trained):

@@ -111,6 +111,23 @@ def concat_batches(labelled: dict, extra: dict) -> dict:
             "keys": [*labelled["keys"], *extra["keys"]]}
 
 
+class PooledDataset:
+    """Two nnU-Net datasets as one (`pooled_sampling`): their identifiers together, each case loaded by the
+    dataset that holds it."""
+
+    def __init__(self, first, second) -> None:
+        self.parts = {identifier: part for part in (first, second) for identifier in part.identifiers}
+        self.identifiers = [*first.identifiers, *second.identifiers]
+        if len(self.parts) < len(self.identifiers):
+            raise ValueError(f"cases in both datasets: {sorted(set(first.identifiers) & set(second.identifiers))}")
+
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+    def load_case(self, identifier: str):
+        return self.parts[identifier].load_case(identifier)
+
+
 def highest_resolution(outputs: Outputs) -> torch.Tensor:
     """The full-resolution output: the first of a deep-supervision list."""
     return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
@@ -177,7 +194,9 @@ class SemiSupervisedLoss(nn.Module):
         if self.step is None:
             return self.supervised(output, target)
         labelled, extra = slice(0, self.step.n_labelled), slice(self.step.n_labelled, None)
-        loss = self.supervised(slice_outputs(output, labelled), slice_outputs(target, labelled))
+        loss = 0.0  # a pooled batch (n_labelled 0) is all "extra": labelled cases carry no unsure label
+        if self.step.n_labelled > 0:
+            loss = self.supervised(slice_outputs(output, labelled), slice_outputs(target, labelled))
         extra_weight = self.extra_weight if self.step.extra_weight is None else self.step.extra_weight
         if extra_weight > 0:
             loss = loss + extra_weight * self.extra_supervised(slice_outputs(output, extra),
@@ -201,6 +220,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     # the planned batch): a step costs about (planned + extra) / planned of nnUNetTrainer's
     pseudo_loss_weight: float = 0.5  # weight of the supervised loss on pseudo labels
     pseudo_rampup_fraction: float = 0.0  # of num_epochs: the pseudo-label weight's sigmoid ramp-up (0: none)
+    pooled_sampling: bool = False  # labelled and pseudo-labelled cases as one set, nnU-Net's planned batch drawn
+    # from it with nnU-Net's loss on every sample (SCtB's way; weight 1, no extra samples); pseudo stream only
     consistency_weight: float = 0.0  # Mean Teacher consistency weight; 0: no teacher
     ema_decay: float = 0.99
     consistency_rampup_fraction: float = 0.4  # of num_epochs
@@ -218,6 +239,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.extra_stream not in EXTRA_STREAMS:
             raise ValueError(f"{type(self).__name__}.extra_stream must be one of {EXTRA_STREAMS}, "
                              f"not {self.extra_stream!r}")
+        if self.pooled_sampling and (self.extra_stream != "pseudo" or self.consistency_weight > 0):
+            raise ValueError(f"{type(self).__name__}.pooled_sampling needs extra_stream 'pseudo' and no teacher")
         if self.teacher_view not in TEACHER_VIEWS:
             raise ValueError(f"{type(self).__name__}.teacher_view must be one of {TEACHER_VIEWS}, "
                              f"not {self.teacher_view!r}")
@@ -290,6 +313,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             # a fresh start (possibly from -pretrained_weights): the teacher starts as the student
             self.teacher.load_state_dict(unwrap_model(self.network).state_dict())
         teacher = f", teacher view {self.teacher_view}" if self.teacher is not None else ""
+        if self.pooled_sampling:
+            self.print_to_log_file(f"{len(self.extra_dataset.identifiers)} pseudo cases pooled with the labelled "
+                                   f"training cases; per batch {self.batch_size} drawn from both")
+            return
         self.print_to_log_file(f"{len(self.extra_dataset.identifiers)} {self.extra_stream} cases; per batch "
                                f"{self.batch_size} labelled + {self.n_extra} {self.extra_stream}; loss weight of the "
                                f"{self.extra_stream} samples {self.extra_loss_weight}; consistency weight "
@@ -326,8 +353,19 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         """Whether the extra stream carries the teacher's own view (`teacher_views.TwoViewTransform`)."""
         return self.consistency_weight > 0 and self.teacher_view == "augmented"
 
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's datasets; with `pooled_sampling` the training one holds the pseudo-labelled cases too."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.pooled_sampling:
+            if self.extra_dataset is None:
+                self.extra_dataset = self.open_extra_dataset()
+            dataset_tr = PooledDataset(dataset_tr, self.extra_dataset)
+        return dataset_tr, dataset_val
+
     def get_dataloaders(self):
-        """nnU-Net's labelled streams, untouched, plus the extra stream."""
+        """nnU-Net's labelled streams, untouched, plus the extra stream (none when pooled)."""
+        if self.pooled_sampling:
+            return super().get_dataloaders()
         if self.n_extra < 1:
             raise ValueError(f"{type(self).__name__}.extra_batch_size must be at least 1, not {self.n_extra}")
         dataloader_train, dataloader_val = super().get_dataloaders()
@@ -398,6 +436,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's train step on labelled + extra samples, then the EMA update of the teacher."""
+        if self.pooled_sampling:
+            return self._pooled_train_step(batch)
         extra = next(self.dataloader_extra)
         teacher_view = None
         if self.two_views:
@@ -419,6 +459,16 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.loss.step = None
         if self.teacher is not None:
             update_ema(self.teacher, unwrap_model(self.network), ema_alpha(self.global_step(), self.ema_decay))
+        self._iteration += 1
+        return result
+
+    def _pooled_train_step(self, batch: dict) -> dict:
+        """nnU-Net's train step on a batch of the pooled set, with the loss that leaves the unsure label out."""
+        self.loss.step = StepContext(n_labelled=0, extra_weight=1.0)
+        try:
+            result = super().train_step(batch)
+        finally:
+            self.loss.step = None
         self._iteration += 1
         return result
 
