@@ -110,6 +110,9 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     # the Mean Teacher of before issue 29's view: the teacher sees the student's tensor plus clamped noise
     "Mean Teacher, student's view": Arm("nnUNetTrainerMeanTeacher", variant="StudentView",
                                         attributes=(("teacher_view", "student"),)),
+    # the teacher sees the patch without intensity augmentation (FixMatch's weak view for the teacher)
+    "Mean Teacher, clean view": Arm("nnUNetTrainerMeanTeacher", variant="CleanView",
+                                    attributes=(("teacher_view", "clean"),)),
 }
 # source -> RefineSettings of nnsam_refine. The arms measured before the probability-guided engine (issue 13)
 # keep its settings (no band, no activation-map boxes); "sam_guided" is today's default

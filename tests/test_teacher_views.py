@@ -51,6 +51,18 @@ def test_teacher_view_shares_the_geometry_and_not_the_intensities(mask_for_norm)
     assert differ >= 10  # intensity augmentation drawn independently (each transform applies with p < 1)
 
 
+def test_the_clean_teacher_view_is_the_geometry_without_intensity_augmentation():
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    training = nnunet_training_transforms()
+    transform = TwoViewTransform(training, teacher_intensity=False)
+    torch.manual_seed(3), np.random.seed(3)
+    teacher = split_views(transform(**asymmetric_sample())["image"][None])[1]
+    geometry_only = ComposeTransforms(list(transform.shared.transforms))  # the same draws again, no intensity
+    torch.manual_seed(3), np.random.seed(3)
+    torch.testing.assert_close(teacher[0], geometry_only(**asymmetric_sample())["image"])
+
+
 def test_without_training_mirroring_the_teacher_is_not_mirrored_either():
     transform = TwoViewTransform(nnunet_training_transforms(mirror_axes=None))
     assert transform.mirror_axes == ()

@@ -12,7 +12,8 @@ samples on top from a second stream, built with nnU-Net's own data loader and tr
 With ``consistency_weight > 0`` an EMA teacher sees the extra cases and the student's probabilities are pulled
 towards the teacher's (MSE, sigmoid ramp-up). With ``teacher_view = "augmented"`` the teacher sees its own view
 of each patch: the same spatial transform, intensity augmentation drawn independently and a mirroring of its own,
-undone on its output (`teacher_views`); with ``"student"`` it sees the student's tensor plus clamped noise.
+undone on its output (`teacher_views`); ``"clean"`` leaves its intensity augmentation out; with ``"student"`` it
+sees the student's tensor plus clamped noise.
 The teacher is what validation uses and what the checkpoint's ``network_weights`` holds (what
 `nnUNetv2_predict` loads); the student is saved as ``student_weights`` so ``--c`` resumes exactly.
 
@@ -53,7 +54,7 @@ from nnunet_sam.utils.output_folders import remove_killed_writes
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
 EXTRA_STREAMS = ("pseudo", "unlabeled")
-TEACHER_VIEWS = ("augmented", "student")
+TEACHER_VIEWS = ("augmented", "clean", "student")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,7 +227,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     ema_decay: float = 0.99
     consistency_rampup_fraction: float = 0.4  # of num_epochs
     teacher_view: str = "augmented"  # "augmented": its own intensity augmentation and mirroring of the patch;
-    # "student": the student's augmented tensor plus the clamped noise below
+    # "clean": the patch's spatial transform only, with its own mirroring; "student": the student's augmented
+    # tensor plus the clamped noise below
     teacher_noise_std: float = 0.1  # teacher_view "student" only
     teacher_noise_clip: float = 0.2
     warm_start: bool = False  # start from every weight of the model that made the pseudo labels (same fold;
@@ -351,7 +353,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     @property
     def two_views(self) -> bool:
         """Whether the extra stream carries the teacher's own view (`teacher_views.TwoViewTransform`)."""
-        return self.consistency_weight > 0 and self.teacher_view == "augmented"
+        return self.consistency_weight > 0 and self.teacher_view != "student"
 
     def get_tr_and_val_datasets(self):
         """nnU-Net's datasets; with `pooled_sampling` the training one holds the pseudo-labelled cases too."""
@@ -381,7 +383,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         oversample = self.oversample_foreground_percent if self.extra_stream == "pseudo" else 0.0
         transforms = labelled.transforms
         if self.two_views:
-            transforms = TwoViewTransform(transforms)
+            transforms = TwoViewTransform(transforms, teacher_intensity=self.teacher_view == "augmented")
             self.teacher_mirror_axes = transforms.mirror_axes
         loader = nnUNetDataLoader(self.extra_dataset, batch_size, initial_patch_size(self),
                                   self.configuration_manager.patch_size, self.label_manager,
@@ -428,7 +430,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             return highest_resolution(self.teacher(x))
 
         with torch.autocast(self.device.type) if self.device.type == "cuda" else nullcontext():
-            if self.teacher_view == "augmented":
+            if self.two_views:
                 output = mirrored_forward(logits, data, random_flip_axes(self.teacher_mirror_axes))
             else:
                 output = logits(teacher_noise(data, self.teacher_noise_std, self.teacher_noise_clip))

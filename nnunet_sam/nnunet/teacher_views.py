@@ -5,7 +5,7 @@ batchgeneratorsv2 `ComposeTransforms`) for the extra stream. Each sample goes on
 (crop, rotation, scaling, elastic deformation) and the mirroring, which the student and the teacher share so that
 their outputs align voxel by voxel. The intensity part (noise, blur, brightness, contrast, low resolution, gamma)
 then runs twice with independent draws: once, followed by the rest of nnU-Net's chain, for the student's view;
-once for the teacher's. The teacher's view is appended to the image as extra channels (nnU-Net's data loader
+once for the teacher's (or not at all for the teacher: its "clean" view, FixMatch's weak-to-strong order). The teacher's view is appended to the image as extra channels (nnU-Net's data loader
 stacks whatever the transforms return); `split_views` takes the two apart. The trainer mirrors the teacher's
 batch on its own (`mirrored_forward`) and undoes that mirroring on the output, before the consistency loss.
 
@@ -32,7 +32,9 @@ class TwoViewTransform(BasicTransform):
     """nnU-Net's training transforms with a second, independently intensity-augmented copy of the image
     (the teacher's view) appended to the image channels; spatial transform and mirroring shared."""
 
-    def __init__(self, training: ComposeTransforms) -> None:
+    def __init__(self, training: ComposeTransforms, teacher_intensity: bool = True) -> None:
+        """`teacher_intensity` False: the teacher's view skips the intensity augmentation (a clean view of the
+        student's geometry)."""
         super().__init__()
         steps = list(training.transforms)
         spatial_end = _index_of(steps, SpatialTransform, "SpatialTransform") + 1
@@ -45,7 +47,7 @@ class TwoViewTransform(BasicTransform):
         self.shared = ComposeTransforms(steps[:spatial_end] + ([] if mirror is None else [steps[mirror]]))
         intensity = steps[spatial_end:intensity_end]
         self.student = ComposeTransforms(intensity + after)
-        self.teacher = ComposeTransforms(intensity)
+        self.teacher = ComposeTransforms(intensity if teacher_intensity else [])
         self.teacher_mask = next((s for s in after if isinstance(s, MaskImageTransform)), None)
 
     def apply(self, data_dict: dict, **params) -> dict:
