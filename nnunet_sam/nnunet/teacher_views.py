@@ -5,8 +5,9 @@ batchgeneratorsv2 `ComposeTransforms`) for the extra stream. Each sample goes on
 (crop, rotation, scaling, elastic deformation) and the mirroring, which the student and the teacher share so that
 their outputs align voxel by voxel. The intensity part (noise, blur, brightness, contrast, low resolution, gamma)
 then runs twice with independent draws: once, followed by the rest of nnU-Net's chain, for the student's view;
-once for the teacher's (or not at all for the teacher: its "clean" view, FixMatch's weak-to-strong order). The teacher's view is appended to the image as extra channels (nnU-Net's data loader
-stacks whatever the transforms return); `split_views` takes the two apart. The trainer mirrors the teacher's
+once for the teacher's (or not at all for the teacher: its "clean" view, FixMatch's weak-to-strong order).
+The teacher's view is appended to the image as extra channels (nnU-Net's data loader stacks whatever the
+transforms return); `split_views` takes the two apart. The trainer mirrors the teacher's
 batch on its own (`mirrored_forward`) and undoes that mirroring on the output, before the consistency loss.
 
 Moving nnU-Net's mirroring before the intensity transforms leaves the student's distribution as it was: those
