@@ -250,7 +250,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         one_line_errors_at_top_level()
         check_nnunet_version()  # nnUNetv2_train: our setup errors are one line and exit status 2
         self.teacher: nn.Module | None = None
-        self.teacher_mirror_axes: tuple[int, ...] = ()  # the training mirroring (teacher_view "augmented")
+        self.teacher_mirror_axes: tuple[int, ...] = ()  # the training mirroring (two views: "augmented", "clean")
         self.extra_dataset = None
         self.dataloader_extra = None
         self._iteration = 0  # within the epoch
