@@ -437,9 +437,24 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         return probabilities_fn(self.label_manager.has_regions)(output.float())
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's train step on labelled + extra samples, then the EMA update of the teacher."""
-        if self.pooled_sampling:
-            return self._pooled_train_step(batch)
+        """nnU-Net's train step with this step's loss context, then the EMA update of the teacher."""
+        if self.pooled_sampling:  # a batch of the pooled set, all of it through the loss that leaves `unsure` out
+            merged, context = batch, StepContext(n_labelled=0, extra_weight=1.0)
+        else:
+            merged, context = self._with_extra_samples(batch)
+        self.loss.step = context
+        try:
+            result = super().train_step(merged)
+        finally:
+            self.loss.step = None
+        if self.teacher is not None:
+            update_ema(self.teacher, unwrap_model(self.network), ema_alpha(self.global_step(), self.ema_decay))
+        self._iteration += 1
+        return result
+
+    def _with_extra_samples(self, batch: dict) -> tuple[dict, StepContext]:
+        """The labelled batch followed by the extra stream's samples, on the device, and the step's loss context
+        (with the teacher's probabilities on its view of the extra samples)."""
         extra = next(self.dataloader_extra)
         teacher_view = None
         if self.two_views:
@@ -454,25 +469,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 teacher_view = merged["data"][n_labelled:]
             context.teacher_probabilities = self.teacher_probabilities(teacher_view.to(self.device, non_blocking=True))
             context.consistency_weight = self.current_consistency_weight()
-        self.loss.step = context
-        try:
-            result = super().train_step(merged)
-        finally:
-            self.loss.step = None
-        if self.teacher is not None:
-            update_ema(self.teacher, unwrap_model(self.network), ema_alpha(self.global_step(), self.ema_decay))
-        self._iteration += 1
-        return result
-
-    def _pooled_train_step(self, batch: dict) -> dict:
-        """nnU-Net's train step on a batch of the pooled set, with the loss that leaves the unsure label out."""
-        self.loss.step = StepContext(n_labelled=0, extra_weight=1.0)
-        try:
-            result = super().train_step(batch)
-        finally:
-            self.loss.step = None
-        self._iteration += 1
-        return result
+        return merged, context
 
     # --- validation with the teacher -----------------------------------------------------------------
 

@@ -54,10 +54,10 @@ class TwoViewTransform(BasicTransform):
     def apply(self, data_dict: dict, **params) -> dict:
         shared = self.shared(**data_dict)
         teacher_image = shared["image"].clone()  # the student's transforms may work in place
-        segmentation = shared["segmentation"].clone()
+        segmentation = shared["segmentation"].clone() if self.teacher_mask is not None else None
         student = self.student(**shared)
         teacher = self.teacher(image=teacher_image)["image"]
-        if self.teacher_mask is not None:  # nnU-Net's zero outside the nonzero mask, for the teacher's view too
+        if segmentation is not None:  # nnU-Net's zero outside the nonzero mask, for the teacher's view too
             teacher = self.teacher_mask(image=teacher, segmentation=segmentation)["image"]
         student["image"] = torch.cat((student["image"], teacher))
         return student
