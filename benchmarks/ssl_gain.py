@@ -117,6 +117,9 @@ LEVERS = {  # changes of the method, measured on request (--arms): each a traine
     # the teacher sees the patch without intensity augmentation (FixMatch's weak view for the teacher)
     "Mean Teacher, clean view": Arm("nnUNetTrainerMeanTeacher", variant="CleanView",
                                     attributes=(("teacher_view", "clean"),)),
+    # CFR's re-training with the Mean Teacher's measured consistency weight 1 (its default is 0.1 until measured)
+    "SAM pseudo + MT, weight 1": Arm("nnUNetTrainerSAMPseudoMeanTeacher", "sam", "Consistency1",
+                                     (("consistency_weight", 1.0),)),
 }
 # source -> RefineSettings of nnsam_refine. The arms measured before the probability-guided engine (issue 13)
 # keep its settings (no band, no activation-map boxes); "sam_guided" is today's default

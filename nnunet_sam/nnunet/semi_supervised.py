@@ -31,7 +31,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,12 @@ from nnunet_sam.nnunet.datasets import (open_unlabeled_dataset, pseudo_label_fol
                                         pseudo_label_model_checkpoint)
 from nnunet_sam.nnunet.nnunet_internals import (augmenter_data_loader, check_nnunet_version, checkpoint_bytes,
                                                 initial_patch_size, stop_augmenter)
+from nnunet_sam.nnunet.partwise_forward import Outputs, concat_outputs, network_in_parts
 from nnunet_sam.nnunet.pseudolabels import open_pseudo_label_dataset, unsure_label
 from nnunet_sam.nnunet.teacher_views import TwoViewTransform, mirrored_forward, random_flip_axes, split_views
 from nnunet_sam.utils.atomic import atomic_path
 from nnunet_sam.utils.output_folders import remove_killed_writes
 
-Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]  # one tensor, or one per deep-supervision scale
 EXTRA_STREAMS = ("pseudo", "unlabeled")
 TEACHER_VIEWS = ("augmented", "clean", "student")
 
@@ -96,13 +96,6 @@ def slice_outputs(outputs: Outputs, part: slice) -> Outputs:
     if isinstance(outputs, (list, tuple)):
         return [o[part] for o in outputs]
     return outputs[part]
-
-
-def concat_outputs(first: Outputs, second: Outputs) -> Outputs:
-    """Two batches (tensors or deep-supervision lists of the same length) joined along the batch axis."""
-    if isinstance(first, (list, tuple)):
-        return [torch.cat((a, b)) for a, b in zip(first, second)]
-    return torch.cat((first, second))
 
 
 def concat_batches(labelled: dict, extra: dict) -> dict:
@@ -235,6 +228,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     # nnU-Net's -pretrained_weights would reset the segmentation heads), with a fresh learning-rate schedule
     pseudo_labels_from: str | None = None  # a later round: the trainer whose model of this fold must have made
     # the pseudo labels (None: any model)
+    forward_in_parts: bool = True  # on the CPU, the labelled batch and the extra samples through the network one
+    # after the other (the same outputs and gradients, a smaller working set: faster there; `partwise_forward`)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -442,15 +437,23 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             merged, context = batch, StepContext(n_labelled=0, extra_weight=1.0)
         else:
             merged, context = self._with_extra_samples(batch)
+        parts = self.forward_parts(context.n_labelled, merged["data"].shape[0])
         self.loss.step = context
         try:
-            result = super().train_step(merged)
+            with network_in_parts(self, parts):
+                result = super().train_step(merged)
         finally:
             self.loss.step = None
         if self.teacher is not None:
             update_ema(self.teacher, unwrap_model(self.network), ema_alpha(self.global_step(), self.ema_decay))
         self._iteration += 1
         return result
+
+    def forward_parts(self, n_labelled: int, n_samples: int) -> list[int]:
+        """The parts the network runs this step's batch in: [labelled, extra] (`forward_in_parts`), else whole."""
+        if self.forward_in_parts and 0 < n_labelled < n_samples:
+            return [n_labelled, n_samples - n_labelled]
+        return [n_samples]
 
     def _with_extra_samples(self, batch: dict) -> tuple[dict, StepContext]:
         """The labelled batch followed by the extra stream's samples, on the device, and the step's loss context
