@@ -39,6 +39,8 @@ logger = logging.getLogger("train_speed")
 SECTION = "Trainer speed (benchmarks/train_speed.py)"
 REPO = Path(__file__).resolve().parent.parent
 TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSAMPseudo", "nnUNetTrainerMeanTeacher", "nnUNetTrainerSAMPseudoMeanTeacher")
+# levers measured beside them on request (--levers): name -> (trainer, class attributes)
+LEVERS = {"nnUNetTrainerSAMPseudoOnePass": ("nnUNetTrainerSAMPseudo", {"forward_in_parts": False})}
 TARGETS = {"nnUNetTrainerSAMPseudo": 2.0, "nnUNetTrainerMeanTeacher": 2.2}  # max. time ratio to nnUNetTrainer
 # (issue 29: the extra samples come on top of the planned batch, so an iteration carries twice the samples)
 DATASET = "Dataset990_SyntheticCT"
@@ -104,13 +106,21 @@ def receive(name: str, connection: Connection, process) -> object:
     return message
 
 
-def measure(device: str, warmup: int, iterations: int) -> list[dict]:
+def write_lever_trainers(folder: Path) -> None:
+    """The `LEVERS` as trainer classes in `folder` (one on nnUNet_extTrainer)."""
+    imports = "".join(f"from nnunet_sam.trainers.{base} import {base}\n" for base in {b for b, _ in LEVERS.values()})
+    classes = "".join(f"\n\nclass {name}({base}):\n" + "".join(f"    {k} = {v!r}\n" for k, v in attributes.items())
+                      for name, (base, attributes) in LEVERS.items())
+    (folder / "speed_levers.py").write_text(imports + classes)
+
+
+def measure(device: str, warmup: int, iterations: int, trainers: tuple[str, ...] = TRAINERS) -> list[dict]:
     """Interleaved iterations of every trainer, each in its own process, after each process's own warm-up
     iterations (run side by side); medians and peak memory. A trainer that fails stops the measurement with its
     error (the other processes are ended)."""
     context = multiprocessing.get_context("spawn")
     workers = []
-    for name in TRAINERS:
+    for name in trainers:
         parent, child = context.Pipe()
         process = context.Process(target=trainer_process, args=(name, device, warmup, child), daemon=False)
         process.start()
@@ -177,6 +187,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="iterations not measured")
     parser.add_argument("--shape", type=int, nargs=3, default=(32, 48, 48), metavar=("Z", "Y", "X"),
                         help="synthetic volume shape (nnU-Net plans the patch size from it)")
+    parser.add_argument("--levers", action="store_true",
+                        help="also time " + ", ".join(f"{n} ({b} with {a})" for n, (b, a) in LEVERS.items()))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cpu":  # nnU-Net's defaults start more workers than 2 cores can feed
@@ -190,7 +202,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nnsam-train-speed-") as tmp:
         root = Path(tmp)
         prepare_dataset(root, root / "ext_trainers", shape=tuple(args.shape))
-        rows = measure(args.device, args.warmup, args.iterations)
+        write_lever_trainers(root / "ext_trainers")
+        rows = measure(args.device, args.warmup, args.iterations, TRAINERS + (tuple(LEVERS) if args.levers else ()))
     text = table(rows)
     targets = target_lines(rows)
     print(text)
@@ -202,16 +215,21 @@ def main() -> None:
         f"{(time.perf_counter() - started) / 60:.1f} min.",
         "",
         f"Command: `.venv/bin/python benchmarks/train_speed.py --device {args.device} --iterations "
-        f"{args.iterations} --warmup {args.warmup} --shape {' '.join(map(str, args.shape))}` "
+        f"{args.iterations} --warmup {args.warmup} --shape {' '.join(map(str, args.shape))}"
+        f"{' --levers' if args.levers else ''}` "
         f"(nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', 'unset')}).",
         "",
         f"Data: synthetic CT-like dataset, volumes {tuple(args.shape)}, 2 labelled cases (fold `all`), planned "
         f"by nnU-Net (3d_fullres, batch size {rows[0]['batch_size']}), plus 2 unlabelled / pseudo-labelled "
         "cases. Our trainers draw nnU-Net's planned labelled batch and as many extra samples on top "
         "(`extra_batch_size`): twice the samples per iteration (see *samples / s*); the Mean Teachers add a "
-        "teacher forward pass on the extra samples (their own augmented view) and an EMA update.",
+        "teacher forward pass on the extra samples (their own augmented view) and an EMA update. On the CPU "
+        "our trainers run the labelled batch and the extra samples through the network one after the other "
+        "(`forward_in_parts`, the same outputs and gradients)"
+        + ("; *nnUNetTrainerSAMPseudoOnePass* is nnUNetTrainerSAMPseudo with one pass over the whole batch "
+           "(`forward_in_parts = False`), the lever's control." if args.levers else "."),
         "",
-        f"Timed: {args.iterations} iterations per trainer, interleaved across the four trainer processes, after "
+        f"Timed: {args.iterations} iterations per trainer, interleaved across the {len(rows)} trainer processes, after "
         f"{args.warmup} warm-up iterations that each process runs on its own first; an iteration = fetch the labelled batch + `train_step`. Peak RSS: "
         "the training process (VmHWM), without its data-augmentation workers.",
         "",
