@@ -217,7 +217,8 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/train_speed.py --device {args.device} --iterations "
         f"{args.iterations} --warmup {args.warmup} --shape {' '.join(map(str, args.shape))}"
         f"{' --levers' if args.levers else ''}` "
-        f"(nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', 'unset')}).",
+        f"(nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', 'unset')}, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}: torch threads per trainer process {torch.get_num_threads()}).",
         "",
         f"Data: synthetic CT-like dataset, volumes {tuple(args.shape)}, 2 labelled cases (fold `all`), planned "
         f"by nnU-Net (3d_fullres, batch size {rows[0]['batch_size']}), plus 2 unlabelled / pseudo-labelled "
