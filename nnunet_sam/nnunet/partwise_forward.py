@@ -3,9 +3,10 @@
 Our trainers' steps carry nnU-Net's planned batch plus as many extra samples, and on the CPU a U-Net step over twice
 the samples costs more than twice as much. Run part by part, each convolution works on the smaller part's tensors:
 nnUNetTrainerSAMPseudo's step costs 1.97x nnUNetTrainer's for twice the samples, against 2.53x in one pass
-(benchmarks/RESULTS.md, *Trainer speed*). Where every sample is normalised on its own (nnU-Net's instance normalisation) the outputs, the loss
-and the gradients are those of one pass over the whole batch. On CUDA one large batch is the faster one, and a
-network with batch statistics (batch normalisation) or wrapped for distributed training is never split.
+(benchmarks/RESULTS.md, *Trainer speed*). Where every sample is normalised on its own (nnU-Net's instance
+normalisation) the outputs, the loss and the gradients are those of one pass over the whole batch. On CUDA one
+large batch is the faster one, and a network with batch statistics (batch normalisation) or wrapped for
+distributed training is never split.
 """
 
 from __future__ import annotations
