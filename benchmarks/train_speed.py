@@ -106,14 +106,6 @@ def receive(name: str, connection: Connection, process) -> object:
     return message
 
 
-def write_lever_trainers(folder: Path) -> None:
-    """The `LEVERS` as trainer classes in `folder` (one on nnUNet_extTrainer)."""
-    imports = "".join(f"from nnunet_sam.trainers.{base} import {base}\n" for base in {b for b, _ in LEVERS.values()})
-    classes = "".join(f"\n\nclass {name}({base}):\n" + "".join(f"    {k} = {v!r}\n" for k, v in attributes.items())
-                      for name, (base, attributes) in LEVERS.items())
-    (folder / "speed_levers.py").write_text(imports + classes)
-
-
 def measure(device: str, warmup: int, iterations: int, trainers: tuple[str, ...] = TRAINERS) -> list[dict]:
     """Interleaved iterations of every trainer, each in its own process, after each process's own warm-up
     iterations (run side by side); medians and peak memory. A trainer that fails stops the measurement with its
@@ -196,13 +188,15 @@ def main() -> None:
         os.environ.setdefault("nnUNet_def_n_proc", "2")
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.trainer_data import prepare_dataset  # synthetic dataset, fake extra cases, short trainers
+    from nnunet_sam.demo.nnunet_setup import write_short_trainers
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="nnsam-train-speed-") as tmp:
         root = Path(tmp)
         prepare_dataset(root, root / "ext_trainers", shape=tuple(args.shape))
-        write_lever_trainers(root / "ext_trainers")
+        # the levers as subclasses of our full trainers, in a module beside the short trainers
+        write_short_trainers(root / "ext_trainers", suffix="Speed", variants=LEVERS)
         rows = measure(args.device, args.warmup, args.iterations, TRAINERS + (tuple(LEVERS) if args.levers else ()))
     text = table(rows)
     targets = target_lines(rows)
